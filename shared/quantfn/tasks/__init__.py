@@ -1,0 +1,1 @@
+"""Tasks: tokenize -> run -> post-process, one module per task."""

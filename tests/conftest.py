@@ -1,0 +1,134 @@
+"""Shared fixtures: the built model, a Lambda context, a moto server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EVENTS = ROOT / "events"
+DEFAULT_MODEL_ID = "all-minilm-l6-v2"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Never let a test reach real AWS: fixed fake credentials, a region, no IMDS.
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "quantfn-tests")
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the default built model (``make test`` builds it into build/models first)."""
+    prebuilt = Path(os.environ.get("QUANTFN_TEST_MODELS_ROOT", ROOT / "build" / "models"))
+    if (prebuilt / DEFAULT_MODEL_ID / "manifest.json").is_file():
+        return prebuilt
+    from quantfn.build.pipeline import build_model
+
+    out = tmp_path_factory.mktemp("models")
+    build_model(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(models_root: Path) -> Path:
+    return models_root / DEFAULT_MODEL_ID
+
+
+@dataclass
+class FakeLambdaContext:
+    """The attributes Powertools reads from a real LambdaContext."""
+
+    function_name: str = "quantfn-api"
+    memory_limit_in_mb: int = 2048
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:quantfn-api"
+    aws_request_id: str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    remaining_ms: int = 29_000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+@pytest.fixture
+def lambda_context() -> FakeLambdaContext:
+    return FakeLambdaContext()
+
+
+@pytest.fixture
+def service_env(monkeypatch: pytest.MonkeyPatch, models_root: Path, tmp_path: Path) -> Iterator[None]:
+    """Point quantfn at the built model through the environment, as Lambda would."""
+    from quantfn.service import reset_service
+
+    monkeypatch.setenv("QUANTFN_MODEL", f"layer:{DEFAULT_MODEL_ID}")
+    monkeypatch.setenv("QUANTFN_MODELS_ROOT", str(models_root))
+    monkeypatch.setenv("QUANTFN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("QUANTFN_THREADS", "2")
+    reset_service()
+    yield
+    reset_service()
+
+
+def load_event(name: str) -> dict:
+    return json.loads((EVENTS / name).read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class MotoServer:
+    url: str
+
+    def reset(self) -> None:
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST"), timeout=10)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """moto in server mode, a real process listening on 127.0.0.1 only."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+    try:
+        yield MotoServer(url)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def aws(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
+    """Every boto3 client in this test talks to the moto server, reset before the test."""
+    moto_server.reset()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
+    yield moto_server

@@ -1,0 +1,26 @@
+"""What each events/ file must produce: shared by the in-process and the SAM tests."""
+
+from __future__ import annotations
+
+# file -> (status, error code or None)
+API_EVENTS: dict[str, tuple[int, str | None]] = {
+    "api-embeddings.json": (200, None),
+    "api-embeddings-single.json": (200, None),
+    "api-embeddings-base64.json": (200, None),
+    "api-embeddings-base64-body.json": (200, None),
+    "api-models.json": (200, None),
+    "api-health.json": (200, None),
+    "api-bad-json.json": (400, "invalid_request"),
+    "api-bad-missing-input.json": (400, "invalid_request"),
+    "api-bad-empty-input.json": (400, "invalid_request"),
+    "api-bad-empty-string.json": (400, "invalid_request"),
+    "api-bad-non-string-item.json": (400, "invalid_request"),
+    "api-bad-token-array.json": (400, "invalid_request"),
+    "api-bad-encoding-format.json": (400, "invalid_request"),
+    "api-bad-dimensions.json": (400, "invalid_request"),
+    "api-bad-unknown-model.json": (404, "model_not_found"),
+    "api-bad-unknown-field.json": (400, "invalid_request"),
+    "api-bad-method.json": (405, "method_not_allowed"),
+    "api-bad-path.json": (404, "not_found"),
+    "api-too-many-inputs.json": (413, "too_many_inputs"),
+}

@@ -1,0 +1,111 @@
+"""The runtime path (store -> session -> tokenize -> pool) against the stored fp32 reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from quantfn.build.evaluate import cosine_stats, recall_at_k
+from quantfn.build.reference import load_corpus, load_reference
+from quantfn.config import Settings
+from quantfn.errors import ModelNotFound, TooLarge
+from quantfn.service import EmbeddingService
+
+from tests.conftest import DEFAULT_MODEL_ID, load_event
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def service(models_root: Path) -> EmbeddingService:
+    return EmbeddingService(Settings(model=f"layer:{DEFAULT_MODEL_ID}", models_root=models_root, threads=2))
+
+
+def test_runtime_embeddings_meet_the_gate_against_the_stored_fp32_reference(service: EmbeddingService) -> None:
+    corpus, reference = load_corpus(), load_reference()
+    vectors = service.embed(corpus, MODEL).vectors
+    mean, minimum = cosine_stats(vectors, reference)
+    assert mean >= 0.999, (mean, minimum)
+    assert recall_at_k(vectors, reference, k=5) >= 0.98
+
+
+def test_an_embedding_does_not_depend_on_the_rest_of_the_batch(service: EmbeddingService) -> None:
+    corpus = load_corpus()
+    batch = [*corpus[:31], "A short one."]
+    together = service.embed(batch, MODEL).vectors
+    for index in (0, 7, 31):
+        alone = service.embed([batch[index]], MODEL).vectors[0]
+        assert float(alone @ together[index]) >= 0.9999
+
+
+def test_results_come_back_in_request_order(service: EmbeddingService) -> None:
+    texts = ["word " * 60, "tiny", "a sentence of middling length here"]
+    together = service.embed(texts, MODEL).vectors
+    for index, text in enumerate(texts):
+        np.testing.assert_allclose(together[index], service.embed([text], MODEL).vectors[0], atol=2e-3)
+
+
+def test_long_inputs_are_truncated_to_the_models_maximum(service: EmbeddingService) -> None:
+    long_text = "The quick brown fox jumps over the lazy dog. " * 60
+    result = service.embed([long_text, long_text + " and then some more words at the end"], MODEL)
+    assert min(result.token_counts) > 256  # usage reports what was sent
+    assert float(result.vectors[0] @ result.vectors[1]) > 0.99999  # the tail past 256 tokens is cut
+
+
+def test_paraphrases_are_closer_than_unrelated_sentences(service: EmbeddingService) -> None:
+    a, b, c = service.embed(
+        ["A man plays the guitar.", "Someone is playing a guitar.", "Stocks fell today."], MODEL
+    ).vectors
+    assert a @ b > 0.6 > a @ c
+
+
+def test_token_limits_are_413_naming_the_input(models_root: Path) -> None:
+    small = EmbeddingService(Settings(models_root=models_root, max_input_tokens=8, max_total_tokens=12))
+    with pytest.raises(TooLarge, match="QUANTFN_MAX_INPUT_TOKENS") as caught:
+        small.embed(["short", "this one has far too many tokens for the limit"], MODEL)
+    assert caught.value.param == "input[1]"
+    with pytest.raises(TooLarge, match="QUANTFN_MAX_TOTAL_TOKENS"):
+        small.embed(["one two three four five", "six seven eight nine ten"], MODEL)  # 7 + 7 > 12
+
+
+def test_unknown_model_is_refused_without_loading_the_session(models_root: Path) -> None:
+    service = EmbeddingService(Settings(models_root=models_root))
+    with pytest.raises(ModelNotFound):
+        service.embed(["hello"], "text-embedding-3-small")
+    assert not service.loaded
+
+
+def test_model_missing_from_the_layer_is_a_503_with_a_fixed_body(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, lambda_context
+) -> None:
+    from quantfn.service import reset_service
+
+    from functions.api.app import lambda_handler
+
+    monkeypatch.setenv("QUANTFN_MODELS_ROOT", str(tmp_path / "empty"))
+    reset_service()
+    try:
+        reply = lambda_handler(load_event("api-embeddings.json"), lambda_context)
+    finally:
+        reset_service()
+    body = json.loads(reply["body"])
+    assert reply["statusCode"] == 503
+    assert body["error"]["code"] == "model_unavailable"
+    assert str(tmp_path) not in reply["body"]
+
+
+@pytest.mark.usefixtures("service_env")
+def test_no_input_text_reaches_the_logs(capsys: pytest.CaptureFixture[str], lambda_context) -> None:
+    from functions.api.app import lambda_handler
+
+    secret = "Zanzibar-7734 is my password"
+    event = load_event("api-embeddings.json")
+    event["body"] = json.dumps({"model": MODEL, "input": [secret]})
+    assert lambda_handler(event, lambda_context)["statusCode"] == 200
+    event["body"] = json.dumps({"model": MODEL, "input": [secret, 5]})
+    assert lambda_handler(event, lambda_context)["statusCode"] == 400
+    captured = capsys.readouterr()
+    assert "Zanzibar" not in captured.out + captured.err
+    assert '"InferenceMs"' in captured.out  # the EMF metrics did get written
