@@ -86,6 +86,11 @@ class Settings:
     max_body_bytes: int = 6 * 1024 * 1024
     model_aliases: tuple[str, ...] = field(default_factory=tuple)
     preload: bool = False
+    # Batch jobs (functions/batch)
+    batch_queue_url: str = ""
+    batch_chunk_lines: int = 1000
+    batch_safety_ms: int = 20_000
+    batch_max_line_bytes: int = 1024 * 1024
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -105,6 +110,10 @@ class Settings:
             max_body_bytes=_int(env, "QUANTFN_MAX_BODY_BYTES", 6 * 1024 * 1024, minimum=1),
             model_aliases=aliases,
             preload=_bool(env, "QUANTFN_PRELOAD", False),
+            batch_queue_url=env.get("QUANTFN_BATCH_QUEUE_URL", "").strip(),
+            batch_chunk_lines=_int(env, "QUANTFN_BATCH_CHUNK_LINES", 1000, minimum=1),
+            batch_safety_ms=_int(env, "QUANTFN_BATCH_SAFETY_MS", 20_000),
+            batch_max_line_bytes=_int(env, "QUANTFN_BATCH_MAX_LINE_BYTES", 1024 * 1024, minimum=64),
         )
 
 

@@ -1,0 +1,55 @@
+"""Batch function: SQS job messages -> embeddings in S3, reporting partial batch failures."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from quantfn.batch.jobs import parse_job_message
+from quantfn.batch.runner import JobRunner
+from quantfn.service import get_service
+
+logger = Logger(service="quantfn-batch")
+metrics = Metrics(namespace="quantfn", service="quantfn-batch")
+processor = BatchProcessor(event_type=EventType.SQS)
+
+
+@lru_cache(maxsize=1)
+def get_runner() -> JobRunner:
+    import boto3
+
+    return JobRunner(get_service(), boto3.client("s3"), boto3.client("sqs"))
+
+
+def queue_url_of(record: SQSRecord) -> str:
+    """The queue for follow-ups: the configured URL, else the one this record came from."""
+    configured = get_service().settings.batch_queue_url
+    if configured:
+        return configured
+    _, _, _, region, account, name = record.event_source_arn.split(":", 5)
+    return f"https://sqs.{region}.amazonaws.com/{account}/{name}"
+
+
+def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
+    runner = get_runner()
+    job = parse_job_message(record.body, runner.settings.max_inputs)
+    logger.append_keys(job_id=job.job_id, chunk=job.checkpoint.chunk)
+    where = {"function": lambda_context.function_name, "memory_mb": int(lambda_context.memory_limit_in_mb)}
+    where |= {"request_id": lambda_context.aws_request_id, "threads": runner.settings.threads}
+    outcome = runner.run(job, lambda_context.get_remaining_time_in_millis, queue_url_of(record), where)
+    logger.info("job step done", extra={"status": outcome.status, "chunks": outcome.chunks_done})
+    metrics.add_metric(name="Embeddings", unit=MetricUnit.Count, value=outcome.embeddings)
+    metrics.add_metric(name=f"Jobs{outcome.status.title()}", unit=MetricUnit.Count, value=1)
+
+
+@logger.inject_lambda_context(clear_state=True)
+@metrics.log_metrics(capture_cold_start_metric=True)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    metrics.add_metric(name="Messages", unit=MetricUnit.Count, value=len(event.get("Records", [])))
+    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)

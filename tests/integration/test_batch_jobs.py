@@ -1,0 +1,284 @@
+"""Batch jobs end to end: real SQS semantics (moto server on 127.0.0.1), the real handler, real S3 output."""
+
+from __future__ import annotations
+
+import json
+import time
+import tracemalloc
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+
+from quantfn.batch.jobs import parse_job_message
+from quantfn.batch.sources import iter_records
+from quantfn.build.reference import load_corpus
+from tests.conftest import DEFAULT_MODEL_ID, EVENTS
+from tests.integration.sqs_poller import EventSourceMapping
+
+MODEL = "all-MiniLM-L6-v2"
+CHUNK = 400
+
+
+@dataclass
+class TimedContext:
+    """A Lambda context whose remaining time really runs down from ``budget_ms``."""
+
+    budget_ms: int
+    function_name: str = "quantfn-batch"
+    memory_limit_in_mb: int = 3008
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:quantfn-batch"
+    aws_request_id: str = "req"
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.budget_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.deadline - time.monotonic()) * 1000))
+
+
+@pytest.fixture
+def queues(aws):
+    sqs = boto3.client("sqs")
+    dlq_url = sqs.create_queue(QueueName="jobs-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"})
+    url = sqs.create_queue(QueueName="jobs", Attributes={"VisibilityTimeout": "1", "RedrivePolicy": redrive})[
+        "QueueUrl"
+    ]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    return sqs, url, arn, dlq_url
+
+
+@pytest.fixture
+def batch_env(monkeypatch: pytest.MonkeyPatch, models_root: Path, tmp_path: Path, queues):
+    from functions.batch import app
+    from quantfn.service import reset_service
+
+    _, url, _, _ = queues
+    monkeypatch.setenv("QUANTFN_MODEL", f"layer:{DEFAULT_MODEL_ID}")
+    monkeypatch.setenv("QUANTFN_MODELS_ROOT", str(models_root))
+    monkeypatch.setenv("QUANTFN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("QUANTFN_BATCH_QUEUE_URL", url)
+    monkeypatch.setenv("QUANTFN_BATCH_CHUNK_LINES", str(CHUNK))
+    monkeypatch.setenv("QUANTFN_BATCH_SAFETY_MS", "1500")
+    monkeypatch.setenv("QUANTFN_MAX_INPUT_TOKENS", "300")
+    monkeypatch.setenv("QUANTFN_THREADS", "2")
+    reset_service()
+    app.get_runner.cache_clear()
+    yield app
+    app.get_runner.cache_clear()
+    reset_service()
+
+
+def write_jsonl(s3, bucket: str, key: str, count: int, bad: dict[int, bytes]) -> None:
+    corpus = load_corpus()
+    lines = []
+    for line in range(1, count + 1):
+        if line in bad:
+            lines.append(bad[line])
+        else:
+            lines.append(json.dumps({"id": f"doc-{line}", "text": corpus[line % len(corpus)]}).encode())
+    s3.put_object(Bucket=bucket, Key=key, Body=b"\n".join(lines) + b"\n")
+
+
+def read_outputs(s3, bucket: str, prefix: str) -> tuple[list[dict], list[dict], dict | None]:
+    results, errors, manifest = [], [], None
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().decode()
+            if item["Key"].endswith("manifest.json"):
+                manifest = json.loads(body)
+            else:
+                target = results if "/results/" in item["Key"] else errors
+                target += [json.loads(line) for line in body.splitlines()]
+    return results, errors, manifest
+
+
+def job_message(job_id: str, source: dict, output: str = "s3://out-bucket/embeddings/") -> str:
+    return json.dumps({"job_id": job_id, "model": MODEL, "task": "embedding", "input": source, "output": output})
+
+
+def test_a_mixed_queue_completes_with_every_line_accounted_for(batch_env, queues) -> None:
+    sqs, url, arn, dlq_url = queues
+    s3 = boto3.client("s3")
+    for bucket in ("in-bucket", "out-bucket"):
+        s3.create_bucket(Bucket=bucket)
+    bad = {
+        7: b'{"id": "doc-7", "text": "unterminated',
+        50: b'{"id": "doc-50"}',
+        51: b'{"id": "doc-51", "text": "   "}',
+        52: json.dumps({"id": "doc-52", "text": "word " * 400}).encode(),
+        401: b"",
+        900: b'["not", "an", "object"]',
+    }
+    total = 1000
+    write_jsonl(s3, "in-bucket", "corpus.jsonl", total, bad)
+    # Given a large file, an inline job, a poison message and a job whose output bucket is missing at first
+    sqs.send_message(QueueUrl=url, MessageBody=job_message("big", {"s3_uri": "s3://in-bucket/corpus.jsonl"}))
+    sqs.send_message(
+        QueueUrl=url, MessageBody=job_message("inline", {"texts": [{"id": 1, "text": "one"}, {"id": 2, "text": "two"}]})
+    )
+    sqs.send_message(QueueUrl=url, MessageBody="this is not a job")
+    late_output = "s3://late-bucket/x/"
+    sqs.send_message(
+        QueueUrl=url, MessageBody=job_message("late", {"texts": [{"id": "a", "text": "late"}]}, late_output)
+    )
+
+    mapping = EventSourceMapping(sqs, url, arn, batch_env.lambda_handler, lambda: TimedContext(budget_ms=2500))
+
+    def create_late_bucket_after_a_failure() -> None:
+        if mapping.failures and "late-bucket" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+            s3.create_bucket(Bucket="late-bucket")
+
+    # When the event source mapping drains the queue
+    mapping.drain(timeout_s=180, between=create_late_bucket_after_a_failure)
+
+    # Then every input line has exactly one result or one error record
+    results, errors, manifest = read_outputs(s3, "out-bucket", "embeddings/big/")
+    lines = Counter([r["line"] for r in results] + [e["line"] for e in errors])
+    assert sorted(lines) == list(range(1, total + 1)) and set(lines.values()) == {1}
+    assert {e["line"]: e["error"]["code"] for e in errors} == {
+        7: "bad_json",
+        50: "missing_text",
+        51: "empty_text",
+        52: "text_too_long",
+        401: "blank_line",
+        900: "bad_record",
+    }
+    assert all(r["id"] == f"doc-{r['line']}" and len(r["embedding"]) == 384 for r in results)
+    assert manifest["counts"] == {"lines": total, "results": total - len(bad), "errors": len(bad)}
+    assert manifest["parts"] == -(-total // CHUNK)
+    assert manifest["timings"]["invocations"] >= 2  # it ran out of time mid-file and continued
+    assert manifest["model"]["id"] == DEFAULT_MODEL_ID and len(manifest["model"]["sha256"]) == 64
+    # the inline job and the late job completed; the late one only after a retry
+    assert read_outputs(s3, "out-bucket", "embeddings/inline/")[2]["counts"]["results"] == 2
+    assert read_outputs(s3, "late-bucket", "x/late/")[2]["counts"]["results"] == 1
+    # and the poison message sits in the dead-letter queue, body intact
+    dead = sqs.receive_message(QueueUrl=dlq_url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+    assert [m["Body"] for m in dead] == ["this is not a job"]
+
+
+def test_a_missing_model_fails_the_message_and_the_retry_succeeds_once_it_is_published(
+    batch_env, queues, monkeypatch: pytest.MonkeyPatch, models_root: Path, tmp_path: Path
+) -> None:
+    sqs, url, arn, dlq_url = queues
+    monkeypatch.setenv("QUANTFN_MODELS_ROOT", str(tmp_path / "layer"))  # nothing there yet
+    batch_env.get_runner.cache_clear()
+    from quantfn.service import reset_service
+
+    reset_service()
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="out-bucket")
+    sqs.send_message(QueueUrl=url, MessageBody=job_message("m", {"texts": [{"id": 1, "text": "hello"}]}))
+    mapping = EventSourceMapping(sqs, url, arn, batch_env.lambda_handler, lambda: TimedContext(budget_ms=60_000))
+    mapping.poll_once()
+    assert len(mapping.failures) == 1
+    assert "Contents" not in s3.list_objects_v2(Bucket="out-bucket")  # nothing half-written
+
+    (tmp_path / "layer").symlink_to(models_root, target_is_directory=True)  # the model is published
+    mapping.drain(timeout_s=30)
+    assert read_outputs(s3, "out-bucket", "embeddings/m/")[2]["counts"]["results"] == 1
+    assert sqs.receive_message(QueueUrl=dlq_url, WaitTimeSeconds=0).get("Messages") is None
+
+
+def test_redelivery_and_reruns_never_duplicate_or_rewrite_results(batch_env, queues) -> None:
+    sqs, url, arn, _ = queues
+    s3 = boto3.client("s3")
+    for bucket in ("in-bucket", "out-bucket"):
+        s3.create_bucket(Bucket=bucket)
+    write_jsonl(s3, "in-bucket", "c.jsonl", 2 * CHUNK + 10, {})
+    body = job_message("again", {"s3_uri": "s3://in-bucket/c.jsonl"})
+    mapping = EventSourceMapping(sqs, url, arn, batch_env.lambda_handler, lambda: TimedContext(budget_ms=600_000))
+    sqs.send_message(QueueUrl=url, MessageBody=body)
+    mapping.drain(timeout_s=60)
+    listing = s3.list_objects_v2(Bucket="out-bucket", Prefix="embeddings/again/")["Contents"]
+    etags = {item["Key"]: item["ETag"] for item in listing}
+
+    # A re-delivered original after the job finished is recognised and skipped
+    sqs.send_message(QueueUrl=url, MessageBody=body)
+    mapping.drain(timeout_s=30)
+    assert {
+        i["Key"]: i["ETag"] for i in s3.list_objects_v2(Bucket="out-bucket", Prefix="embeddings/again/")["Contents"]
+    } == etags
+
+    # A re-delivery that finds some chunks done (the manifest not yet written) redoes only the rest,
+    # and a chunk written twice has the same bytes: deterministic keys, deterministic content.
+    s3.delete_object(Bucket="out-bucket", Key="embeddings/again/manifest.json")
+    s3.delete_object(Bucket="out-bucket", Key="embeddings/again/results/part-000001.jsonl")
+    sqs.send_message(QueueUrl=url, MessageBody=body)
+    mapping.drain(timeout_s=60)
+    after = {
+        i["Key"]: i["ETag"] for i in s3.list_objects_v2(Bucket="out-bucket", Prefix="embeddings/again/")["Contents"]
+    }
+    assert {k: v for k, v in after.items() if "manifest" not in k} == {
+        k: v for k, v in etags.items() if "manifest" not in k
+    }
+    results, errors, manifest = read_outputs(s3, "out-bucket", "embeddings/again/")
+    assert len(results) == len({r["line"] for r in results}) == 2 * CHUNK + 10 and not errors
+    assert manifest["counts"]["results"] == 2 * CHUNK + 10
+
+
+def test_streaming_a_large_file_keeps_memory_bounded(aws) -> None:
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="big")
+    line = json.dumps({"id": 0, "text": "x" * 200}).encode()
+    s3.put_object(Bucket="big", Key="f.jsonl", Body=b"\n".join([line] * 100_000))  # ~22 MB, no final newline
+    job = parse_job_message(job_message("mem", {"s3_uri": "s3://big/f.jsonl"}), max_inline=10)
+    tracemalloc.start()
+    count = last_end = 0
+    for record in iter_records(job, s3, max_line_bytes=4096):
+        count += 1
+        last_end = record.end_offset
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == 100_000 and last_end == 100_000 * (len(line) + 1) - 1
+    assert peak < 8 * 2**20, peak  # the file is ~22 MB; records are not accumulated
+
+
+def test_a_checkpoint_resumes_at_exactly_the_next_line(aws) -> None:
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="resume-bucket")
+    s3.put_object(
+        Bucket="resume-bucket", Key="f.jsonl", Body=b'{"id":1,"text":"a"}\r\n\n' + b"x" * 100 + b'\n{"id":4,"text":"d"}'
+    )
+    job = parse_job_message(job_message("r", {"s3_uri": "s3://resume-bucket/f.jsonl"}), max_inline=10)
+    records = list(iter_records(job, s3, max_line_bytes=50))
+    assert [(r.line, r.problem[0] if r.problem else r.value["id"]) for r in records] == [
+        (1, 1),
+        (2, "blank_line"),
+        (3, "line_too_long"),
+        (4, 4),
+    ]
+    resumed = job.checkpoint.advance(lines=2, results=1, errors=1, offset=records[1].end_offset, compute_ms=0)
+    again = list(iter_records(parse_job_message(job.follow_up(resumed), max_inline=10), s3, max_line_bytes=50))
+    assert [r.line for r in again] == [3, 4] and again[-1].value == {"id": 4, "text": "d"}
+
+
+SQS_EVENTS = {  # file -> message ids the handler must report as failed
+    "sqs-batch-job.json": [],
+    "sqs-batch-job-inline.json": [],
+    "sqs-batch-bad-message.json": ["6c8f3b1e-2f0a-4c7b-9d1e-8a5b4c3d2e1f"],
+}
+
+
+def test_every_sqs_event_file_has_an_expectation() -> None:
+    assert sorted(p.name for p in EVENTS.glob("sqs-*.json")) == sorted(SQS_EVENTS)
+
+
+@pytest.mark.parametrize("name", sorted(SQS_EVENTS))
+def test_sample_sqs_events_give_their_partial_batch_response(name: str, batch_env) -> None:
+    s3 = boto3.client("s3")
+    for bucket in ("quantfn-example-input", "quantfn-example-output"):
+        s3.create_bucket(Bucket=bucket)
+    write_jsonl(s3, "quantfn-example-input", "corpus/sentences.jsonl", 20, {})
+    event = json.loads((EVENTS / name).read_text())
+    reply = batch_env.lambda_handler(event, TimedContext(budget_ms=60_000))
+    assert [item["itemIdentifier"] for item in reply["batchItemFailures"]] == SQS_EVENTS[name]
+    for record in event["Records"]:
+        if record["messageId"] not in SQS_EVENTS[name]:
+            job = parse_job_message(record["body"], max_inline=256)
+            manifest = read_outputs(s3, job.output.bucket, job.prefix)[2]
+            assert manifest["status"] == "complete" and manifest["counts"]["errors"] == 0
