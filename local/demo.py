@@ -52,9 +52,8 @@ def run_demo(models_root: Path, repo: Path) -> int:
     )
 
     started = time.perf_counter()
-    from quantfn.service import get_service
-
     from functions.api.app import lambda_handler
+    from quantfn.service import get_service
 
     imported = time.perf_counter()
     first = lambda_handler(events["api-embeddings.json"], _Context())

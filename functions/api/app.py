@@ -9,6 +9,7 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
+
 from quantfn.errors import BadRequest, QuantfnError
 from quantfn.openai_compat import embeddings_response, load_json_body, models_response, parse_embeddings_request
 from quantfn.service import get_service

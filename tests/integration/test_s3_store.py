@@ -10,6 +10,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+
 from quantfn.config import Settings
 from quantfn.errors import IntegrityError, ModelUnavailable
 from quantfn.models.reference import parse_model_ref

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from quantfn.build.evaluate import cosine_stats, recall_at_k
 from quantfn.build.reference import load_corpus, load_reference
 from quantfn.config import Settings
 from quantfn.errors import ModelNotFound, TooLarge
 from quantfn.service import EmbeddingService
-
 from tests.conftest import DEFAULT_MODEL_ID, load_event
 
 MODEL = "all-MiniLM-L6-v2"
@@ -80,9 +80,8 @@ def test_unknown_model_is_refused_without_loading_the_session(models_root: Path)
 def test_model_missing_from_the_layer_is_a_503_with_a_fixed_body(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, lambda_context
 ) -> None:
-    from quantfn.service import reset_service
-
     from functions.api.app import lambda_handler
+    from quantfn.service import reset_service
 
     monkeypatch.setenv("QUANTFN_MODELS_ROOT", str(tmp_path / "empty"))
     reset_service()

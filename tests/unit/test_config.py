@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from quantfn.config import ConfigError, Settings, available_vcpus
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from quantfn.config import Settings
 from quantfn.errors import IntegrityError, ModelUnavailable
 from quantfn.models.manifest import Manifest, describe_file, verify_folder

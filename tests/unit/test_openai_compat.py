@@ -4,6 +4,7 @@ import base64
 
 import numpy as np
 import pytest
+
 from quantfn.errors import BadRequest, QuantfnError, TooLarge
 from quantfn.openai_compat import embeddings_response, load_json_body, parse_embeddings_request
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from quantfn.build.source import locate_source
 from quantfn.models.manifest import Manifest
 from quantfn.tasks.embedding import EmbeddingModel, load_tokenizer, mean_pool

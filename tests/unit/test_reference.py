@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from quantfn.config import ConfigError
 from quantfn.models.reference import parse_model_ref
 
