@@ -1,0 +1,283 @@
+"""template.yaml: the security and wiring properties a deploy must have, checked before any deploy.
+
+The template is read with a loader that keeps CloudFormation's short tags (``!Ref``, ``!If``
+...) as their long forms; ``resolve`` evaluates the few intrinsics that decide the auth mode,
+so each mode can be checked as CloudFormation would deploy it.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "template.yaml"
+SAM = ROOT / ".venv-sam" / "bin" / "sam"
+NO_VALUE = object()
+
+
+class _CfnLoader(yaml.SafeLoader):
+    """SafeLoader that turns ``!Name x`` into ``{"Fn::Name": x}`` (``!Ref`` into ``{"Ref": x}``)."""
+
+
+def _construct_tag(loader: _CfnLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    if isinstance(node, yaml.ScalarNode):
+        value: Any = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    if suffix == "Ref":
+        return {"Ref": value}
+    if suffix == "GetAtt" and isinstance(value, str):
+        value = value.split(".", 1)
+    return {f"Fn::{suffix}": value}
+
+
+_CfnLoader.add_multi_constructor("!", _construct_tag)
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    return yaml.load(TEMPLATE.read_text(), Loader=_CfnLoader)
+
+
+def resolve(value: Any, template: dict[str, Any], params: dict[str, str]) -> Any:
+    """Evaluate Fn::If (on Fn::Equals/Fn::Not conditions over parameters) and AWS::NoValue."""
+    if isinstance(value, list):
+        return [v for v in (resolve(v, template, params) for v in value) if v is not NO_VALUE]
+    if not isinstance(value, dict):
+        return value
+    if value == {"Ref": "AWS::NoValue"}:
+        return NO_VALUE
+    if set(value) == {"Fn::If"}:
+        name, if_true, if_false = value["Fn::If"]
+        chosen = if_true if _condition(template["Conditions"][name], template, params) else if_false
+        return resolve(chosen, template, params)
+    resolved = {k: resolve(v, template, params) for k, v in value.items()}
+    return {k: v for k, v in resolved.items() if v is not NO_VALUE}
+
+
+def _condition(expr: Any, template: dict[str, Any], params: dict[str, str]) -> bool:
+    if "Fn::Equals" in expr:
+        left, right = (_param(v, template, params) for v in expr["Fn::Equals"])
+        return left == right
+    if "Fn::Not" in expr:
+        return not _condition(expr["Fn::Not"][0], template, params)
+    raise AssertionError(f"condition form not handled by this test: {expr}")
+
+
+def _param(value: Any, template: dict[str, Any], params: dict[str, str]) -> Any:
+    if isinstance(value, dict) and "Ref" in value:
+        name = value["Ref"]
+        return params.get(name, str(template["Parameters"][name].get("Default", "")))
+    return value
+
+
+def handler_routes() -> dict[str, str]:
+    """The ROUTES dict of functions/api/app.py, read without importing the handler."""
+    tree = ast.parse((ROOT / "functions" / "api" / "app.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "ROUTES" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("functions/api/app.py defines no ROUTES")
+
+
+def _of_type(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    return {name: r for name, r in template["Resources"].items() if r["Type"] == kind}
+
+
+def _http_api_events(function: dict[str, Any]) -> list[dict[str, Any]]:
+    events = function["Properties"].get("Events", {}).values()
+    return [e["Properties"] for e in events if e["Type"] == "HttpApi"]
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def test_sam_validate_lint_finds_no_problem():
+    if not SAM.exists():
+        pytest.skip(f"{SAM} is absent; `make test` installs it (target .venv-sam/.installed)")
+    env = {**os.environ, "SAM_CLI_TELEMETRY": "0", "AWS_EC2_METADATA_DISABLED": "true"}
+    env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    result = subprocess.run(
+        [str(SAM), "validate", "--lint", "--template-file", str(TEMPLATE)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_functions_run_python313_on_x86_64(template):
+    # Given the Globals, When no function overrides them, Then every function is python3.13/x86_64
+    function_globals = template["Globals"]["Function"]
+    assert function_globals["Runtime"] == "python3.13"
+    assert function_globals["Architectures"] == ["x86_64"]
+    for name, function in _of_type(template, "AWS::Serverless::Function").items():
+        assert function["Properties"].get("Runtime", "python3.13") == "python3.13", name
+        assert function["Properties"].get("Architectures", ["x86_64"]) == ["x86_64"], name
+    for name, layer in _of_type(template, "AWS::Serverless::LayerVersion").items():
+        assert layer["Properties"]["CompatibleRuntimes"] == ["python3.13"], name
+
+
+def test_iam_authorization_is_the_default_on_every_route(template):
+    auth_mode = template["Parameters"]["AuthMode"]
+    assert auth_mode["Default"] == "IAM"
+    assert set(auth_mode["AllowedValues"]) == {"IAM", "JWT", "NONE"}
+    # When deployed with default parameters, Then each route demands SigV4 and only that scheme exists
+    body = resolve(template["Resources"]["HttpApi"]["Properties"]["DefinitionBody"], template, {})
+    operations = [op for path in body["paths"].values() for op in path.values()]
+    assert operations
+    for operation in operations:
+        assert operation.get("security") == [{"AWS_IAM": []}]
+    assert body["components"]["securitySchemes"] == {
+        "AWS_IAM": {
+            "type": "apiKey",
+            "name": "Authorization",
+            "in": "header",
+            "x-amazon-apigateway-authtype": "awsSigv4",
+        }
+    }
+
+
+def test_jwt_mode_puts_the_jwt_authorizer_on_every_route(template):
+    params = {"AuthMode": "JWT", "JwtIssuer": "https://issuer.example"}
+    body = resolve(template["Resources"]["HttpApi"]["Properties"]["DefinitionBody"], template, params)
+    for path in body["paths"].values():
+        for operation in path.values():
+            assert operation.get("security") == [{"Jwt": []}]
+    schemes = body["components"]["securitySchemes"]
+    assert set(schemes) == {"Jwt"}
+    authorizer = schemes["Jwt"]["x-amazon-apigateway-authorizer"]
+    assert authorizer["type"] == "jwt"
+    assert authorizer["jwtConfiguration"] == {"issuer": {"Ref": "JwtIssuer"}, "audience": {"Ref": "JwtAudience"}}
+    assert "JwtNeedsIssuerAndAudience" in template["Rules"]
+
+
+def test_none_mode_is_the_only_way_to_open_a_route(template):
+    for mode in ("IAM", "JWT"):
+        body = resolve(template["Resources"]["HttpApi"]["Properties"]["DefinitionBody"], template, {"AuthMode": mode})
+        assert all(op.get("security") for path in body["paths"].values() for op in path.values()), mode
+    body = resolve(template["Resources"]["HttpApi"]["Properties"]["DefinitionBody"], template, {"AuthMode": "NONE"})
+    assert all("security" not in op for path in body["paths"].values() for op in path.values())
+
+
+def test_every_handler_route_is_wired_and_secured(template):
+    # Given the routes the handler serves, Then each is an HttpApi event (payload 2.0) of the API
+    # function and an operation of the API's definition (where its security lives), and nothing else is.
+    wanted = {(path, method.upper()) for path, method in handler_routes().items()}
+    events = _http_api_events(template["Resources"]["ApiFunction"])
+    wired = {(e["Path"], e["Method"].upper()) for e in events}
+    assert wired == wanted
+    for event in events:
+        assert event["ApiId"] == {"Ref": "HttpApi"}
+        assert event["PayloadFormatVersion"] == "2.0"
+    paths = template["Resources"]["HttpApi"]["Properties"]["DefinitionBody"]["paths"]
+    defined = {(path, method.upper()) for path, ops in paths.items() for method, op in ops.items() if "security" in op}
+    assert defined == wanted
+    # No other function may attach routes to the API: they would bypass the definition's security.
+    for name, function in _of_type(template, "AWS::Serverless::Function").items():
+        for event in _http_api_events(function):
+            assert (event["Path"], event["Method"].upper()) in defined, name
+
+
+def test_api_function_handler_environment_and_layers(template):
+    props = template["Resources"]["ApiFunction"]["Properties"]
+    module, _, attr = props["Handler"].rpartition(".")
+    source = (ROOT / Path(*module.split("."))).with_suffix(".py").read_text()
+    assert re.search(rf"^def {attr}\(", source, re.MULTILINE)
+    assert props["Timeout"] <= 29
+    assert props["Layers"] == [{"Ref": "RuntimeLayer"}, {"Ref": "ModelLayer"}]
+    env = props["Environment"]["Variables"]
+    assert env["QUANTFN_MODELS_ROOT"] == "/opt/models"
+    assert env["QUANTFN_MODEL"] == {"Ref": "ModelReference"}
+    # Every QUANTFN_ variable the template sets is one config.py reads (a typo would be ignored silently).
+    config = (ROOT / "shared" / "quantfn" / "config.py").read_text()
+    for name in (n for n in env if n.startswith("QUANTFN_")):
+        assert f'"{name}"' in config, name
+    assert template["Parameters"]["ModelReference"]["Default"] == "layer:all-minilm-l6-v2"
+
+
+def test_api_is_throttled_logged_and_strict(template):
+    props = template["Resources"]["HttpApi"]["Properties"]
+    assert props["FailOnWarnings"] is True
+    for setting in ("ThrottlingBurstLimit", "ThrottlingRateLimit"):
+        parameter = template["Parameters"][props["DefaultRouteSettings"][setting]["Ref"]]
+        assert int(parameter["Default"]) > 0 and int(parameter["MinValue"]) >= 1, setting
+    log_group = props["AccessLogSettings"]["DestinationArn"]["Fn::GetAtt"][0]
+    assert template["Resources"][log_group]["Type"] == "AWS::Logs::LogGroup"
+    assert template["Resources"][log_group]["Properties"]["RetentionInDays"] > 0
+    assert "$context.requestId" in props["AccessLogSettings"]["Format"]
+
+
+def test_model_bucket_is_private_encrypted_versioned_and_retained(template):
+    bucket = template["Resources"]["ModelBucket"]
+    assert bucket["DeletionPolicy"] == "Retain"
+    props = bucket["Properties"]
+    assert props["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True,
+        "BlockPublicPolicy": True,
+        "IgnorePublicAcls": True,
+        "RestrictPublicBuckets": True,
+    }
+    assert props["OwnershipControls"]["Rules"] == [{"ObjectOwnership": "BucketOwnerEnforced"}]
+    (rule,) = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in {"AES256", "aws:kms", "aws:kms:dsse"}
+    assert props["VersioningConfiguration"]["Status"] == "Enabled"
+
+
+def test_model_bucket_refuses_requests_without_tls(template):
+    (policy,) = (p for p in _of_type(template, "AWS::S3::BucketPolicy").values())
+    assert policy["Properties"]["Bucket"] == {"Ref": "ModelBucket"}
+    denies = [
+        s
+        for s in policy["Properties"]["PolicyDocument"]["Statement"]
+        if s["Effect"] == "Deny"
+        and s["Principal"] == "*"
+        and s["Action"] in ("s3:*", ["s3:*"])
+        and s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    ]
+    assert len(denies) == 1
+    assert {"Fn::GetAtt": ["ModelBucket", "Arn"]} in denies[0]["Resource"]
+    assert {"Fn::Sub": "${ModelBucket.Arn}/*"} in denies[0]["Resource"]
+
+
+def test_function_role_grants_only_its_logs_and_model_reads(template):
+    function = template["Resources"]["ApiFunction"]["Properties"]
+    assert "Policies" not in function  # SAM would add a role with AWSLambdaBasicExecutionRole (Resource "*")
+    role_name = function["Role"]["Fn::GetAtt"][0]
+    role = template["Resources"][role_name]
+    assert role["Type"] == "AWS::IAM::Role"
+    assert "ManagedPolicyArns" not in role["Properties"]
+    statements = [s for p in role["Properties"]["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    actions = {a for s in statements for a in _as_list(s["Action"])}
+    assert actions == {"logs:CreateLogStream", "logs:PutLogEvents", "s3:GetObject"}
+    assert all(s["Effect"] == "Allow" and "NotAction" not in s and "NotResource" not in s for s in statements)
+    object_arns = re.compile(r"^(\$\{ModelBucket\.Arn\}|arn:\$\{AWS::Partition\}:s3:::\$\{ModelBucketName\})/\*$")
+    for statement in statements:
+        for mode in ({}, {"ModelBucketName": "other-models"}):
+            for resource in _as_list(resolve(statement["Resource"], template, mode)):
+                assert resource != "*"
+                if "s3:GetObject" in _as_list(statement["Action"]):
+                    assert object_arns.match(resource["Fn::Sub"]), resource
+                else:
+                    assert resource == {"Fn::GetAtt": [function["LoggingConfig"]["LogGroup"]["Ref"], "Arn"]}
+
+
+def test_every_makefile_built_resource_has_its_make_target(template):
+    makefile = (ROOT / "Makefile").read_text()
+    built = [n for n, r in template["Resources"].items() if r.get("Metadata", {}).get("BuildMethod") == "makefile"]
+    assert {"ApiFunction", "RuntimeLayer", "ModelLayer"} <= set(built)
+    for name in built:
+        assert re.search(rf"^build-{name}:", makefile, re.MULTILINE), name
