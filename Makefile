@@ -100,13 +100,15 @@ $(WHEELS_DIR)/.downloaded: $(RUNTIME_REQUIREMENTS) | $(VENV)/.installed
 	$(BIN)/pip download -q --no-deps $(LAYER_WHEEL_TARGET) --dest $(WHEELS_DIR) -r $(RUNTIME_REQUIREMENTS)
 	touch $@
 
-.PHONY: build-ApiFunction build-RuntimeLayer build-ModelLayer
+.PHONY: build-ApiFunction build-BatchFunction build-RuntimeLayer build-ModelLayer
 
 # functions/api and quantfn at the artifact's root (/var/task), without quantfn.build: the model
 # pipeline is never imported by the functions (DESIGN.md).
-build-ApiFunction:
+build-ApiFunction: FUNCTION_DIR := api
+build-BatchFunction: FUNCTION_DIR := batch
+build-ApiFunction build-BatchFunction:
 	mkdir -p "$(ARTIFACTS_DIR)/functions"
-	cp -R functions/api "$(ARTIFACTS_DIR)/functions/api"
+	cp -R functions/$(FUNCTION_DIR) "$(ARTIFACTS_DIR)/functions/$(FUNCTION_DIR)"
 	cp -R shared/quantfn "$(ARTIFACTS_DIR)/quantfn"
 	rm -rf "$(ARTIFACTS_DIR)/quantfn/build"
 	find "$(ARTIFACTS_DIR)" -name __pycache__ -type d -prune -exec rm -rf {} +

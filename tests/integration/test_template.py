@@ -8,6 +8,7 @@ so each mode can be checked as CloudFormation would deploy it.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -237,20 +238,66 @@ def test_model_bucket_is_private_encrypted_versioned_and_retained(template):
     assert props["VersioningConfiguration"]["Status"] == "Enabled"
 
 
-def test_model_bucket_refuses_requests_without_tls(template):
-    (policy,) = (p for p in _of_type(template, "AWS::S3::BucketPolicy").values())
-    assert policy["Properties"]["Bucket"] == {"Ref": "ModelBucket"}
-    denies = [
+def _tls_denies(policy: dict[str, Any], service: str) -> list[dict[str, Any]]:
+    return [
         s
         for s in policy["Properties"]["PolicyDocument"]["Statement"]
         if s["Effect"] == "Deny"
         and s["Principal"] == "*"
-        and s["Action"] in ("s3:*", ["s3:*"])
+        and s["Action"] in (f"{service}:*", [f"{service}:*"])
         and s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
     ]
-    assert len(denies) == 1
-    assert {"Fn::GetAtt": ["ModelBucket", "Arn"]} in denies[0]["Resource"]
-    assert {"Fn::Sub": "${ModelBucket.Arn}/*"} in denies[0]["Resource"]
+
+
+@pytest.mark.parametrize("bucket", ["ModelBucket", "JobBucket"])
+def test_every_bucket_refuses_requests_without_tls(template, bucket):
+    policies = [
+        p for p in _of_type(template, "AWS::S3::BucketPolicy").values() if p["Properties"]["Bucket"] == {"Ref": bucket}
+    ]
+    assert len(policies) == 1
+    (deny,) = _tls_denies(policies[0], "s3")
+    assert {"Fn::GetAtt": [bucket, "Arn"]} in deny["Resource"]
+    assert {"Fn::Sub": f"${{{bucket}.Arn}}/*"} in deny["Resource"]
+
+
+def test_every_queue_is_encrypted_and_refuses_requests_without_tls(template):
+    queues = _of_type(template, "AWS::SQS::Queue")
+    assert set(queues) == {"JobQueue", "JobDeadLetterQueue"}
+    assert all(q["Properties"]["SqsManagedSseEnabled"] is True for q in queues.values())
+    (policy,) = _of_type(template, "AWS::SQS::QueuePolicy").values()
+    (deny,) = _tls_denies(policy, "sqs")
+    assert sorted(deny["Resource"], key=str) == sorted([{"Fn::GetAtt": [q, "Arn"]} for q in queues], key=str)
+
+
+def test_batch_jobs_report_partial_failures_and_dead_letter_with_an_alarm(template):
+    resources = template["Resources"]
+    (event,) = resources["BatchFunction"]["Properties"]["Events"].values()
+    assert event["Type"] == "SQS"
+    assert event["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert event["Properties"]["Queue"] == {"Fn::GetAtt": ["JobQueue", "Arn"]}
+    queue = resources["JobQueue"]["Properties"]
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": ["JobDeadLetterQueue", "Arn"]}
+    assert queue["VisibilityTimeout"] >= 6 * resources["BatchFunction"]["Properties"]["Timeout"]
+    alarm = resources["JobDeadLetterAlarm"]["Properties"]
+    assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["JobDeadLetterQueue", "QueueName"]}}]
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (0, "GreaterThanThreshold")
+
+
+def test_batch_role_reaches_only_its_queue_job_bucket_models_and_logs(template):
+    role = template["Resources"]["BatchFunctionRole"]["Properties"]
+    statements = [s for p in role["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    for statement in statements:
+        assert statement["Effect"] == "Allow"
+        assert all(not a.endswith("*") for a in _as_list(statement["Action"]))
+        for resource in _as_list(resolve(statement["Resource"], template, {})):
+            assert resource != "*"
+            target = json.dumps(resource)
+            assert any(name in target for name in ("JobQueue", "JobBucket", "ModelBucket", "BatchFunctionLogs")), target
+    writes = [s for s in statements if {"s3:PutObject", "sqs:SendMessage"} & set(_as_list(s["Action"]))]
+    assert {json.dumps(s["Resource"]) for s in writes} == {
+        json.dumps({"Fn::Sub": "${JobBucket.Arn}/*"}),
+        json.dumps({"Fn::GetAtt": ["JobQueue", "Arn"]}),
+    }
 
 
 def test_function_role_grants_only_its_logs_and_model_reads(template):
