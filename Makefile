@@ -67,6 +67,14 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The PyTorch baselines need the reference extra: torch 2.13.0 CPU (from this machine's local disk).
+$(VENV)/.reference: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[build,dev,reference]'
+	touch $@
+
+bench: $(MODEL) $(VENV)/.reference
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf build .aws-sam
 

@@ -14,10 +14,12 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from quantfn.batch.jobs import parse_job_message
 from quantfn.batch.runner import JobRunner
 from quantfn.service import get_service
+from quantfn.warmup import prepare_init
 
 logger = Logger(service="quantfn-batch")
 metrics = Metrics(namespace="quantfn", service="quantfn-batch")
 processor = BatchProcessor(event_type=EventType.SQS)
+prepare_init()  # loads the model now only with QUANTFN_PRELOAD or under SnapStart
 
 
 @lru_cache(maxsize=1)

@@ -55,6 +55,10 @@ class ModelStore:
         self._lock = threading.Lock()
         self._verified: dict[str, LocalModel] = {}
 
+    def reset_clients(self) -> None:
+        """Forget the S3 client (after a SnapStart restore its connections are stale)."""
+        self._s3_client = None
+
     def fetch(self, ref: ModelRef) -> LocalModel:
         """Return the verified folder for ``ref``; raises ModelUnavailable (or IntegrityError)."""
         key = str(ref)
