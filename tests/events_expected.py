@@ -23,4 +23,6 @@ API_EVENTS: dict[str, tuple[int, str | None]] = {
     "api-bad-method.json": (405, "method_not_allowed"),
     "api-bad-path.json": (404, "not_found"),
     "api-too-many-inputs.json": (413, "too_many_inputs"),
+    # 300 inputs: over QUANTFN_MAX_INPUTS, legal for the GPU endpoint; without one configured, a 413 that says so.
+    "api-embeddings-oversized.json": (413, "too_many_inputs"),
 }

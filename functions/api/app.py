@@ -7,32 +7,44 @@ from typing import Any
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
-from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from quantfn.errors import BadRequest, QuantfnError
 from quantfn.openai_compat import embeddings_response, load_json_body, models_response, parse_embeddings_request
+from quantfn.routing import RoutePlan
 from quantfn.service import get_service
+from quantfn.warmup import prepare_init
 
 logger = Logger(service="quantfn-api")
 metrics = Metrics(namespace="quantfn", service="quantfn-api")
 app = APIGatewayHttpResolver()
 ROUTES = {"/v1/embeddings": "POST", "/v1/models": "GET", "/health": "GET"}
-TIMING_METRICS = {"model_load_ms": "ModelLoadMs", "tokenize_ms": "TokenizeMs", "inference_ms": "InferenceMs"}
+TIMING_METRICS = {
+    "model_load_ms": "ModelLoadMs",
+    "tokenize_ms": "TokenizeMs",
+    "inference_ms": "InferenceMs",
+    "endpoint_ms": "EndpointMs",
+}
+ROUTE_HEADER = "x-quantfn-route"
+prepare_init()  # loads the model now only with QUANTFN_PRELOAD or under SnapStart
 
 
 @app.post("/v1/embeddings")
-def create_embeddings() -> dict[str, Any]:
-    service = get_service()
-    body = load_json_body(app.current_event.decoded_body, service.settings.max_body_bytes)
-    request = parse_embeddings_request(body, service.settings.max_inputs)
-    result = service.embed(request.texts, request.model, request.dimensions)
+def create_embeddings() -> Response:
+    raw = app.current_event.decoded_body or ""
+    # No size limits here: the router applies them, so a 413 can say whether the GPU endpoint could take it.
+    request = parse_embeddings_request(load_json_body(raw, None), None)
+    remaining_ms = app.lambda_context.get_remaining_time_in_millis()
+    result = get_service().embed_routed(request, payload_bytes=len(raw.encode()), remaining_ms=remaining_ms)
+    _record_route(result.route)
     for name, value in result.timings_ms.items():
         metrics.add_metric(name=TIMING_METRICS[name], unit=MetricUnit.Milliseconds, value=value)
     metrics.add_metric(name="InputTokens", unit=MetricUnit.Count, value=result.prompt_tokens)
     metrics.add_metric(name="Inputs", unit=MetricUnit.Count, value=len(request.texts))
     logger.info("embedded", extra={"inputs": len(request.texts), "tokens": result.prompt_tokens, **result.timings_ms})
-    return embeddings_response(result.vectors, result.model, result.prompt_tokens, request.encoding_format)
+    body = embeddings_response(result.vectors, result.model, result.prompt_tokens, request.encoding_format)
+    return Response(200, content_types.APPLICATION_JSON, body, headers={ROUTE_HEADER: result.route.header})
 
 
 @app.get("/v1/models")
@@ -60,6 +72,9 @@ def quantfn_error(error: QuantfnError) -> Response:
     log = logger.info if error.status < 500 else logger.error
     log("request refused", extra={"status": error.status, "code": error.code, "detail": error.message})
     metrics.add_metric(name=f"Errors{error.status // 100}xx", unit=MetricUnit.Count, value=1)
+    if isinstance(error.route, RoutePlan):
+        _record_route(error.route)
+        return _error_response(error, error.status, {ROUTE_HEADER: error.route.header})
     return _error_response(error, error.status)
 
 
@@ -67,6 +82,13 @@ def quantfn_error(error: QuantfnError) -> Response:
 def unexpected_error(error: Exception) -> Response:
     logger.exception("unexpected error")
     return _error_response(QuantfnError("unexpected"), 500)
+
+
+def _record_route(plan: RoutePlan) -> None:
+    logger.info("routed", extra=plan.log_fields())
+    with single_metric(name="Routed", unit=MetricUnit.Count, value=1, namespace=metrics.namespace) as metric:
+        metric.add_dimension(name="Route", value=plan.route)
+        metric.add_dimension(name="Reason", value=plan.reason)
 
 
 def _error_response(error: QuantfnError, status: int, headers: dict[str, str] | None = None) -> Response:

@@ -18,6 +18,15 @@ from quantfn.errors import QuantfnError
 DEFAULT_MODEL = "layer:all-minilm-l6-v2"
 LAMBDA_MB_PER_VCPU = 1769
 LAMBDA_MAX_VCPUS = 6
+DEFAULT_GPU_MODEL = "layer:all-minilm-l6-v2-fp16"
+# The router's cost model, measured with the int8 model by bench/route_cost.py (README, "The GPU route"):
+# ms per token and per input on one vCPU and one thread (least-squares fit over 23/88/256-token texts,
+# the higher of two runs), the second thread's speed-up (none measured on a shared 2-core host: conservative)
+# and the cold load (verify + session + tokenizer from a local folder).
+COST_MS_PER_TOKEN = 0.28
+COST_MS_PER_INPUT = 4.0
+COST_PARALLEL_EFFICIENCY = 0.0
+COST_LOAD_MS = 300
 
 
 class ConfigError(QuantfnError):
@@ -38,6 +47,35 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _float(env: dict[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name} must be a finite number >= {minimum}, got {raw!r}")
+    return value
+
+
+def vcpu_share(env: dict[str, str] | None = None) -> float:
+    """The CPU time this function gets, in vCPUs (fractional below 1,769 MB); the cores visible outside Lambda."""
+    env = os.environ if env is None else env
+    memory = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "").strip()
+    if memory.isdigit():
+        return min(float(LAMBDA_MAX_VCPUS), int(memory) / LAMBDA_MB_PER_VCPU)
+    return float(available_vcpus(env))
+
+
+def _choice(env: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or choices[0]
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
 
 
 def _bool(env: dict[str, str], name: str, default: bool) -> bool:
@@ -91,6 +129,39 @@ class Settings:
     batch_chunk_lines: int = 1000
     batch_safety_ms: int = 20_000
     batch_max_line_bytes: int = 1024 * 1024
+    # The GPU route (routing.py, endpoint.py): where oversized requests go and how local time is predicted.
+    endpoint_name: str = ""
+    endpoint_url: str = ""
+    endpoint_timeout_ms: int = 25_000
+    endpoint_connect_timeout_ms: int = 2_000
+    endpoint_max_attempts: int = 3
+    endpoint_backoff_base_ms: int = 100
+    endpoint_backoff_max_ms: int = 2_000
+    endpoint_breaker_failures: int = 3
+    endpoint_breaker_cooldown_ms: int = 30_000
+    endpoint_max_inputs: int = 2048
+    endpoint_max_total_tokens: int = 1_048_576
+    endpoint_max_body_bytes: int = 6 * 1024 * 1024
+    max_response_bytes: int = 6 * 1024 * 1024
+    api_timeout_ms: int = 29_000
+    route_margin_ms: int = 3_000
+    cost_ms_per_token: float = COST_MS_PER_TOKEN
+    cost_ms_per_input: float = COST_MS_PER_INPUT
+    cost_parallel_efficiency: float = COST_PARALLEL_EFFICIENCY
+    cost_load_ms: int = COST_LOAD_MS
+    vcpu_share: float = 1.0
+    # The GPU container (containers/gpu): model choice, HTTP server, micro-batching.
+    gpu_model: str = DEFAULT_GPU_MODEL
+    gpu_provider: str = "auto"
+    server_host: str = "0.0.0.0"
+    server_port: int = 8080
+    server_batch_wait_ms: float = 5.0
+    server_batch_max_texts: int = 256
+    server_queue_max: int = 64
+
+    @property
+    def endpoint_configured(self) -> bool:
+        return bool(self.endpoint_name or self.endpoint_url)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -114,6 +185,33 @@ class Settings:
             batch_chunk_lines=_int(env, "QUANTFN_BATCH_CHUNK_LINES", 1000, minimum=1),
             batch_safety_ms=_int(env, "QUANTFN_BATCH_SAFETY_MS", 20_000),
             batch_max_line_bytes=_int(env, "QUANTFN_BATCH_MAX_LINE_BYTES", 1024 * 1024, minimum=64),
+            endpoint_name=env.get("QUANTFN_ENDPOINT_NAME", "").strip(),
+            endpoint_url=env.get("QUANTFN_ENDPOINT_URL", "").strip().rstrip("/"),
+            endpoint_timeout_ms=_int(env, "QUANTFN_ENDPOINT_TIMEOUT_MS", 25_000, minimum=1),
+            endpoint_connect_timeout_ms=_int(env, "QUANTFN_ENDPOINT_CONNECT_TIMEOUT_MS", 2_000, minimum=1),
+            endpoint_max_attempts=_int(env, "QUANTFN_ENDPOINT_MAX_ATTEMPTS", 3, minimum=1),
+            endpoint_backoff_base_ms=_int(env, "QUANTFN_ENDPOINT_BACKOFF_BASE_MS", 100),
+            endpoint_backoff_max_ms=_int(env, "QUANTFN_ENDPOINT_BACKOFF_MAX_MS", 2_000),
+            endpoint_breaker_failures=_int(env, "QUANTFN_ENDPOINT_BREAKER_FAILURES", 3, minimum=1),
+            endpoint_breaker_cooldown_ms=_int(env, "QUANTFN_ENDPOINT_BREAKER_COOLDOWN_MS", 30_000),
+            endpoint_max_inputs=_int(env, "QUANTFN_ENDPOINT_MAX_INPUTS", 2048, minimum=1),
+            endpoint_max_total_tokens=_int(env, "QUANTFN_ENDPOINT_MAX_TOTAL_TOKENS", 1_048_576, minimum=1),
+            endpoint_max_body_bytes=_int(env, "QUANTFN_ENDPOINT_MAX_BODY_BYTES", 6 * 1024 * 1024, minimum=1),
+            max_response_bytes=_int(env, "QUANTFN_MAX_RESPONSE_BYTES", 6 * 1024 * 1024, minimum=1),
+            api_timeout_ms=_int(env, "QUANTFN_API_TIMEOUT_MS", 29_000, minimum=1),
+            route_margin_ms=_int(env, "QUANTFN_ROUTE_MARGIN_MS", 3_000),
+            cost_ms_per_token=_float(env, "QUANTFN_COST_MS_PER_TOKEN", COST_MS_PER_TOKEN),
+            cost_ms_per_input=_float(env, "QUANTFN_COST_MS_PER_INPUT", COST_MS_PER_INPUT),
+            cost_parallel_efficiency=_float(env, "QUANTFN_COST_PARALLEL_EFFICIENCY", COST_PARALLEL_EFFICIENCY),
+            cost_load_ms=_int(env, "QUANTFN_COST_LOAD_MS", COST_LOAD_MS),
+            vcpu_share=vcpu_share(env),
+            gpu_model=env.get("QUANTFN_GPU_MODEL", "").strip() or DEFAULT_GPU_MODEL,
+            gpu_provider=_choice(env, "QUANTFN_GPU_PROVIDER", ("auto", "cuda", "cpu")),
+            server_host=env.get("QUANTFN_SERVER_HOST", "").strip() or "0.0.0.0",
+            server_port=_int(env, "QUANTFN_SERVER_PORT", _int(env, "SAGEMAKER_BIND_TO_PORT", 8080)),
+            server_batch_wait_ms=_float(env, "QUANTFN_SERVER_BATCH_WAIT_MS", 5.0),
+            server_batch_max_texts=_int(env, "QUANTFN_SERVER_BATCH_MAX_TEXTS", 256, minimum=1),
+            server_queue_max=_int(env, "QUANTFN_SERVER_QUEUE_MAX", 64, minimum=1),
         )
 
 

@@ -17,6 +17,8 @@ class QuantfnError(Exception):
     code: str = "internal_error"
     #: What a caller sees for a 5xx: fixed text, so no path or internal detail leaks.
     public_message: str = "The server failed to process the request."
+    #: The routing record (quantfn.routing.RoutePlan) when the error came after, or from, the routing decision.
+    route: object | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)

@@ -27,8 +27,11 @@ class EmbeddingRequest:
     dimensions: int | None = None
 
 
-def parse_embeddings_request(body: Any, max_inputs: int) -> EmbeddingRequest:
-    """Validate a decoded JSON body; raises BadRequest or TooLarge naming the field."""
+def parse_embeddings_request(body: Any, max_inputs: int | None) -> EmbeddingRequest:
+    """Validate a decoded JSON body; raises BadRequest or TooLarge naming the field.
+
+    ``max_inputs=None`` leaves the count to the caller (the API function's router).
+    """
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     unknown = sorted(set(body) - _KNOWN_FIELDS)
@@ -54,7 +57,7 @@ def parse_embeddings_request(body: Any, max_inputs: int) -> EmbeddingRequest:
     return EmbeddingRequest(texts=texts, model=model, encoding_format=encoding_format, dimensions=dimensions)
 
 
-def _parse_input(value: Any, present: bool, max_inputs: int) -> list[str]:
+def _parse_input(value: Any, present: bool, max_inputs: int | None) -> list[str]:
     if not present or value is None:
         raise BadRequest("'input' is required: a string or an array of strings.", param="input")
     if isinstance(value, str):
@@ -65,7 +68,7 @@ def _parse_input(value: Any, present: bool, max_inputs: int) -> list[str]:
         raise BadRequest("'input' must be a string or an array of strings.", param="input")
     if not value:
         raise BadRequest("'input' must not be an empty array.", param="input")
-    if len(value) > max_inputs:
+    if max_inputs is not None and len(value) > max_inputs:
         raise TooLarge(
             f"'input' has {len(value)} items; the limit is {max_inputs} per request (QUANTFN_MAX_INPUTS). "
             "Split the request.",
@@ -110,12 +113,12 @@ def models_response(model_ids: list[str], created: int) -> dict[str, Any]:
     }
 
 
-def load_json_body(raw: str | bytes | None, max_bytes: int) -> Any:
-    """Decode a request body: 413 over ``max_bytes`` (QUANTFN_MAX_BODY_BYTES), 400 if not JSON."""
+def load_json_body(raw: str | bytes | None, max_bytes: int | None) -> Any:
+    """Decode a request body: 413 over ``max_bytes`` (QUANTFN_MAX_BODY_BYTES; None: the caller checks), 400 if bad."""
     import json
 
     data = raw.encode("utf-8") if isinstance(raw, str) else (raw or b"")
-    if len(data) > max_bytes:
+    if max_bytes is not None and len(data) > max_bytes:
         raise TooLarge(
             f"The request body has {len(data)} bytes; the limit is {max_bytes} (QUANTFN_MAX_BODY_BYTES).",
             code="body_too_large",

@@ -10,17 +10,22 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from quantfn.config import Settings, get_settings
-from quantfn.errors import BadRequest, ModelNotFound, TooLarge
+from quantfn.errors import BadRequest, ModelNotFound, QuantfnError, TooLarge
 from quantfn.models.manifest import Manifest
 from quantfn.models.reference import parse_model_ref
 from quantfn.models.session import open_session
 from quantfn.models.store import LocalModel, ModelStore
 from quantfn.tasks.embedding import EmbeddingModel, Tokenized, load_tokenizer
+
+if TYPE_CHECKING:
+    from quantfn.endpoint import EndpointClient
+    from quantfn.openai_compat import EmbeddingRequest
+    from quantfn.routing import RoutePlan
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class EmbeddingResult:
     model: str
     token_counts: list[int]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    route: RoutePlan | None = None  # set by embed_routed: where it ran and why
 
     @property
     def prompt_tokens(self) -> int:
@@ -45,7 +51,8 @@ class EmbeddingService:
         self._lock = threading.Lock()
         self._model: EmbeddingModel | None = None
         self._local: LocalModel | None = None
-        self.load_ms: float | None = None
+        #: Cold-path phases in ms: fetch (S3 download or layer read, sha256 verification), session, tokenizer.
+        self.load_phases_ms: dict[str, float] = {}
 
     @property
     def loaded(self) -> bool:
@@ -54,7 +61,9 @@ class EmbeddingService:
     def local_model(self) -> LocalModel:
         """The verified model folder (fetched from S3 on first use)."""
         if self._local is None:
+            started = time.perf_counter()
             self._local = self.store.fetch(self.ref)
+            self.load_phases_ms["fetch"] = (time.perf_counter() - started) * 1000
         return self._local
 
     def manifest(self) -> Manifest:
@@ -65,15 +74,22 @@ class EmbeddingService:
         if self._model is None:
             with self._lock:
                 if self._model is None:
-                    started = time.perf_counter()
                     local = self.local_model()
+                    started = time.perf_counter()
                     session = open_session(
                         local.path / "model.onnx", self.settings.threads, local.manifest.pre_optimized
                     )
+                    opened = time.perf_counter()
                     tokenizer = load_tokenizer(local.path / "tokenizer.json")
                     self._model = EmbeddingModel(session, tokenizer, local.manifest, self.settings.batch_size)
-                    self.load_ms = (time.perf_counter() - started) * 1000
+                    self.load_phases_ms["session"] = (opened - started) * 1000
+                    self.load_phases_ms["tokenizer"] = (time.perf_counter() - opened) * 1000
         return self._model
+
+    @property
+    def load_ms(self) -> float | None:
+        """Total cold-path model load time, or None before the model is loaded."""
+        return sum(self.load_phases_ms.values()) if self._model is not None else None
 
     def served_names(self) -> list[str]:
         """Names a request may use for this model: its id, its upstream name, and configured aliases."""
@@ -132,6 +148,93 @@ class EmbeddingService:
         if cold and self.load_ms is not None:
             timings["model_load_ms"] = self.load_ms
         return EmbeddingResult(vectors, encoder.manifest.model_id, tokens.counts, timings)
+
+    # -- the GPU route (routing.py decides, endpoint.py calls) ----------------------------------------------
+    _tokenizer: Any = None  # a tokenizer of its own, so a request routed away never opens the session
+    _endpoint: EndpointClient | None = None
+
+    def tokenize(self, texts: list[str]) -> Tokenized:
+        """Token ids (untruncated), with the loaded model's tokenizer or, before it loads, the tokenizer alone."""
+        if self._model is not None:
+            return self._model.tokenize(texts)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.local_model().path / "tokenizer.json")
+        return Tokenized([encoding.ids for encoding in self._tokenizer.encode_batch(texts)])
+
+    def endpoint(self) -> EndpointClient:
+        """The GPU endpoint client (lazy; its circuit breaker lives as long as the execution environment)."""
+        if self._endpoint is None:
+            from quantfn.endpoint import EndpointClient
+
+            self._endpoint = EndpointClient(self.settings)
+        return self._endpoint
+
+    def embed_routed(
+        self, request: EmbeddingRequest, *, payload_bytes: int, remaining_ms: float | None
+    ) -> EmbeddingResult:
+        """Plan the route (size limits included), then embed here or on the GPU endpoint.
+
+        The result carries the plan. A refused plan raises its 413; any QuantfnError raised
+        after the plan carries it in ``error.route``. ``remaining_ms``: the function's time left.
+        """
+        from quantfn.routing import ENDPOINT, ENDPOINT_RESERVE_MS, REFUSE, plan_route
+
+        started = time.monotonic()
+        self.check_model(request.model)
+        manifest = self.manifest()
+        if request.dimensions is not None and request.dimensions != manifest.dimensions:
+            raise BadRequest(
+                f"'dimensions' must be {manifest.dimensions} for model {manifest.model_id}; "
+                "this model cannot shorten its embeddings.",
+                param="dimensions",
+            )
+        tokenized: list[Tokenized] = []
+        timings: dict[str, float] = {}
+
+        def token_counts() -> list[int]:
+            before = time.perf_counter()
+            tokenized.append(self.tokenize(request.texts))
+            timings["tokenize_ms"] = (time.perf_counter() - before) * 1000
+            return tokenized[0].counts
+
+        cold = self._model is None
+        plan = plan_route(
+            inputs=len(request.texts),
+            payload_bytes=payload_bytes,
+            encoding_format=request.encoding_format,
+            dimensions=manifest.dimensions,
+            max_length=manifest.max_sequence_length,
+            token_counts=token_counts,
+            remaining_ms=remaining_ms,
+            cold=cold,
+            settings=self.settings,
+        )
+        try:
+            if plan.route == REFUSE:
+                raise plan.refusal()
+            tokens = tokenized[0] if tokenized else self.tokenize(request.texts)  # usage counts, tokenized once
+            if plan.route == ENDPOINT:
+                budget_ms = min(self.settings.api_timeout_ms, remaining_ms if remaining_ms is not None else 1e12)
+                upstream = str(manifest.raw.get("source", {}).get("upstream", "")) or manifest.model_id
+                reply = self.endpoint().embed(
+                    request.texts,
+                    upstream,  # the name every container serving this model family answers to
+                    dimensions=manifest.dimensions,
+                    normalized=manifest.normalize,
+                    deadline_s=started + (budget_ms - ENDPOINT_RESERVE_MS) / 1000,
+                )
+                timings["endpoint_ms"] = reply.elapsed_ms
+                return EmbeddingResult(reply.vectors, manifest.model_id, tokens.counts, timings, route=plan)
+            encoder = self.model()
+            before = time.perf_counter()
+            vectors = encoder.embed(tokens)
+            timings["inference_ms"] = (time.perf_counter() - before) * 1000
+            if cold and self.load_ms is not None:
+                timings["model_load_ms"] = self.load_ms
+            return EmbeddingResult(vectors, manifest.model_id, tokens.counts, timings, route=plan)
+        except QuantfnError as error:
+            error.route = plan
+            raise
 
     def describe(self) -> dict[str, Any]:
         """Health facts that need no model load."""

@@ -307,9 +307,10 @@ def test_function_role_grants_only_its_logs_and_model_reads(template):
     role = template["Resources"][role_name]
     assert role["Type"] == "AWS::IAM::Role"
     assert "ManagedPolicyArns" not in role["Properties"]
-    statements = [s for p in role["Properties"]["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    policies = [p for p in resolve(role["Properties"]["Policies"], template, {}) if p is not NO_VALUE]
+    statements = [s for p in policies for s in p["PolicyDocument"]["Statement"]]
     actions = {a for s in statements for a in _as_list(s["Action"])}
-    assert actions == {"logs:CreateLogStream", "logs:PutLogEvents", "s3:GetObject"}
+    assert actions == {"logs:CreateLogStream", "logs:PutLogEvents", "s3:GetObject"}  # no GPU endpoint: no invoke
     assert all(s["Effect"] == "Allow" and "NotAction" not in s and "NotResource" not in s for s in statements)
     object_arns = re.compile(r"^(\$\{ModelBucket\.Arn\}|arn:\$\{AWS::Partition\}:s3:::\$\{ModelBucketName\})/\*$")
     for statement in statements:
@@ -320,6 +321,24 @@ def test_function_role_grants_only_its_logs_and_model_reads(template):
                     assert object_arns.match(resource["Fn::Sub"]), resource
                 else:
                     assert resource == {"Fn::GetAtt": [function["LoggingConfig"]["LogGroup"]["Ref"], "Arn"]}
+
+
+def test_with_a_gpu_image_the_api_may_invoke_that_endpoint_only(template):
+    gpu = {"GpuImageUri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/quantfn-gpu:1"}
+    role = template["Resources"]["ApiFunctionRole"]["Properties"]
+    policies = [p for p in resolve(role["Policies"], template, gpu) if p is not NO_VALUE]
+    invoke = [
+        s
+        for p in policies
+        for s in p["PolicyDocument"]["Statement"]
+        if "sagemaker:InvokeEndpoint" in _as_list(s["Action"])
+    ]
+    assert invoke == [{"Effect": "Allow", "Action": "sagemaker:InvokeEndpoint", "Resource": {"Ref": "GpuEndpoint"}}]
+    variables = template["Resources"]["ApiFunction"]["Properties"]["Environment"]["Variables"]
+    assert resolve(variables["QUANTFN_ENDPOINT_NAME"], template, gpu) == {"Fn::GetAtt": ["GpuEndpoint", "EndpointName"]}
+    assert resolve(variables["QUANTFN_ENDPOINT_NAME"], template, {}) == ""
+    for name in ("GpuEndpointRole", "GpuModel", "GpuEndpointConfig", "GpuEndpoint"):
+        assert template["Resources"][name]["Condition"] == "HasGpu"
 
 
 def test_every_makefile_built_resource_has_its_make_target(template):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 
-def open_session(model_file: Path, threads: int, pre_optimized: bool) -> Any:
-    """Create a CPU InferenceSession with ``threads`` intra-op threads.
+def open_session(
+    model_file: Path, threads: int, pre_optimized: bool, providers: Sequence[str] = ("CPUExecutionProvider",)
+) -> Any:
+    """Create an InferenceSession (CPU unless ``providers`` says otherwise) with ``threads`` intra-op threads.
 
     A model the build saved already optimized is loaded with graph optimization
     off: the optimizer's work was done once at build time, not on every cold start.
@@ -22,4 +25,4 @@ def open_session(model_file: Path, threads: int, pre_optimized: bool) -> Any:
         ort.GraphOptimizationLevel.ORT_DISABLE_ALL if pre_optimized else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     )
     options.log_severity_level = 3
-    return ort.InferenceSession(str(model_file), sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_file), sess_options=options, providers=list(providers))

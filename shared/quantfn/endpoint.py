@@ -1,0 +1,343 @@
+"""Client of the GPU endpoint: a SageMaker real-time endpoint or a plain HTTP(S) URL.
+
+Both speak the container's contract (containers/gpu): ``POST /invocations`` with
+the OpenAI embeddings JSON. Every call has a deadline (the caller's remaining
+time); attempts are retried with full-jitter exponential backoff on throttling,
+5xx and connection failures, never on 4xx; a circuit breaker stops calling an
+endpoint that keeps failing. A reply is checked (count, dimensions, finite
+numbers) before anyone sees it: the caller gets the whole answer or an error.
+
+Errors: ``EndpointUnavailable`` (503: not configured, not found, circuit open),
+``UpstreamFailed`` (502: failed, timed out, invalid reply), ``TooLarge`` (413:
+the endpoint's own limit refused the request).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import json
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from quantfn.config import Settings
+from quantfn.errors import EndpointUnavailable, TooLarge, UpstreamFailed
+
+_MIN_ATTEMPT_S = 0.05  # no attempt is started with less time than this left
+_RETRYABLE_SAGEMAKER = {
+    "ThrottlingException",
+    "ModelNotReadyException",
+    "ServiceUnavailable",
+    "InternalFailure",
+    "InternalDependencyException",
+}
+
+
+class CallFailed(Exception):
+    """One attempt failed. ``retryable``: worth another attempt; ``status``: HTTP status if one came back."""
+
+    def __init__(
+        self, detail: str, *, retryable: bool, status: int | None = None, body: bytes = b"", missing: bool = False
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retryable = retryable
+        self.status = status
+        self.body = body
+        self.missing = missing  # the endpoint does not exist (a deployment error, not a transient one)
+
+
+@dataclass(frozen=True)
+class EndpointReply:
+    vectors: np.ndarray
+    model: str
+    attempts: int
+    elapsed_ms: float
+
+
+class CircuitBreaker:
+    """Closed -> open after ``failures`` consecutive failed calls -> half-open after ``cooldown_s`` (one probe)."""
+
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._consecutive = 0
+        self._opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            return self._state()
+
+    def _state(self) -> str:
+        if self._opened_at is None:
+            return "closed"
+        return "half-open" if self._clock() - self._opened_at >= self.cooldown_s else "open"
+
+    def allow(self) -> bool:
+        """May a call go out now? In half-open, only one probe at a time."""
+        with self._lock:
+            state = self._state()
+            if state == "closed":
+                return True
+            if state == "half-open" and not self._probing:
+                self._probing = True
+                return True
+            return False
+
+    def retry_in_s(self) -> float:
+        with self._lock:
+            if self._opened_at is None:
+                return 0.0
+            return max(0.0, self.cooldown_s - (self._clock() - self._opened_at))
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._consecutive, self._opened_at, self._probing = 0, None, False
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._consecutive += 1
+            if self._probing or self._consecutive >= self.failures:
+                self._opened_at = self._clock()  # a failed probe opens it again for a full cool-down
+            self._probing = False
+
+
+class HttpTransport:
+    """``POST <url>/invocations`` with http.client: a connect timeout, then the attempt's timeout per read."""
+
+    def __init__(self, url: str, connect_timeout_s: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EndpointUnavailable(f"QUANTFN_ENDPOINT_URL must be an http(s) URL, got {url!r}", code="bad_endpoint")
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        path = parts.path.rstrip("/")
+        self.path = path if path.endswith("/invocations") else f"{path}/invocations"
+        self.connect_timeout_s = connect_timeout_s
+        self.name = f"{self.scheme}://{self.host}:{self.port or ''}{self.path}"
+
+    def post(self, body: bytes, timeout_s: float) -> bytes:
+        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        connection = cls(self.host, self.port, timeout=min(self.connect_timeout_s, timeout_s))
+        started = time.monotonic()
+        try:
+            connection.connect()
+            connection.sock.settimeout(max(_MIN_ATTEMPT_S, timeout_s - (time.monotonic() - started)))
+            headers = {"Content-Type": "application/json", "Accept": "application/json"}
+            connection.request("POST", self.path, body=body, headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+        except TimeoutError as exc:
+            raise CallFailed(f"no answer within {timeout_s:.2f} s", retryable=True) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise CallFailed(f"connection failed: {exc.__class__.__name__}", retryable=True) from exc
+        finally:
+            connection.close()
+        if response.status == 200:
+            return data
+        retryable = response.status == 429 or response.status >= 500
+        raise CallFailed(f"HTTP {response.status}", retryable=retryable, status=response.status, body=data)
+
+
+class SageMakerTransport:
+    """``sagemaker-runtime`` InvokeEndpoint; botocore's own retries are off (this module retries)."""
+
+    def __init__(self, endpoint_name: str, connect_timeout_s: float) -> None:
+        self.endpoint_name = endpoint_name
+        self.connect_timeout_s = connect_timeout_s
+        self.name = f"sagemaker:{endpoint_name}"
+        self._clients: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def _client(self, timeout_s: float) -> Any:
+        # botocore fixes the read timeout per client: keep one client per whole second of timeout.
+        seconds = max(1, math.ceil(timeout_s))
+        with self._lock:
+            if seconds not in self._clients:
+                import boto3  # deferred: only a routed request pays for it
+                from botocore.config import Config
+
+                config = Config(
+                    connect_timeout=self.connect_timeout_s,
+                    read_timeout=seconds,
+                    retries={"total_max_attempts": 1, "mode": "standard"},
+                )
+                self._clients[seconds] = boto3.client("sagemaker-runtime", config=config)
+            return self._clients[seconds]
+
+    def post(self, body: bytes, timeout_s: float) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            reply = self._client(timeout_s).invoke_endpoint(
+                EndpointName=self.endpoint_name, ContentType="application/json", Accept="application/json", Body=body
+            )
+            return reply["Body"].read()
+        except ClientError as exc:
+            raise _sagemaker_failure(exc) from exc
+        except BotoCoreError as exc:
+            raise CallFailed(f"SageMaker runtime unreachable: {exc.__class__.__name__}", retryable=True) from exc
+
+
+def _sagemaker_failure(exc: Any) -> CallFailed:
+    error = exc.response.get("Error", {})
+    code, message = str(error.get("Code", "")), str(error.get("Message", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    if code == "ModelError":  # the container answered with an error: judge by its own status
+        original = int(exc.response.get("OriginalStatusCode", 0) or 0)
+        body = str(exc.response.get("OriginalMessage", "")).encode()
+        return CallFailed(
+            f"container answered HTTP {original}",
+            retryable=original == 429 or original >= 500,
+            status=original or None,
+            body=body,
+        )
+    if code == "ValidationError" and ("not found" in message.lower() or "could not find" in message.lower()):
+        return CallFailed(f"{code}: endpoint not found", retryable=False, status=status, missing=True)
+    retryable = code in _RETRYABLE_SAGEMAKER or status == 429 or status >= 500
+    return CallFailed(f"{code or 'error'} (HTTP {status})", retryable=retryable, status=status)
+
+
+class EndpointClient:
+    """Embeds texts on the GPU endpoint within a deadline; see the module docstring for the errors."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        transport: Any | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        jitter: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.transport = transport or make_transport(settings)
+        self.breaker = CircuitBreaker(
+            settings.endpoint_breaker_failures, settings.endpoint_breaker_cooldown_ms / 1000, clock=clock
+        )
+        self._sleep, self._jitter, self._clock = sleep, jitter, clock
+
+    def embed(
+        self, texts: Sequence[str], model: str, *, dimensions: int, normalized: bool, deadline_s: float
+    ) -> EndpointReply:
+        """Embeddings [len(texts), dimensions] from the endpoint; ``deadline_s`` is on ``time.monotonic``."""
+        if not self.breaker.allow():
+            raise EndpointUnavailable(
+                f"GPU endpoint {self.transport.name}: circuit open after {self.breaker.failures} consecutive "
+                f"failures; next try in {self.breaker.retry_in_s():.1f} s",
+                code="endpoint_circuit_open",
+            )
+        body = json.dumps({"model": model, "input": list(texts), "encoding_format": "base64"}).encode()
+        started = self._clock()
+        try:
+            data, attempts = self._post_with_retries(body, deadline_s)
+            vectors = parse_reply(data, len(texts), dimensions, normalized)
+        except CallFailed as failure:
+            raise self._failed(failure) from failure
+        except UpstreamFailed:
+            self.breaker.record_failure()
+            raise
+        self.breaker.record_success()
+        return EndpointReply(vectors, model, attempts, (self._clock() - started) * 1000)
+
+    def _post_with_retries(self, body: bytes, deadline_s: float) -> tuple[bytes, int]:
+        settings = self.settings
+        attempt = 0
+        while True:
+            attempt += 1
+            left = deadline_s - self._clock()
+            if left < _MIN_ATTEMPT_S:
+                raise CallFailed(f"no time left for attempt {attempt}", retryable=False)
+            try:
+                return self.transport.post(body, min(settings.endpoint_timeout_ms / 1000, left)), attempt
+            except CallFailed as failure:
+                failure.detail = f"{failure.detail} (attempt {attempt})"
+                if not failure.retryable or attempt >= settings.endpoint_max_attempts:
+                    raise
+                cap = min(settings.endpoint_backoff_max_ms, settings.endpoint_backoff_base_ms * 2 ** (attempt - 1))
+                pause = self._jitter() * cap / 1000  # full jitter: uniform in [0, cap)
+                if self._clock() + pause + _MIN_ATTEMPT_S > deadline_s:
+                    raise
+                self._sleep(pause)
+
+    def _failed(self, failure: CallFailed) -> Exception:
+        where = self.transport.name
+        if failure.status == 413:
+            message = _error_message(failure.body) or "the request is over its limits"
+            return TooLarge(f"The GPU endpoint refused the request: {message}", param="input")
+        self.breaker.record_failure()
+        if failure.missing:
+            return EndpointUnavailable(
+                f"GPU endpoint {where} does not exist: {failure.detail}", code="endpoint_missing"
+            )
+        return UpstreamFailed(f"GPU endpoint {where} failed: {failure.detail}")
+
+
+def make_transport(settings: Settings) -> HttpTransport | SageMakerTransport:
+    """The transport the settings name: a URL wins over a SageMaker endpoint name."""
+    connect_s = settings.endpoint_connect_timeout_ms / 1000
+    if settings.endpoint_url:
+        return HttpTransport(settings.endpoint_url, connect_s)
+    if settings.endpoint_name:
+        return SageMakerTransport(settings.endpoint_name, connect_s)
+    raise EndpointUnavailable(
+        "no GPU endpoint is configured (QUANTFN_ENDPOINT_NAME or QUANTFN_ENDPOINT_URL)", code="endpoint_not_configured"
+    )
+
+
+def parse_reply(data: bytes, count: int, dimensions: int, normalized: bool) -> np.ndarray:
+    """Check an OpenAI embeddings reply and return its vectors in index order; UpstreamFailed if anything is off."""
+    try:
+        reply = json.loads(data)
+        items = reply["data"]
+        if not isinstance(items, list):
+            raise TypeError("'data' is not a list")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UpstreamFailed(f"GPU endpoint reply is not an embeddings list: {exc.__class__.__name__}") from exc
+    if len(items) != count:
+        raise UpstreamFailed(f"GPU endpoint returned {len(items)} embeddings for {count} inputs")
+    out = np.empty((count, dimensions), dtype=np.float32)
+    seen = set()
+    for item in items:
+        index = item.get("index") if isinstance(item, dict) else None
+        if not isinstance(index, int) or not 0 <= index < count or index in seen:
+            raise UpstreamFailed(f"GPU endpoint reply has a bad or repeated index: {index!r}")
+        seen.add(index)
+        out[index] = _vector(item.get("embedding"), dimensions, index)
+    if not np.isfinite(out).all():
+        raise UpstreamFailed("GPU endpoint returned non-finite numbers")
+    if normalized and not np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-2):
+        raise UpstreamFailed("GPU endpoint returned embeddings that are not unit length")
+    return out
+
+
+def _vector(embedding: Any, dimensions: int, index: int) -> np.ndarray:
+    try:
+        if isinstance(embedding, str):
+            vector = np.frombuffer(base64.b64decode(embedding, validate=True), dtype="<f4")
+        else:
+            vector = np.asarray(embedding, dtype=np.float32)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise UpstreamFailed(f"GPU endpoint embedding {index} cannot be decoded") from exc
+    if vector.shape != (dimensions,):
+        raise UpstreamFailed(f"GPU endpoint embedding {index} has shape {vector.shape}, expected ({dimensions},)")
+    return vector
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])[:500]
+    except (ValueError, KeyError, TypeError):
+        return ""

@@ -1,0 +1,163 @@
+"""EndpointClient against real sockets on loopback: refused, slow, failing, throttling, wrong replies."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from quantfn.config import Settings
+from quantfn.endpoint import EndpointClient
+from quantfn.errors import EndpointUnavailable, TooLarge, UpstreamFailed
+from tests.conftest import _free_port, load_event
+from tests.integration.endpoint_stub import DIMENSIONS, Step, StubEndpoint, embeddings_reply, unit_vectors
+
+TEXTS = ["first text", "second text"]
+
+
+def client_for(url: str, **overrides: int) -> EndpointClient:
+    values = {
+        "endpoint_timeout_ms": 300,
+        "endpoint_connect_timeout_ms": 200,
+        "endpoint_max_attempts": 3,
+        "endpoint_backoff_base_ms": 10,
+        "endpoint_backoff_max_ms": 40,
+        "endpoint_breaker_failures": 2,
+        "endpoint_breaker_cooldown_ms": 300,
+        **overrides,
+    }
+    return EndpointClient(Settings(endpoint_url=url, **values))
+
+
+def embed(client: EndpointClient, within_s: float = 3.0):
+    return client.embed(
+        TEXTS, "all-MiniLM-L6-v2", dimensions=DIMENSIONS, normalized=True, deadline_s=time.monotonic() + within_s
+    )
+
+
+def test_a_stopped_server_fails_after_retries_then_the_circuit_fails_fast_without_connecting() -> None:
+    # Given an endpoint URL where nothing listens
+    port = _free_port()
+    client = client_for(f"http://127.0.0.1:{port}")
+    # When two calls are refused (each after its retries)
+    for _ in range(2):
+        with pytest.raises(UpstreamFailed) as failed:
+            embed(client)
+        assert "connection failed" in failed.value.message and "attempt 3" in failed.value.message
+    # Then the circuit is open: with a live server on that port now, a call fails fast and never reaches it
+    with StubEndpoint(port=port) as stub:
+        started = time.monotonic()
+        with pytest.raises(EndpointUnavailable) as unavailable:
+            embed(client)
+        assert time.monotonic() - started < 0.05
+        assert unavailable.value.code == "endpoint_circuit_open" and unavailable.value.status == 503
+        assert stub.requests == []
+        # And after the cool-down one probe goes through, succeeds and closes the circuit
+        time.sleep(0.35)
+        reply = embed(client)
+        assert len(stub.requests) == 1 and client.breaker.state == "closed"
+        np.testing.assert_allclose(reply.vectors, unit_vectors(2), atol=1e-7)
+
+
+def test_a_server_slower_than_the_timeout_is_abandoned_within_the_deadline() -> None:
+    # Given a server that takes 5 s to answer and a 300 ms attempt timeout
+    with StubEndpoint(default=Step(delay_s=5)) as stub:
+        client = client_for(stub.url, endpoint_max_attempts=2)
+        # When the caller has 1 s left
+        started = time.monotonic()
+        with pytest.raises(UpstreamFailed, match="no answer within"):
+            embed(client, within_s=1.0)
+        # Then it gave up after two bounded attempts, well before the server would have answered
+        assert time.monotonic() - started < 1.0
+        assert len(stub.requests) == 2
+
+
+def test_the_callers_remaining_time_bounds_an_attempt_below_the_configured_timeout() -> None:
+    with StubEndpoint(default=Step(delay_s=5)) as stub:
+        client = client_for(stub.url, endpoint_timeout_ms=5000, endpoint_max_attempts=1)
+        started = time.monotonic()
+        with pytest.raises(UpstreamFailed):
+            embed(client, within_s=0.4)
+        assert 0.3 < time.monotonic() - started < 0.8
+
+
+def test_5xx_is_retried_then_reported_as_upstream_failed() -> None:
+    with StubEndpoint(default=Step(500)) as stub:
+        with pytest.raises(UpstreamFailed) as failed:
+            embed(client_for(stub.url))
+        assert len(stub.requests) == 3
+        assert failed.value.status == 502 and "HTTP 500" in failed.value.message
+        assert failed.value.to_body()["error"]["message"] == UpstreamFailed.public_message
+
+
+def test_throttling_is_retried_with_backoff_until_the_server_recovers() -> None:
+    # Given a server that throttles twice, then answers
+    with StubEndpoint([Step(429), Step(429)]) as stub:
+        reply = embed(client_for(stub.url))
+        # Then the third attempt's answer comes back whole, and the request had the contract's shape
+        assert reply.attempts == 3 and len(stub.requests) == 3
+        np.testing.assert_allclose(reply.vectors, unit_vectors(2), atol=1e-7)
+        first = stub.requests[0]
+        assert first["path"] == "/invocations"
+        assert first["headers"]["Content-Type"] == "application/json"
+        assert json.loads(first["body"]) == {"model": "all-MiniLM-L6-v2", "input": TEXTS, "encoding_format": "base64"}
+
+
+def test_4xx_is_not_retried() -> None:
+    with StubEndpoint(default=Step(400)) as stub:
+        with pytest.raises(UpstreamFailed, match="HTTP 400"):
+            embed(client_for(stub.url))
+        assert len(stub.requests) == 1
+
+
+def test_the_endpoints_own_413_reaches_the_caller_and_does_not_trip_the_circuit() -> None:
+    refusal = json.dumps({"error": {"message": "'input' has 5000 items; the limit is 4096."}}).encode()
+    with StubEndpoint(default=Step(413, body=refusal)) as stub:
+        client = client_for(stub.url, endpoint_breaker_failures=1)
+        with pytest.raises(TooLarge, match="the limit is 4096"):
+            embed(client)
+        assert len(stub.requests) == 1 and client.breaker.state == "closed"
+
+
+@pytest.mark.parametrize(
+    ("reply", "complaint"),
+    [
+        ({**embeddings_reply(1)}, "1 embeddings for 2 inputs"),
+        ({"data": [{"index": 0, "embedding": [0.1] * 10}, {"index": 1, "embedding": [0.1] * 10}]}, "shape"),
+        ({"data": [{"index": 0, "embedding": [0.05] * DIMENSIONS}] * 2}, "repeated index"),
+        ({"data": [{"index": i, "embedding": [float("nan")] * DIMENSIONS} for i in (0, 1)]}, "non-finite"),
+        ({"data": [{"index": i, "embedding": [0.5] * DIMENSIONS} for i in (0, 1)]}, "not unit length"),
+        ({"unexpected": True}, "not an embeddings list"),
+    ],
+)
+def test_a_wrong_reply_is_refused_never_passed_on(reply: dict, complaint: str) -> None:
+    with (
+        StubEndpoint(default=Step(200, body=json.dumps(reply).encode())) as stub,
+        pytest.raises(UpstreamFailed, match=complaint),
+    ):
+        embed(client_for(stub.url))
+
+
+@pytest.mark.usefixtures("service_env")
+def test_the_api_answers_502_then_503_when_the_endpoint_is_down(monkeypatch, lambda_context) -> None:
+    from functions.api.app import lambda_handler
+    from quantfn.service import reset_service
+
+    # Given an API function whose GPU endpoint does not answer
+    monkeypatch.setenv("QUANTFN_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("QUANTFN_ENDPOINT_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("QUANTFN_ENDPOINT_BACKOFF_BASE_MS", "10")
+    monkeypatch.setenv("QUANTFN_ENDPOINT_BREAKER_FAILURES", "1")
+    reset_service()
+    event = load_event("api-embeddings-oversized.json")
+    # When an oversized request comes, twice
+    first = lambda_handler(event, lambda_context)
+    second = lambda_handler(event, lambda_context)
+    # Then the first is a 502 after its retries, the second a 503 from the open circuit; both say where they went
+    for reply, status, code in ((first, 502, "upstream_failed"), (second, 503, "endpoint_circuit_open")):
+        error = json.loads(reply["body"])["error"]
+        assert reply["statusCode"] == status and error["code"] == code
+        assert "retry later" in error["message"] and "127.0.0.1" not in error["message"]
+        assert reply["headers"]["x-quantfn-route"] == "endpoint; reason=too_many_inputs"
