@@ -55,3 +55,13 @@ def test_settings_are_frozen() -> None:
 def test_vcpus_follow_lambda_memory_share(memory: str, expected_at_most: int) -> None:
     vcpus = available_vcpus({"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": memory})
     assert 1 <= vcpus <= expected_at_most
+
+
+def test_every_variable_quantfn_reads_is_documented_in_the_readme() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    read = set(re.findall(r'"(QUANTFN_[A-Z0-9_]+)"', (root / "shared" / "quantfn" / "config.py").read_text()))
+    documented = set(re.findall(r"QUANTFN_[A-Z0-9_]+", (root / "README.md").read_text()))
+    assert read and read <= documented, sorted(read - documented)
