@@ -99,6 +99,20 @@ class MotoServer:
         urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST"), timeout=10)
 
 
+def wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float, what: str) -> None:
+    """Poll ``url`` until it answers 2xx; kill ``process`` and fail if it dies or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:  # HTTPError (e.g. 503 while loading) is an OSError too
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[MotoServer]:
     """moto in server mode, a real process listening on 127.0.0.1 only."""
@@ -109,16 +123,7 @@ def moto_server() -> Iterator[MotoServer]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
+    wait_until_serving(f"{url}/moto-api/", process, timeout_s=30, what="moto server")
     try:
         yield MotoServer(url)
     finally:

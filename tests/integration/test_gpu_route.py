@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import pytest
 
 from quantfn.config import Settings
 from quantfn.service import EmbeddingService
-from tests.conftest import DEFAULT_MODEL_ID, ROOT, _free_port, load_event
+from tests.conftest import DEFAULT_MODEL_ID, ROOT, _free_port, load_event, wait_until_serving
 
 MODEL = "all-MiniLM-L6-v2"
 LONG = "Quantized encoders answer from small functions while large requests go elsewhere. " * 24
@@ -49,16 +48,7 @@ def gpu_server(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         [sys.executable, str(ROOT / "containers" / "gpu" / "serve"), "serve"], env=env, stdout=log, stderr=log
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/ping", timeout=1)
-            break
-        except (OSError, urllib.error.HTTPError):
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"GPU server did not start; see {log.name}") from None
-            time.sleep(0.1)
+    wait_until_serving(f"{url}/ping", process, timeout_s=60, what=f"GPU server (log: {log.name})")
     try:
         yield url
     finally:
