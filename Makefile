@@ -16,12 +16,14 @@ export PYTHONPATH := $(CURDIR)/shared:$(CURDIR)
 export SAM_CLI_TELEMETRY := 0
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: help setup demo test test-unit test-integration lint format model build bench clean
+.PHONY: help setup demo test test-unit test-integration e2e local-env lint format model build bench clean
 
 help:
 	@echo "make demo   build the int8 model and answer real requests through the API handler"
 	@echo "make test   set up and run every test"
 	@echo "make build  sam build (layers and functions, offline)"
+	@echo "make e2e    the sam local tier alone (sam build, then sam local invoke/start-lambda/start-api)"
+	@echo "make local-env  Docker, the Lambda base image and the proxy sam local needs offline"
 	@echo "make lint   ruff and sam validate --lint"
 	@echo "make bench  benchmarks -> bench/REPORT.md"
 
@@ -40,8 +42,9 @@ $(SAM_VENV)/.installed:
 	$(SAM_VENV)/bin/pip install -q --upgrade pip
 	$(SAM_VENV)/bin/pip install -q aws-sam-cli==1.170.0
 	mkdir -p ~/.aws-sam
-	# Stop SAM's weekly version check (no internet here): a far-future last check.
-	test -f ~/.aws-sam/metadata.json || echo '{"lastVersionCheck": "2099-01-01T00:00:00.000000"}' > ~/.aws-sam/metadata.json
+	# Stop SAM's weekly version check (no internet here): a far-future last check, as a number
+	# (SAM treats any other type as overdue). local/sam_local_env.py also fixes an existing file.
+	test -f ~/.aws-sam/metadata.json || echo '{"lastVersionCheck": 4102444800}' > ~/.aws-sam/metadata.json
 	touch $@
 
 $(MODEL): $(BUILD_SOURCES) | $(VENV)/.installed
@@ -57,6 +60,16 @@ test: $(MODEL) $(SAM_VENV)/.installed
 
 test-unit: setup
 	$(BIN)/pytest tests/unit
+
+# Docker engine, the offline Lambda base image and the host-network proxy for `sam local`
+# (README: Local development with SAM). Idempotent; prints the variables to export.
+local-env: setup
+	$(BIN)/python local/sam_local_env.py up
+
+# The e2e tier alone (`make test` runs it too): `make build` when stale, then sam local invoke,
+# start-lambda and start-api with every events/ file, AWS calls to moto on 127.0.0.1.
+e2e: $(MODEL) $(SAM_VENV)/.installed
+	$(BIN)/pytest tests/e2e
 
 lint: setup $(SAM_VENV)/.installed
 	$(BIN)/ruff check .
