@@ -1,0 +1,13 @@
+"""The model build pipeline: export the fp32 graph, quantize, evaluate, publish.
+
+Heavy dependencies (onnx, onnxruntime.quantization) are imported inside
+functions; the Lambda functions never import this package.
+"""
+
+from __future__ import annotations
+
+from quantfn.build.errors import BuildError, BuildGateError
+from quantfn.build.pipeline import DEFAULT_MODEL_ID, build_model
+from quantfn.build.recipes import RECIPES, Gate, Recipe
+
+__all__ = ["DEFAULT_MODEL_ID", "RECIPES", "BuildError", "BuildGateError", "Gate", "Recipe", "build_model"]

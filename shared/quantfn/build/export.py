@@ -1,0 +1,173 @@
+"""The fp32 ONNX graph of the BERT encoder, written directly from safetensors.
+
+No torch: every node is emitted with ``onnx.helper``. The graph already uses
+onnxruntime's fused CPU kernels (MultiHeadAttention, SkipLayerNormalization,
+BiasGelu) so it needs no transformer optimizer pass, and every projection stays
+a plain ``MatMul`` with a constant ``[K, N]`` weight, which is the one pattern
+the quantization recipes rewrite.
+
+Contract: inputs ``input_ids`` and ``attention_mask`` (int64 [batch, sequence]);
+output ``last_hidden_state`` (float32 [batch, sequence, hidden]). Token type ids
+are always zero for this model, so the type-0 row is folded into the position
+table and the input is dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+
+OPSET = 17
+MS_OPSET = 1
+INPUTS = ("input_ids", "attention_mask")
+OUTPUT = "last_hidden_state"
+WORD_EMBEDDINGS = "word_embeddings"
+
+
+def load_weights(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as numpy arrays."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def build_fp32_graph(weights: dict[str, np.ndarray], config: dict[str, Any]) -> onnx.ModelProto:
+    """Return the fp32 encoder as an ONNX model (opset 17 + com.microsoft)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    layers = int(config["num_hidden_layers"])
+    eps = float(config.get("layer_norm_eps", 1e-12))
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def const(name: str, array: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(op: str, inputs: list[str], output: str, domain: str = "", **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=output, domain=domain, **attrs))
+        return output
+
+    def w(key: str) -> np.ndarray:
+        return weights[key].astype(np.float32)
+
+    # Embeddings: word + (position + type 0), then LayerNorm.
+    e = "embeddings."
+    word = node("Gather", [const(WORD_EMBEDDINGS, w(e + "word_embeddings.weight")), "input_ids"], "word_vectors")
+    positions = w(e + "position_embeddings.weight") + w(e + "token_type_embeddings.weight")[0]
+    seq_len = node("Shape", ["input_ids"], "sequence_length", start=1, end=2)
+    pos = node(
+        "Slice",
+        [
+            const("position_table", positions),
+            const("zero_1d", np.array([0], np.int64)),
+            seq_len,
+            const("axis_0", np.array([0], np.int64)),
+        ],
+        "position_vectors",
+    )
+    summed = node("Add", [word, pos], "embedding_sum")
+    x = node(
+        "LayerNormalization",
+        [summed, const("emb_ln_gamma", w(e + "LayerNorm.weight")), const("emb_ln_beta", w(e + "LayerNorm.bias"))],
+        "embedding_output",
+        axis=-1,
+        epsilon=eps,
+    )
+    mask = node("Cast", ["attention_mask"], "key_padding_mask", to=TensorProto.INT32)
+
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        a = p + "attention."
+        # One [hidden, 3*hidden] projection for Q, K and V: one activation pass to quantize instead of three.
+        qkv_w = np.concatenate([w(a + f"self.{n}.weight").T for n in ("query", "key", "value")], axis=1)
+        qkv_b = np.concatenate([w(a + f"self.{n}.bias") for n in ("query", "key", "value")])
+        qkv = node("MatMul", [x, const(f"l{i}.qkv.weight", qkv_w)], f"l{i}.qkv")
+        nodes.append(
+            helper.make_node(
+                "Split", [qkv], [f"l{i}.q", f"l{i}.k", f"l{i}.v"], name=f"l{i}.split", axis=-1, num_outputs=3
+            )
+            if OPSET >= 18
+            else helper.make_node(
+                "Split",
+                [qkv, const(f"l{i}.split_sizes", np.array([hidden] * 3, np.int64))],
+                [f"l{i}.q", f"l{i}.k", f"l{i}.v"],
+                name=f"l{i}.split",
+                axis=-1,
+            )
+        )
+        ctx = node(
+            "MultiHeadAttention",
+            [f"l{i}.q", f"l{i}.k", f"l{i}.v", const(f"l{i}.qkv.bias", qkv_b), mask],
+            f"l{i}.context",
+            domain="com.microsoft",
+            num_heads=heads,
+        )
+        attn = node("MatMul", [ctx, const(f"l{i}.attn_out.weight", w(a + "output.dense.weight").T)], f"l{i}.attn_out")
+        x = node(
+            "SkipLayerNormalization",
+            [
+                attn,
+                x,
+                const(f"l{i}.attn_ln.gamma", w(a + "output.LayerNorm.weight")),
+                const(f"l{i}.attn_ln.beta", w(a + "output.LayerNorm.bias")),
+                const(f"l{i}.attn_out.bias", w(a + "output.dense.bias")),
+            ],
+            f"l{i}.attention_output",
+            domain="com.microsoft",
+            epsilon=eps,
+        )
+        up = node("MatMul", [x, const(f"l{i}.ffn_in.weight", w(p + "intermediate.dense.weight").T)], f"l{i}.ffn_in")
+        act = node(
+            "BiasGelu",
+            [up, const(f"l{i}.ffn_in.bias", w(p + "intermediate.dense.bias"))],
+            f"l{i}.gelu",
+            domain="com.microsoft",
+        )
+        down = node("MatMul", [act, const(f"l{i}.ffn_out.weight", w(p + "output.dense.weight").T)], f"l{i}.ffn_out")
+        out = OUTPUT if i == layers - 1 else f"l{i}.output"
+        x = node(
+            "SkipLayerNormalization",
+            [
+                down,
+                x,
+                const(f"l{i}.out_ln.gamma", w(p + "output.LayerNorm.weight")),
+                const(f"l{i}.out_ln.beta", w(p + "output.LayerNorm.bias")),
+                const(f"l{i}.ffn_out.bias", w(p + "output.dense.bias")),
+            ],
+            out,
+            domain="com.microsoft",
+            epsilon=eps,
+        )
+
+    graph = helper.make_graph(
+        nodes,
+        "all-minilm-l6-v2",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in INPUTS],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", "sequence", hidden])],
+        inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)],
+        producer_name="quantfn.build",
+    )
+    model.ir_version = 8
+    return model
+
+
+def export_fp32(weights_path: Path, config: dict[str, Any], out_path: Path) -> Path:
+    """Build the fp32 graph from a safetensors file and save it to ``out_path``."""
+    import onnx
+
+    model = build_fp32_graph(load_weights(weights_path), config)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(out_path))
+    return out_path

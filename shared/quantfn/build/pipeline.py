@@ -1,0 +1,247 @@
+"""``build_model``: fp32 graph -> recipe -> fidelity gate -> published model folder.
+
+Nothing is published unless the gate passes: the folder is assembled in a
+temporary directory beside the destination and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantfn.build.errors import BuildError, BuildGateError
+from quantfn.build.recipes import MAX_SEQUENCE_LENGTH, RECIPES, Calibration, Gate, Recipe
+
+DEFAULT_MODEL_ID = "all-minilm-l6-v2"
+TASK = "embedding"
+
+
+def _tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("onnx", "onnxruntime", "numpy", "tokenizers", "quantfn"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            import quantfn
+
+            versions[dist] = str(getattr(quantfn, "__version__", "unknown")) if dist == "quantfn" else "unknown"
+    return versions
+
+
+def fp32_graph(work_dir: Path, progress: Callable[[str], None]) -> Path:
+    """The fp32 graph, cached in ``work_dir`` by the weights' sha256 so recipes share it."""
+    from quantfn.build.export import export_fp32
+    from quantfn.build.source import locate_source
+    from quantfn.models.manifest import sha256_file
+
+    source = locate_source()
+    digest = sha256_file(source.weights)[:16]
+    path = work_dir / f"fp32-{digest}.onnx"
+    if not path.is_file():
+        progress("exporting fp32 graph from safetensors")
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        export_fp32(source.weights, source.config(), tmp)
+        tmp.replace(path)
+    return path
+
+
+def pruned_graph(fp32_path: Path, keep: np.ndarray) -> Path:
+    """The fp32 graph without unreachable vocabulary rows, cached beside ``fp32_path``."""
+    import onnx
+
+    from quantfn.build.quantize import keep_embedding_rows
+
+    path = fp32_path.with_name(fp32_path.stem + f"-vocab{len(keep)}.onnx")
+    if not path.is_file():
+        model = onnx.load(str(fp32_path))
+        keep_embedding_rows(model, keep)
+        tmp = path.with_suffix(".tmp")
+        onnx.save_model(model, str(tmp))
+        tmp.replace(path)
+    return path
+
+
+def write_tokenizer(src: Path, dst: Path, prune_vocab: bool) -> np.ndarray | None:
+    """Write tokenizer.json with truncation at the model maximum and pad-to-longest.
+
+    With ``prune_vocab`` the unreachable entries are dropped and ids renumbered;
+    returns the kept old ids (the embedding rows to keep), else None.
+    """
+    from quantfn.build.vocab import prune_tokenizer, unreachable_ids
+
+    data = json.loads(src.read_text(encoding="utf-8"))
+    keep = None
+    if prune_vocab:
+        data, keep = prune_tokenizer(data, unreachable_ids(data))
+    data["truncation"] = {
+        "direction": "Right",
+        "max_length": MAX_SEQUENCE_LENGTH,
+        "strategy": "LongestFirst",
+        "stride": 0,
+    }
+    data["padding"] = {
+        "strategy": "BatchLongest",
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 0,
+        "pad_type_id": 0,
+        "pad_token": "[PAD]",
+    }
+    dst.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return keep
+
+
+def _pre_optimize(path: Path) -> bool:
+    """Replace ``path`` by onnxruntime's EXTENDED-optimized graph if that keeps its size.
+
+    EXTENDED applies only hardware-independent fusions (the layout transforms
+    that tie a saved graph to one CPU are level ALL), so the file stays portable.
+    """
+    import onnxruntime as ort
+
+    optimized = path.with_name("optimized.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if optimized.stat().st_size > path.stat().st_size * 1.01:
+        optimized.unlink()
+        return False
+    optimized.replace(path)
+    return True
+
+
+def check_gate(model_id: str, gate: Gate, fidelity: dict[str, float], size_ratio: float) -> None:
+    """Raise BuildGateError naming the first metric below its gate."""
+    for metric in ("cosine_mean", "recall_at_5", "batch_invariance_min_cosine"):
+        minimum = getattr(gate, metric)
+        if minimum is not None and fidelity[metric] < minimum:
+            raise BuildGateError(model_id, metric, fidelity[metric], minimum)
+    if gate.max_size_ratio is not None and size_ratio > gate.max_size_ratio:
+        raise BuildGateError(model_id, "size_ratio_vs_fp32", size_ratio, gate.max_size_ratio, "<=")
+
+
+def build_model(
+    out_dir: Path,
+    recipe: str = "default",
+    model_id: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    gate: Gate | None = None,
+) -> dict[str, Any]:
+    """Build, evaluate and publish ``out_dir/<model_id>/``; return its manifest.
+
+    ``gate`` overrides the recipe's gate. Raises BuildError for an unknown recipe
+    or missing weights, BuildGateError (nothing published) when fidelity or size
+    misses the gate. An existing folder of the same id is replaced only on success.
+    """
+    from quantfn.build import evaluate
+    from quantfn.build.reference import load_corpus, load_reference
+    from quantfn.build.source import locate_source
+    from quantfn.models.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, describe_file
+
+    if recipe not in RECIPES:
+        raise BuildError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    chosen: Recipe = RECIPES[recipe]
+    model_id = model_id or (DEFAULT_MODEL_ID if recipe == "default" else f"{DEFAULT_MODEL_ID}-{recipe}")
+    gate = gate or chosen.gate
+    say = progress or (lambda _message: None)
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = locate_source()
+    fp32_path = fp32_graph(out_dir / ".work", say)
+    texts = load_corpus()
+    reference = load_reference()
+
+    def calibration_feeds() -> list[tuple[np.ndarray, np.ndarray]]:
+        # Calibrate on the even-indexed half; fidelity is reported on the whole corpus.
+        half = texts[0::2]
+        feeds = []
+        for batch in evaluate.length_sorted_batches(tokenizer, half, 32):
+            encodings = tokenizer.encode_batch([half[i] for i in batch])
+            feeds.append(
+                (
+                    np.array([e.ids for e in encodings], np.int64),
+                    np.array([e.attention_mask for e in encodings], np.int64),
+                )
+            )
+        return feeds
+
+    with tempfile.TemporaryDirectory(prefix=f".{model_id}-", dir=out_dir) as tmp:
+        staging = Path(tmp) / model_id
+        staging.mkdir()
+        model_path = staging / "model.onnx"
+        keep = write_tokenizer(source.tokenizer, staging / "tokenizer.json", chosen.prune_vocab)
+        tokenizer = evaluate.load_tokenizer(staging / "tokenizer.json")
+        start_graph = fp32_path if keep is None else pruned_graph(fp32_path, keep)
+        say(f"applying recipe {recipe}: {chosen.description}")
+        chosen.apply(start_graph, model_path, Calibration(start_graph, calibration_feeds))
+        # The ratio is against the full fp32 export, pruned rows included.
+        size_ratio = model_path.stat().st_size / fp32_path.stat().st_size
+        pre_optimized = chosen.pre_optimize and _pre_optimize(model_path)
+        say(f"evaluating on {len(texts)} sentences (size {size_ratio:.1%} of fp32)")
+        session = evaluate.open_session(model_path, optimized=not pre_optimized, config=chosen.session_config)
+        fidelity = evaluate.measure_fidelity(session, tokenizer, texts, reference).as_dict()
+        fidelity_record: dict[str, Any] = {
+            **fidelity,
+            "corpus": "fidelity_corpus.txt",
+            "sentences": len(texts),
+            "gate": gate.as_dict(),
+        }
+        check_gate(model_id, gate, fidelity, size_ratio)
+        pruned_rows = 0 if keep is None else int(source.config()["vocab_size"]) - len(keep)
+        import onnx
+
+        opset = next(
+            o.version
+            for o in onnx.load(str(model_path), load_external_data=False).opset_import
+            if o.domain in ("", "ai.onnx")
+        )
+        manifest: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "model_id": model_id,
+            "task": TASK,
+            "source": {"package": source.package, "version": source.version, "upstream": source.upstream},
+            "files": {name: describe_file(staging / name) for name in ("model.onnx", "tokenizer.json")},
+            "quantization": {
+                "recipe": recipe,
+                "description": chosen.description,
+                **chosen.details,
+                "vocabulary_pruned_rows": pruned_rows,
+            },
+            "opset": opset,
+            "inputs": [i.name for i in session.get_inputs()],
+            "output": "last_hidden_state",
+            "dimensions": 384,
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "pooling": "mean",
+            "normalize": True,
+            "session": {"pre_optimized": pre_optimized, "config": dict(chosen.session_config)},
+            "fidelity": fidelity_record,
+            "tools": _tool_versions(),
+            "size_ratio_vs_fp32": round(size_ratio, 4),
+        }
+        Manifest.from_dict(manifest)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        final = out_dir / model_id
+        if final.exists():
+            old = Path(tmp) / "replaced"
+            final.rename(old)
+        staging.rename(final)
+    say(
+        f"published {final} in {time.perf_counter() - started:.0f} s: "
+        + ", ".join(f"{k}={v}" for k, v in fidelity.items())
+    )
+    return manifest
+
+
+__all__ = ["DEFAULT_MODEL_ID", "build_model", "check_gate", "fp32_graph", "write_tokenizer"]

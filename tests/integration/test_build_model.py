@@ -1,0 +1,122 @@
+"""Build the default model once and check it as a runtime would, independently of the build's own code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantfn.build import BuildGateError, Gate, build_model
+from quantfn.build.evaluate import cosine_stats, recall_at_k
+from quantfn.build.reference import load_corpus, load_reference
+from quantfn.models.manifest import Manifest, verify_folder
+
+MODEL_ID = "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("models")
+    manifest = build_model(out)
+    return out, manifest
+
+
+def _session(folder: Path, manifest: Manifest):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    for key, value in manifest.raw["session"].get("config", {}).items():
+        options.add_session_config_entry(key, value)
+    if manifest.pre_optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def _embed(session, tokenizer, texts: list[str], inputs: tuple[str, ...]) -> np.ndarray:
+    """Tokenize, run, mean-pool over the mask, normalise: written here, not imported from the build."""
+    encodings = tokenizer.encode_batch(texts)
+    ids = np.array([e.ids for e in encodings], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    hidden = session.run(["last_hidden_state"], {name: feed[name] for name in inputs})[0]
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def runtime(built: tuple[Path, dict]):
+    from tokenizers import Tokenizer
+
+    out, _ = built
+    folder = out / MODEL_ID
+    manifest = Manifest.read(folder)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return folder, manifest, _session(folder, manifest), tokenizer
+
+
+def test_manifest_parses_and_every_file_matches_its_sha256(runtime) -> None:
+    folder, manifest, _, _ = runtime
+    verify_folder(folder, manifest)
+    assert set(manifest.files) == {"model.onnx", "tokenizer.json"}
+    assert manifest.task == "embedding" and manifest.dimensions == 384 and manifest.max_sequence_length == 256
+    assert manifest.inputs == ("input_ids", "attention_mask") and manifest.output == "last_hidden_state"
+    assert manifest.raw["source"]["upstream"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert manifest.raw["fidelity"]["sentences"] == 600
+
+
+def test_model_is_at_most_a_quarter_of_the_fp32_graph(built) -> None:
+    out, manifest = built
+    fp32 = [p for p in (out / ".work").glob("fp32-*.onnx") if "-vocab" not in p.name]
+    assert len(fp32) == 1
+    ratio = (out / MODEL_ID / "model.onnx").stat().st_size / fp32[0].stat().st_size
+    assert ratio <= 0.25
+    assert manifest["size_ratio_vs_fp32"] == pytest.approx(ratio, abs=1e-4)
+
+
+def test_tokenizer_truncates_at_256_and_does_not_pad_to_a_fixed_length(runtime) -> None:
+    folder, _, _, tokenizer = runtime
+    assert len(tokenizer.encode("word " * 1000).ids) == 256
+    assert len(tokenizer.encode("short").ids) == 3
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    assert data["padding"]["strategy"] == "BatchLongest"
+
+
+def test_fidelity_recomputed_independently_meets_the_gate(runtime) -> None:
+    _, manifest, session, tokenizer = runtime
+    texts, reference = load_corpus(), load_reference()
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    order = np.argsort([len(t) for t in texts])
+    vectors = np.zeros_like(reference)
+    for start in range(0, len(texts), 32):
+        idx = order[start : start + 32]
+        vectors[idx] = _embed(session, tokenizer, [texts[i] for i in idx], manifest.inputs)
+    mean, _ = cosine_stats(vectors, reference)
+    gate = manifest.raw["fidelity"]["gate"]
+    assert mean >= gate["cosine_mean"] >= 0.999
+    assert recall_at_k(vectors, reference, 5) >= gate["recall_at_5"] >= 0.98
+    assert mean == pytest.approx(manifest.fidelity["cosine_mean"], abs=1e-5)
+
+
+def test_a_text_embeds_the_same_alone_and_inside_a_mixed_batch(runtime) -> None:
+    _, manifest, session, tokenizer = runtime
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    texts = load_corpus()[100:132]
+    together = _embed(session, tokenizer, texts, manifest.inputs)
+    alone = np.concatenate([_embed(session, tokenizer, [t], manifest.inputs) for t in texts])
+    assert (together * alone).sum(1).min() >= 0.9999
+
+
+def test_a_failing_gate_raises_and_publishes_nothing(built) -> None:
+    out, _ = built
+    before = (out / MODEL_ID / "model.onnx").read_bytes()
+    entries = sorted(p.name for p in out.iterdir())
+    impossible = Gate(cosine_mean=1.01, recall_at_5=None, batch_invariance_min_cosine=None, max_size_ratio=None)
+    with pytest.raises(BuildGateError, match="cosine_mean"):
+        build_model(out, recipe="fp32", model_id=MODEL_ID, gate=impossible)
+    with pytest.raises(BuildGateError):
+        build_model(out, recipe="fp32", model_id="never-published", gate=impossible)
+    assert sorted(p.name for p in out.iterdir()) == entries
+    assert (out / MODEL_ID / "model.onnx").read_bytes() == before
