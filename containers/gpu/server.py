@@ -88,7 +88,7 @@ class GpuEmbeddingService(EmbeddingService):
                 if self._model is None:
                     local = self.local_model()
                     path = local.path / "model.onnx"
-                    session = open_session(path, self.settings.threads, local.manifest.pre_optimized, self.providers)
+                    session = open_session(path, local.manifest, self.settings.threads, self.providers)
                     self.active_providers = list(session.get_providers())
                     tokenizer = load_tokenizer(local.path / "tokenizer.json")
                     self._model = EmbeddingModel(session, tokenizer, local.manifest, self.settings.batch_size)

@@ -76,9 +76,7 @@ class EmbeddingService:
                 if self._model is None:
                     local = self.local_model()
                     started = time.perf_counter()
-                    session = open_session(
-                        local.path / "model.onnx", self.settings.threads, local.manifest.pre_optimized
-                    )
+                    session = open_session(local.path / "model.onnx", local.manifest, self.settings.threads)
                     opened = time.perf_counter()
                     tokenizer = load_tokenizer(local.path / "tokenizer.json")
                     self._model = EmbeddingModel(session, tokenizer, local.manifest, self.settings.batch_size)

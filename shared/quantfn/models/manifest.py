@@ -40,6 +40,7 @@ class Manifest:
     pooling: str = "mean"
     normalize: bool = True
     pre_optimized: bool = False
+    session_config: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -72,6 +73,7 @@ class Manifest:
                 pooling=str(data.get("pooling", "mean")),
                 normalize=bool(data.get("normalize", True)),
                 pre_optimized=bool(data.get("session", {}).get("pre_optimized", False)),
+                session_config={str(k): str(v) for k, v in data.get("session", {}).get("config", {}).items()},
                 raw=data,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
