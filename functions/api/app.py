@@ -7,7 +7,7 @@ from typing import Any
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from quantfn.errors import BadRequest, QuantfnError
@@ -86,9 +86,9 @@ def unexpected_error(error: Exception) -> Response:
 
 def _record_route(plan: RoutePlan) -> None:
     logger.info("routed", extra=plan.log_fields())
-    with single_metric(name="Routed", unit=MetricUnit.Count, value=1, namespace=metrics.namespace) as metric:
-        metric.add_dimension(name="Route", value=plan.route)
-        metric.add_dimension(name="Reason", value=plan.reason)
+    # One count per route (RoutedLocal, RoutedEndpoint, RoutedRefuse); the reason rides along in the EMF record.
+    metrics.add_metric(name=f"Routed{plan.route.title()}", unit=MetricUnit.Count, value=1)
+    metrics.add_metadata(key="route_reason", value=plan.reason)
 
 
 def _error_response(error: QuantfnError, status: int, headers: dict[str, str] | None = None) -> Response:
