@@ -85,7 +85,8 @@ $(VENV)/.reference: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[build,dev,reference]'
 	touch $@
 
-bench: $(MODEL) $(VENV)/.reference
+bench: $(MODEL) $(VENV)/.reference build local-env
+	$(BIN)/python bench/sam_local_timing.py
 	$(BIN)/python bench/run.py
 
 clean:

@@ -77,11 +77,9 @@ class EmbeddingService:
                     local = self.local_model()
                     started = time.perf_counter()
                     session = open_session(local.path / "model.onnx", local.manifest, self.settings.threads)
-                    opened = time.perf_counter()
-                    tokenizer = load_tokenizer(local.path / "tokenizer.json")
+                    self.load_phases_ms["session"] = (time.perf_counter() - started) * 1000
+                    tokenizer = self._load_tokenizer()
                     self._model = EmbeddingModel(session, tokenizer, local.manifest, self.settings.batch_size)
-                    self.load_phases_ms["session"] = (opened - started) * 1000
-                    self.load_phases_ms["tokenizer"] = (time.perf_counter() - opened) * 1000
         return self._model
 
     @property
@@ -155,9 +153,15 @@ class EmbeddingService:
         """Token ids (untruncated), with the loaded model's tokenizer or, before it loads, the tokenizer alone."""
         if self._model is not None:
             return self._model.tokenize(texts)
+        return Tokenized([encoding.ids for encoding in self._load_tokenizer().encode_batch(texts)])
+
+    def _load_tokenizer(self) -> Any:
+        """The model's tokenizer, loaded once whether the router or the session asks first."""
         if self._tokenizer is None:
+            started = time.perf_counter()
             self._tokenizer = load_tokenizer(self.local_model().path / "tokenizer.json")
-        return Tokenized([encoding.ids for encoding in self._tokenizer.encode_batch(texts)])
+            self.load_phases_ms["tokenizer"] = (time.perf_counter() - started) * 1000
+        return self._tokenizer
 
     def endpoint(self) -> EndpointClient:
         """The GPU endpoint client (lazy; its circuit breaker lives as long as the execution environment)."""

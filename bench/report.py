@@ -1,0 +1,240 @@
+"""Turn the measured results into bench/REPORT.md, plots, and the headline figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.measure import TYPICAL, corpus_batches, median_of, percentiles, timed
+
+FRONTIER_RECIPES = ("fp32", "fp16", "default", "int8-token", "int8-dynamic", "int4")
+
+
+def machine() -> dict[str, Any]:
+    import numpy
+    import onnxruntime
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def frontier(folders: list[Path], repeats: int) -> list[dict[str, Any]]:
+    """Each recipe through the quantfn runtime (2 threads): size, fidelity, throughput, latency."""
+    from quantfn.config import Settings
+    from quantfn.service import EmbeddingService
+
+    batches = corpus_batches(32, sort=True)
+    count = sum(map(len, batches))
+    rows = []
+    for folder in folders:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        service = EmbeddingService(Settings(model=f"layer:{folder.name}", models_root=folder.parent, threads=2))
+        model = service.model()
+        seconds, latency = _speed(model, batches, repeats)
+        fidelity = manifest["fidelity"]
+        rows.append(
+            {
+                "recipe": manifest["quantization"]["recipe"],
+                "model_id": manifest["model_id"],
+                "mb": round(manifest["files"]["model.onnx"]["size"] / 2**20, 2),
+                "size_ratio_vs_fp32": manifest.get("size_ratio_vs_fp32"),
+                "cosine_mean": fidelity["cosine_mean"],
+                "cosine_min": fidelity["cosine_min"],
+                "spearman": fidelity["spearman"],
+                "recall_at_5": fidelity["recall_at_5"],
+                "batch_invariance": fidelity.get("batch_invariance_min_cosine"),
+                "inputs_per_s": round(count / seconds, 1),
+                "batch1_p50_ms": latency["p50_ms"],
+            }
+        )
+    return rows
+
+
+def _speed(model: Any, batches: list[list[str]], repeats: int) -> tuple[float, dict[str, float]]:
+    """Seconds to embed all ``batches`` (median) and batch-1 latency percentiles of a typical input."""
+    tokenized = [model.tokenize(batch) for batch in batches]
+    model.embed(tokenized[0])
+    seconds = median_of(repeats, lambda: timed(lambda: [model.embed(t) for t in tokenized]))
+    single = model.tokenize([TYPICAL])
+    return seconds, percentiles([timed(lambda: model.embed(single)) * 1000 for _ in range(200)])
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    warm, cold = results["warm"], results["cold_start"]
+    ours = warm["quantfn"][2]
+    default = next(row for row in results["frontier"] if row["recipe"] == "default")
+    cheapest = min(results["cost"], key=lambda row: row["usd_per_million_embeddings"])
+    return {
+        "throughput_ratio_vs_torch": round(
+            ours["length_sorted"]["inputs_per_s"] / warm["torch"][2]["length_sorted"]["inputs_per_s"], 3
+        ),
+        "throughput_ratio_vs_ort_fp32": round(
+            ours["length_sorted"]["inputs_per_s"] / warm["ort_fp32"][2]["length_sorted"]["inputs_per_s"], 3
+        ),
+        "handler_overhead": ours["length_sorted"]["handler_overhead"],
+        "cold_start_s": cold["quantfn handler (layer)"]["wall_s"],
+        "cold_start_ratio_vs_torch": round(
+            cold["sentence-transformers fp32"]["wall_s"] / cold["quantfn handler (layer)"]["wall_s"], 2
+        ),
+        "recall_at_5": default["recall_at_5"],
+        "size_ratio_vs_fp32": default["size_ratio_vs_fp32"],
+        "usd_per_million_embeddings": cheapest["usd_per_million_embeddings"],
+    }
+
+
+def _plots(results: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    rows = results["frontier"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for row in rows:
+        axes[0].scatter(row["mb"], row["recall_at_5"])
+        axes[0].annotate(row["recipe"], (row["mb"], row["recall_at_5"]), fontsize=8)
+        axes[1].scatter(row["inputs_per_s"], row["recall_at_5"])
+        axes[1].annotate(row["recipe"], (row["inputs_per_s"], row["recall_at_5"]), fontsize=8)
+    for ax, label in zip(axes, ("model.onnx MB", "inputs/s, batch 32, 2 threads"), strict=True):
+        ax.set_xlabel(label)
+        ax.set_ylabel("recall@5 vs fp32 PyTorch")
+        ax.axhline(0.98, color="grey", linestyle=":")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Quality / size / speed frontier of the recipes")
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=110)
+    names.append("frontier.png")
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    cases = list(results["cold_start"].items())
+    for index, (_name, case) in enumerate(cases):
+        left = 0.0
+        for phase, ms in case["phases_ms"].items():
+            ax.barh(index, ms, left=left, label=phase if index == 0 or phase not in ("import",) else None)
+            left += ms
+        ax.text(left, index, f" {case['wall_s']:.2f} s wall", va="center", fontsize=8)
+    ax.set_yticks(range(len(cases)), [name for name, _ in cases], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms (log), fresh process to first answer")
+    fig.tight_layout()
+    fig.savefig(out / "cold_start.png", dpi=110)
+    names.append("cold_start.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    cost = results["cost"]
+    ax.plot([r["memory_mb"] for r in cost], [r["usd_per_million_embeddings"] for r in cost], marker="o", label="batch")
+    ax.plot([r["memory_mb"] for r in cost], [r["usd_per_million_requests"] for r in cost], marker="s", label="API")
+    ax.set_xlabel("Lambda memory MB")
+    ax.set_ylabel("USD per million")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "cost.png", dpi=110)
+    names.append("cost.png")
+    return names
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    """REPORT.md: generated tables; the prose around them lives in bench/NOTES.md and is included."""
+    _plots(results, out)
+    warm = results["warm"]
+    warm_rows = []
+    for system, label in (
+        ("quantfn", "quantfn handler, end to end"),
+        ("ort_fp32", "onnxruntime fp32"),
+        ("torch", "sentence-transformers fp32"),
+    ):
+        for threads, data in warm[system].items():
+            warm_rows.append(
+                {
+                    "system": label,
+                    "threads": threads,
+                    "batch-1 p50 ms": data["batch1"]["p50_ms"],
+                    "batch-1 p99 ms": data["batch1"]["p99_ms"],
+                    "batch 32 corpus order /s": data["corpus_order"]["inputs_per_s"],
+                    "batch 32 length-sorted /s": data["length_sorted"]["inputs_per_s"],
+                    "overhead": data.get("length_sorted", {}).get("handler_overhead", ""),
+                }
+            )
+    cold_rows = [
+        {"case": name, "wall s": c["wall_s"], **{f"{k} ms": v for k, v in c["phases_ms"].items()}}
+        for name, c in results["cold_start"].items()
+    ]
+    cold_columns = ["case", "wall s", *sorted({k for row in cold_rows for k in row} - {"case", "wall s"})]
+    notes = (out / "NOTES.md").read_text() if (out / "NOTES.md").exists() else ""
+    sam_local = ""
+    if (out / "sam_local.json").exists():
+        timing = json.loads((out / "sam_local.json").read_text())
+        row = {
+            "cold invoke s": timing["cold_s"],
+            "warm invoke s": timing["warm_s"],
+            "function cold ms": timing["function_ms"]["cold"],
+            "warm container ms": timing["served_warm_container_ms"],
+        }
+        sam_local = f"## `sam local` (bench/sam_local_timing.py)\n\n{timing['what']}\n\n{_table([row], list(row))}\n"
+    head = results["headline"]
+    text = f"""# quantfn benchmark report
+
+Generated by `make bench` ({results["machine"]["date"]}) on {results["machine"]["cores"]} cores,
+Python {results["machine"]["python"]}, onnxruntime {results["machine"]["onnxruntime"]}. Medians over repeated
+runs; every comparison was measured side by side in this one run. Absolute times on this shared machine
+are noisy: read the ratios.
+
+## Headline (`bench/results.json`)
+
+{_table([head], list(head))}
+
+## Cold start: fresh process to the first answer
+
+{_table(cold_rows, cold_columns)}
+
+![cold start](cold_start.png)
+
+Import time of the API handler module (`python -X importtime`): {results["import_time"]["total_ms"]} ms; heaviest:
+
+{_table(results["import_time"]["top"], ["module", "cumulative_ms"])}
+
+## Warm: latency and throughput
+
+{_table(warm_rows, list(warm_rows[0]))}
+
+"Overhead" is the fraction of the handler's end-to-end time spent outside `session.run` (JSON parsing,
+tokenization, padding, pooling, serialisation) on the same requests.
+
+## Quality / size / speed frontier
+
+{_table(results["frontier"], list(results["frontier"][0]))}
+
+![frontier](frontier.png)
+
+## Cost at Lambda prices
+
+x86, ${0.0000166667} per GB-second and $0.20 per million requests; 1% of API requests pay a cold start
+(init is billed). Durations come from the measured batch-1 latency (API) and length-sorted batch-32
+throughput (batch jobs) at 1 and 2 threads, stretched by the vCPU share a memory size gets.
+
+{_table(results["cost"], list(results["cost"][0]))}
+
+![cost](cost.png)
+
+{sam_local}
+{notes}
+"""
+    (out / "REPORT.md").write_text(text)

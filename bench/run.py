@@ -1,0 +1,153 @@
+"""`make bench`: every comparison side by side in one run, written to bench/REPORT.md and bench/results.json.
+
+    PYTHONPATH=shared:. .venv/bin/python bench/run.py [--repeats 5] [--quick]
+
+Needs the default model (make model), the fp32 model (quantfn build-model --recipe fp32) and, for
+the PyTorch baselines, the `reference` extra (torch 2.13.0 CPU, sentence-transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import report, sections
+from bench.measure import REPO
+
+MODELS = REPO / "build" / "models"
+DEFAULT = MODELS / "all-minilm-l6-v2"
+
+
+def ensure_model(recipe: str) -> Path:
+    folder = DEFAULT if recipe == "default" else MODELS / f"all-minilm-l6-v2-{recipe}"
+    if not (folder / "manifest.json").is_file():
+        subprocess.run(
+            [sys.executable, "-m", "quantfn.cli", "build-model", "--recipe", recipe, "--out", str(MODELS)], check=True
+        )
+    return folder
+
+
+def start_moto_with_model() -> tuple[subprocess.Popen, str]:
+    import socket
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    s3 = boto3.client(
+        "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench", aws_secret_access_key="bench"
+    )
+    s3.create_bucket(Bucket="bench-models")
+    for path in DEFAULT.iterdir():
+        s3.upload_file(str(path), "bench-models", f"models/all-minilm-l6-v2/{path.name}")
+    return process, url
+
+
+def base_env(threads: int = 2) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUANTFN_", "AWS_"))}
+    env |= {
+        "PYTHONPATH": f"{REPO / 'shared'}:{REPO}",
+        "HF_HUB_OFFLINE": "1",
+        "QUANTFN_REPO": str(REPO),
+        "QUANTFN_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(threads),
+        "POWERTOOLS_METRICS_DISABLED": "true",
+        "POWERTOOLS_LOG_LEVEL": "ERROR",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    return env
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke run")
+    args = parser.parse_args()
+    repeats = 2 if args.quick else args.repeats
+    from quantfn.build.source import locate_source
+
+    source_dir = locate_source().folder
+    ensure_model("default")
+    fp32 = ensure_model("fp32")
+    results: dict[str, Any] = {"machine": report.machine()}
+
+    moto, moto_url = start_moto_with_model()
+    try:
+        layer = base_env() | {"QUANTFN_MODEL": "layer:all-minilm-l6-v2", "QUANTFN_MODELS_ROOT": str(MODELS)}
+        s3_env = base_env() | {
+            "QUANTFN_MODEL": "s3://bench-models/models/all-minilm-l6-v2/",
+            "AWS_ENDPOINT_URL": moto_url,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "QUANTFN_CACHE_DIR": f"/tmp/quantfn-bench-cache-{os.getpid()}-{time.time_ns()}",
+        }
+        cases = {
+            "quantfn handler (layer)": ("handler", layer, ""),
+            "quantfn handler (S3 via moto)": ("handler", s3_env, ""),
+            "onnxruntime fp32": ("ort-fp32", base_env(), str(fp32)),
+            "sentence-transformers fp32": ("st-torch", base_env(), str(source_dir)),
+        }
+        # each S3 cold start must download: a fresh cache folder per spawn
+        original = sections.cold_start
+
+        def fresh_cache(mode: str, env: dict[str, str], target: str = "") -> dict[str, Any]:
+            if "AWS_ENDPOINT_URL" in env:
+                env = env | {"QUANTFN_CACHE_DIR": f"/tmp/quantfn-bench-cache-{time.time_ns()}"}
+            return original(mode, env, target)
+
+        sections.cold_start = fresh_cache
+        print("cold starts ...", flush=True)
+        results["cold_start"] = sections.cold_starts(cases, repeats)
+        results["import_time"] = sections.import_time_top(layer)
+    finally:
+        moto.terminate()
+
+    os.environ.update({k: v for k, v in layer.items() if k.startswith(("QUANTFN_", "POWERTOOLS_"))})
+    print("warm: handler, onnxruntime fp32, sentence-transformers ...", flush=True)
+    results["warm"] = {
+        "quantfn": {t: sections.handler_warm(t, repeats) for t in (1, 2)},
+        "ort_fp32": {t: sections.ort_plain(fp32, t, repeats) for t in (1, 2)},
+        "torch": {t: sections.torch_st(source_dir, t, repeats) for t in (1, 2)},
+    }
+    print("frontier ...", flush=True)
+    results["frontier"] = report.frontier([ensure_model(r) for r in report.FRONTIER_RECIPES], repeats)
+
+    warm = results["warm"]
+    per_request = {t: warm["quantfn"][t]["batch1"]["p50_ms"] / 1000 for t in (1, 2)}
+    per_embedding = {t: 1 / warm["quantfn"][t]["length_sorted"]["inputs_per_s"] for t in (1, 2)}
+    handler_cold = results["cold_start"]["quantfn handler (layer)"]
+    results["cost"] = sections.lambda_cost(per_request, per_embedding, handler_cold["wall_s"], cold_rate=0.01)
+    results["headline"] = report.headline(results)
+    (REPO / "bench" / "results.json").write_text(json.dumps(results["headline"], indent=2) + "\n")
+    (REPO / "bench" / "full_results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    report.write(results, REPO / "bench")
+    print(json.dumps(results["headline"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    raise SystemExit(main())

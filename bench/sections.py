@@ -1,0 +1,223 @@
+"""The benchmark sections: cold start, import time, warm latency/throughput, frontier, cost."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.measure import REPO, TYPICAL, Context, api_event, corpus_batches, median_of, pad, percentiles, timed
+
+# Lambda's published x86 prices (us-east-1): per GB-second and per request. Init is billed (since 2025-08).
+USD_PER_GB_S = 0.0000166667
+USD_PER_REQUEST = 0.20 / 1_000_000
+MB_PER_VCPU = 1769
+
+
+# -- cold start ------------------------------------------------------------------------------------
+def cold_start(mode: str, env: dict[str, str], target: str = "") -> dict[str, Any]:
+    """Spawn a fresh interpreter; wall time until it prints its answer, plus its own phase split."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "cold_child.py"), mode, target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    # The child's own output (logs, EMF) may come first: the answer is the line that starts {"mode"
+    line = process.stdout.readline()
+    while line and not line.startswith('{"mode"'):
+        line = process.stdout.readline()
+    wall = time.perf_counter() - started
+    process.wait(timeout=120)
+    result = json.loads(line)
+    result["wall_s"] = wall
+    return result
+
+
+def cold_starts(cases: dict[str, tuple[str, dict[str, str], str]], repeats: int) -> dict[str, Any]:
+    """Interleave the cases (noise hits all alike); median wall and median phases per case."""
+    for mode, env, target in cases.values():  # one unmeasured run each: a warm page cache, as documented
+        cold_start(mode, env, target)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, (mode, env, target) in cases.items():
+            runs[name].append(cold_start(mode, env, target))
+    summary = {}
+    for name, results in runs.items():
+        phases = {key: statistics.median(r["phases"][key] for r in results) for key in results[0]["phases"]}
+        summary[name] = {
+            "wall_s": round(statistics.median(r["wall_s"] for r in results), 4),
+            "runs": len(results),
+            "phases_ms": {k: round(v, 1) for k, v in phases.items()},
+        }
+    return summary
+
+
+def import_time_top(env: dict[str, str], count: int = 12) -> dict[str, Any]:
+    """``python -X importtime`` of the API handler module: total and the heaviest top-level imports."""
+    totals = []
+    for _ in range(5):
+        output = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "import functions.api.app"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+        rows = []
+        for line in output.splitlines():
+            match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
+            if match:
+                rows.append((int(match.group(2)), len(match.group(3)), match.group(4)))
+        totals.append(rows)
+    last = totals[-1]
+    top_level = sorted((r for r in last if r[1] <= 1), reverse=True)[:count]
+    total_us = statistics.median(max(r[0] for r in rows if r[2] == "functions.api.app") for rows in totals)
+    return {
+        "total_ms": round(total_us / 1000, 1),
+        "top": [{"module": m, "cumulative_ms": round(us / 1000, 1)} for us, _, m in top_level],
+    }
+
+
+# -- warm ------------------------------------------------------------------------------------------
+def handler_warm(threads: int, repeats: int) -> dict[str, Any]:
+    """The real API handler in this process: batch-1 latency, batch-32 throughput, overhead vs session.run."""
+    from functions.api.app import lambda_handler
+    from quantfn.service import get_service, reset_service
+
+    os.environ["QUANTFN_THREADS"] = str(threads)
+    reset_service()
+    single = api_event(TYPICAL)
+    lambda_handler(single, Context())
+    service = get_service()
+    encoder = service.model()
+    latencies = []
+    for _ in range(300):
+        latencies.append(timed(lambda: lambda_handler(single, Context())) * 1000)
+
+    # Count session.run time inside the handler on the same requests: the overhead is the rest.
+    session = encoder.session
+    inside = [0.0]
+
+    class Timed:
+        def run(self, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return session.run(*args, **kwargs)
+            finally:
+                inside[0] += time.perf_counter() - started
+
+    results = {}
+    for label, sort in (("corpus_order", False), ("length_sorted", True)):
+        events = [api_event(batch) for batch in corpus_batches(32, sort=sort)]
+        count = sum(len(json.loads(e["body"])["input"]) for e in events)
+
+        def run_all(events: list[dict[str, Any]] = events) -> float:
+            return timed(lambda: [lambda_handler(e, Context()) for e in events])
+
+        run_all()
+        end_to_end = median_of(repeats, run_all)
+        encoder.session = Timed()
+        inside[0] = 0.0
+        run_all()
+        raw = inside[0]
+        encoder.session = session
+        results[label] = {
+            "inputs_per_s": round(count / end_to_end, 1),
+            "session_run_inputs_per_s": round(count / raw, 1),
+            "handler_overhead": round(1 - raw / end_to_end, 4),
+        }
+    reset_service()
+    return {"threads": threads, "batch1": percentiles(latencies), **results}
+
+
+def ort_plain(model_dir: Path, threads: int, repeats: int) -> dict[str, Any]:
+    """Plain onnxruntime on a model folder, tokenization and pooling included, as a user would write it."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(256)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        ids, mask = pad([e.ids for e in tokenizer.encode_batch(texts)])
+        hidden = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+    embed([TYPICAL])
+    latencies = [timed(lambda: embed([TYPICAL])) * 1000 for _ in range(300)]
+    result: dict[str, Any] = {"threads": threads, "batch1": percentiles(latencies)}
+    for label, sort in (("corpus_order", False), ("length_sorted", True)):
+        batches = corpus_batches(32, sort=sort)
+        count = sum(map(len, batches))
+        seconds = median_of(repeats, lambda batches=batches: timed(lambda: [embed(b) for b in batches]))
+        result[label] = {"inputs_per_s": round(count / seconds, 1)}
+    return result
+
+
+def torch_st(model_dir: Path, threads: int, repeats: int) -> dict[str, Any]:
+    """sentence-transformers on PyTorch fp32 (it sorts by length inside ``encode``)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    model.encode([TYPICAL])
+    latencies = [timed(lambda: model.encode([TYPICAL])) * 1000 for _ in range(100)]
+    result: dict[str, Any] = {"threads": threads, "batch1": percentiles(latencies)}
+    for label, sort in (("corpus_order", False), ("length_sorted", True)):
+        batches = corpus_batches(32, sort=sort)
+        count = sum(map(len, batches))
+        seconds = median_of(
+            repeats, lambda batches=batches: timed(lambda: [model.encode(b, batch_size=32) for b in batches])
+        )
+        result[label] = {"inputs_per_s": round(count / seconds, 1)}
+    return result
+
+
+# -- cost ------------------------------------------------------------------------------------------
+def lambda_cost(
+    per_request_s: dict[int, float], per_embedding_s: dict[int, float], init_s: float, cold_rate: float
+) -> list[dict[str, Any]]:
+    """$ per 1M requests and per 1M embeddings for memory sizes 512-3008 MB.
+
+    ``per_request_s``/``per_embedding_s`` are measured at 1 and 2 threads with a whole core each.
+    A function gets ``memory / 1769`` vCPUs: below one vCPU the time stretches by the share;
+    from 1,770 MB it runs two threads on its share of two cores.
+    """
+    rows = []
+    for memory in (512, 1024, 1536, 1769, 2048, 2560, 3008):
+        share = memory / MB_PER_VCPU
+        threads = 1 if share <= 1 else 2
+        stretch = max(1.0, threads / share)
+        request_s = per_request_s[threads] * stretch
+        embedding_s = per_embedding_s[threads] * stretch
+        gb = memory / 1024
+        init = cold_rate * init_s * max(1.0, 1 / share) * gb * USD_PER_GB_S
+        rows.append(
+            {
+                "memory_mb": memory,
+                "vcpus": round(share, 2),
+                "threads": threads,
+                "request_ms": round(request_s * 1000, 2),
+                "usd_per_million_requests": round(1e6 * (request_s * gb * USD_PER_GB_S + USD_PER_REQUEST + init), 4),
+                # batch jobs: one invocation carries many embeddings, so per-request charges vanish
+                "usd_per_million_embeddings": round(1e6 * embedding_s * gb * USD_PER_GB_S, 4),
+            }
+        )
+    return rows
