@@ -145,6 +145,23 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
     return names
 
 
+def _cost_verdict(rows: list[dict[str, Any]]) -> str:
+    floor = min(r["usd_per_million_requests"] for r in rows) * 1.001
+    cheapest = min((r for r in rows if r["usd_per_million_requests"] <= floor), key=lambda r: r["request_ms"])
+    fastest = min(rows, key=lambda r: r["request_ms"])
+    batch = min(rows, key=lambda r: (r["usd_per_million_embeddings"], -r["memory_mb"]))
+    lines = [
+        f"Cheapest API configuration: **{cheapest['memory_mb']} MB**",
+        f"(${cheapest['usd_per_million_requests']} per million requests, {cheapest['request_ms']} ms);",
+        f"fastest: **{fastest['memory_mb']} MB** ({fastest['request_ms']} ms,",
+        f"${fastest['usd_per_million_requests']}). Cheapest for batch jobs: **{batch['memory_mb']} MB**",
+        f"(${batch['usd_per_million_embeddings']} per million embeddings).",
+        "Below one vCPU the price per request is flat (time stretches as memory shrinks) while latency grows;",
+        "the template's defaults follow the cheapest rows.",
+    ]
+    return "\n".join(lines)
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
@@ -226,11 +243,13 @@ tokenization, padding, pooling, serialisation) on the same requests.
 
 ## Cost at Lambda prices
 
-x86, ${0.0000166667} per GB-second and $0.20 per million requests; 1% of API requests pay a cold start
+x86, $0.0000166667 per GB-second and $0.20 per million requests; 1% of API requests pay a cold start
 (init is billed). Durations come from the measured batch-1 latency (API) and length-sorted batch-32
 throughput (batch jobs) at 1 and 2 threads, stretched by the vCPU share a memory size gets.
 
 {_table(results["cost"], list(results["cost"][0]))}
+
+{_cost_verdict(results["cost"])}
 
 ![cost](cost.png)
 
