@@ -14,7 +14,6 @@ bounded: a full queue answers 503 at once instead of letting latency grow withou
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import signal
@@ -33,6 +32,7 @@ from quantfn.errors import BadRequest, ModelUnavailable, QuantfnError
 from quantfn.models.reference import parse_model_ref
 from quantfn.models.session import open_session
 from quantfn.openai_compat import embeddings_response, load_json_body, parse_embeddings_request
+from quantfn.serialize import dumps
 from quantfn.service import EmbeddingService
 from quantfn.tasks.embedding import EmbeddingModel, Tokenized, load_tokenizer
 
@@ -268,7 +268,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, QuantfnError("unexpected").to_body())
 
     def _reply(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
+        data = dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

@@ -13,12 +13,13 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from quantfn.errors import BadRequest, QuantfnError
 from quantfn.openai_compat import embeddings_response, load_json_body, models_response, parse_embeddings_request
 from quantfn.routing import RoutePlan
+from quantfn.serialize import dumps
 from quantfn.service import get_service
 from quantfn.warmup import prepare_init
 
 logger = Logger(service="quantfn-api")
 metrics = Metrics(namespace="quantfn", service="quantfn-api")
-app = APIGatewayHttpResolver()
+app = APIGatewayHttpResolver(serializer=dumps)
 ROUTES = {"/v1/embeddings": "POST", "/v1/models": "GET", "/health": "GET"}
 TIMING_METRICS = {
     "model_load_ms": "ModelLoadMs",

@@ -96,7 +96,7 @@ def embeddings_response(
         little = vectors.astype("<f4", copy=False)
         items: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
     else:
-        items = vectors.tolist()
+        items = list(vectors.astype(np.float32, copy=False))  # float32 rows: serialize.dumps writes them compactly
     return {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": item} for i, item in enumerate(items)],

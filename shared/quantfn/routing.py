@@ -30,8 +30,8 @@ LOCAL, ENDPOINT, REFUSE = "local", "endpoint", "refuse"
 ENDPOINT_RESERVE_MS = 1000  # a call to the endpoint ends this long before the function's time does
 _NOT_CONFIGURED = "no GPU endpoint is configured (QUANTFN_ENDPOINT_NAME or QUANTFN_ENDPOINT_URL) to take it"
 # Upper bounds for the JSON the function returns, escaped once more inside Lambda's proxy reply:
-# a float32 printed as a Python float is at most 23 characters ("-1.2345678901234567e-05") plus ", ".
-_FLOAT_CHARS = 25
+# quantfn.serialize writes a float32 in its shortest form, at most 14 characters ("-1.2345678e-05"), plus ",".
+_FLOAT_CHARS = 15
 _ITEM_OVERHEAD = 96  # {"object": "embedding", "index": N, "embedding": ...}, with its quotes escaped
 _ENVELOPE = 4096  # status, headers, "model", "usage"
 

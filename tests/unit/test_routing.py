@@ -12,6 +12,7 @@ import pytest
 from quantfn.config import Settings
 from quantfn.openai_compat import embeddings_response
 from quantfn.routing import RoutePlan, estimate_local_ms, estimate_response_bytes, plan_route
+from quantfn.serialize import dumps
 
 LOCAL = Settings(threads=1, vcpu_share=1.0)
 WITH_ENDPOINT = replace(LOCAL, endpoint_name="quantfn-gpu")
@@ -129,10 +130,10 @@ def test_the_estimate_scales_with_the_vcpu_share_and_threads() -> None:
 
 
 def test_an_answer_too_big_as_floats_is_refused_with_base64_named() -> None:
-    decided = plan(WITH_ENDPOINT, inputs=700, counts=[10] * 700)
+    decided = plan(WITH_ENDPOINT, inputs=1200, counts=[10] * 1200)
     assert decided.header == "refuse; reason=response_too_large"
     assert "encoding_format=base64" in decided.message
-    assert plan(WITH_ENDPOINT, inputs=700, encoding_format="base64").route == "endpoint"
+    assert plan(WITH_ENDPOINT, inputs=1200, encoding_format="base64").route == "endpoint"
 
 
 def test_an_answer_too_big_even_as_base64_must_be_split() -> None:
@@ -148,7 +149,7 @@ def test_the_response_estimate_bounds_the_real_reply_closely(encoding_format: st
     vectors = rng.standard_normal((50, 384)).astype(np.float32)
     vectors[:, :20] *= 1e-6
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    body = json.dumps(embeddings_response(vectors, "all-minilm-l6-v2", 999, encoding_format))
+    body = dumps(embeddings_response(vectors, "all-minilm-l6-v2", 999, encoding_format))  # as the API writes it
     # When the reply is wrapped as Lambda's proxy reply is (the body is a JSON string)
     wrapped = len(json.dumps({"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": body}))
     # Then the estimate is an upper bound, and not a wasteful one

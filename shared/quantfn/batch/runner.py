@@ -22,6 +22,7 @@ from typing import Any
 
 from quantfn.batch.jobs import Checkpoint, JobMessage
 from quantfn.batch.sources import Record, iter_records
+from quantfn.serialize import dumps
 from quantfn.service import EmbeddingService
 from quantfn.tasks.embedding import Tokenized
 
@@ -111,7 +112,7 @@ class JobRunner:
                 good.append((record, record_id, ids))
         vectors = encoder.embed(Tokenized([ids for _, _, ids in good])) if good else []
         lines = (
-            json.dumps({"id": record_id, "line": record.line, "embedding": vector.tolist()})
+            dumps({"id": record_id, "line": record.line, "embedding": vector})
             for (record, record_id, _), vector in zip(good, vectors, strict=True)
         )
         part = f"part-{checkpoint.chunk:06d}.jsonl"
