@@ -148,7 +148,7 @@ $(RUNTIME_LAYER_CACHE)/.built: $(WHEELS_DIR)/.downloaded
 	$(call precompile,$(RUNTIME_LAYER_CACHE)/python,/opt/python)
 	if [ -n "$(PYTHON313)" ]; then \
 		PYTHONPATH=$(RUNTIME_LAYER_CACHE)/python $(PYTHON313) -S -c \
-			'import numpy, onnxruntime, tokenizers, aws_lambda_powertools.event_handler'; fi
+			'import numpy, onnxruntime, orjson, tokenizers, aws_lambda_powertools.event_handler'; fi
 	touch $@
 
 build-RuntimeLayer: $(RUNTIME_LAYER_CACHE)/.built
