@@ -67,6 +67,18 @@ def _ensure_ms_opset(model: onnx.ModelProto) -> None:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
+def _dequantize_columns(model: onnx.ModelProto, name: str, q: np.ndarray, scale: np.ndarray) -> onnx.NodeProto:
+    """A DequantizeLinear of int8 weight ``q`` [K, N] with one symmetric scale per column, output ``<name>.dq``."""
+    from onnx import helper
+
+    inputs = [
+        _add(model, name + ".q", q),
+        _add(model, name + ".scale", scale),
+        _add(model, name + ".zp", np.zeros_like(scale, dtype=np.int8)),
+    ]
+    return helper.make_node("DequantizeLinear", inputs, [name + ".dq"], name=name + ".dq", axis=1)
+
+
 def quantize_rows_int8(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 with one scale per slice along ``axis`` (the kept axis)."""
     reduce = tuple(i for i in range(weight.ndim) if i != axis)
@@ -147,24 +159,13 @@ def embedding_int4(model: onnx.ModelProto, block_size: int = 32) -> None:
 
 def weights_int8_qdq(model: onnx.ModelProto, skip: Iterable[str] = ()) -> None:
     """Weight-only int8 per output channel: DequantizeLinear feeding an fp32 MatMul."""
-    from onnx import helper
 
     for node in projection_nodes(model):
         if node.name in skip:
             continue
         q, scale = quantize_rows_int8(_pop_weight(model, node.input[1]), axis=1)
         name = node.input[1]
-        dq = helper.make_node(
-            "DequantizeLinear",
-            [
-                _add(model, name + ".q", q),
-                _add(model, name + ".scale", scale),
-                _add(model, name + ".zp", np.zeros_like(scale, dtype=np.int8)),
-            ],
-            [name + ".dq"],
-            name=name + ".dq",
-            axis=1,
-        )
+        dq = _dequantize_columns(model, name, q, scale)
         node.input[1] = name + ".dq"
         _replace(model, node, [dq, node])
 
@@ -320,17 +321,7 @@ def weights_int8_gptq(model: onnx.ModelProto, hessians: dict[str, np.ndarray], s
         r = np.sqrt(np.maximum(np.abs(weight).max(axis=1, keepdims=True), 1e-12))
         r /= np.exp(np.log(r).mean())
         q, scale = gptq_int8(weight / r, hessians[x] * (r * r.T))
-        dq = helper.make_node(
-            "DequantizeLinear",
-            [
-                _add(model, name + ".q", q),
-                _add(model, name + ".scale", scale),
-                _add(model, name + ".zp", np.zeros_like(scale, dtype=np.int8)),
-            ],
-            [name + ".dq"],
-            name=name + ".dq",
-            axis=1,
-        )
+        dq = _dequantize_columns(model, name, q, scale)
         mul = helper.make_node(
             "Mul", [x, _add(model, name + ".r", r[:, 0].astype(np.float32))], [name + ".x"], name=name + ".x"
         )
