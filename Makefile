@@ -87,6 +87,7 @@ $(VENV)/.reference: $(VENV)/.installed
 
 bench: $(MODEL) $(VENV)/.reference build local-env
 	$(BIN)/python bench/sam_local_timing.py
+	$(BIN)/python bench/batch_throughput.py
 	$(BIN)/python bench/run.py
 
 clean:

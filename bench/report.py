@@ -196,6 +196,11 @@ def write(results: dict[str, Any], out: Path) -> None:
     ]
     cold_columns = ["case", "wall s", *sorted({k for row in cold_rows for k in row} - {"case", "wall s"})]
     notes = (out / "NOTES.md").read_text() if (out / "NOTES.md").exists() else ""
+    batch = ""
+    if (out / "batch.json").exists():
+        measured = json.loads((out / "batch.json").read_text())
+        rows = [{"threads": t, **v} for t, v in measured["by_threads"].items()]
+        batch = f"## Batch mode (bench/batch_throughput.py)\n\n{measured['what']}.\n\n{_table(rows, list(rows[0]))}\n"
     sam_local = ""
     if (out / "sam_local.json").exists():
         timing = json.loads((out / "sam_local.json").read_text())
@@ -253,6 +258,7 @@ throughput (batch jobs) at 1 and 2 threads, stretched by the vCPU share a memory
 
 ![cost](cost.png)
 
+{batch}
 {sam_local}
 {notes}
 """
