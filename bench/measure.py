@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import socket
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,3 +69,23 @@ def pad(batch: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         input_ids[row, : len(ids)] = ids
         mask[row, : len(ids)] = 1
     return input_ids, mask
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """moto in server mode, a separate process on 127.0.0.1 and a free port; returns it and its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    return process, url

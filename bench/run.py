@@ -14,14 +14,13 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench import report, sections
-from bench.measure import REPO
+from bench.measure import REPO, start_moto
 
 MODELS = REPO / "build" / "models"
 DEFAULT = MODELS / "all-minilm-l6-v2"
@@ -37,25 +36,9 @@ def ensure_model(recipe: str) -> Path:
 
 
 def start_moto_with_model() -> tuple[subprocess.Popen, str]:
-    import socket
-
     import boto3
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
+    process, url = start_moto()
     s3 = boto3.client(
         "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench", aws_secret_access_key="bench"
     )
