@@ -9,7 +9,7 @@ SAM := $(CURDIR)/$(SAM_VENV)/bin/sam
 MODELS_DIR := build/models
 MODEL_ID := all-minilm-l6-v2
 MODEL := $(MODELS_DIR)/$(MODEL_ID)/manifest.json
-BUILD_SOURCES := $(wildcard shared/quantfn/build/*.py shared/quantfn/build/data/*)
+BUILD_SOURCES := $(wildcard shared/quantfn/build/*.py shared/quantfn/build/data/* shared/quantfn/models/*.py)
 
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)/shared:$(CURDIR)
@@ -102,7 +102,6 @@ clean:
 RUNTIME_REQUIREMENTS := layers/runtime/requirements.txt
 WHEELS_DIR := build/wheels/runtime
 RUNTIME_LAYER_CACHE := build/layers/runtime
-MODEL_FILES := model.onnx tokenizer.json manifest.json
 # Lambda python3.13 runs on Amazon Linux 2023 (glibc 2.34): manylinux_2_28 and older wheels load there.
 LAYER_WHEEL_TARGET := --only-binary=:all: --implementation cp --python-version 3.13 \
 	--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64
@@ -155,10 +154,11 @@ $(RUNTIME_LAYER_CACHE)/.built: $(WHEELS_DIR)/.downloaded
 build-RuntimeLayer: $(RUNTIME_LAYER_CACHE)/.built
 	cp -R $(RUNTIME_LAYER_CACHE)/python "$(ARTIFACTS_DIR)/python"
 
-# Only the files a model is made of; the model is built (or reused) by the $(MODEL) rule above.
+# The published model folder holds only the manifest and the files it lists (the build stages
+# it elsewhere and renames it into place); the model is built (or reused) by the $(MODEL) rule above.
 build-ModelLayer: $(MODEL)
 	mkdir -p "$(ARTIFACTS_DIR)/models/$(MODEL_ID)"
-	cp $(addprefix $(MODELS_DIR)/$(MODEL_ID)/,$(MODEL_FILES)) "$(ARTIFACTS_DIR)/models/$(MODEL_ID)/"
+	cp $(MODELS_DIR)/$(MODEL_ID)/* "$(ARTIFACTS_DIR)/models/$(MODEL_ID)/"
 
 # Lambda refuses a function whose code and layers unzip to more than 250 MB: fail here instead.
 build: $(SAM_VENV)/.installed $(MODEL)

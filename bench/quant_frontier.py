@@ -24,6 +24,8 @@ import numpy as np
 from quantfn.build import DEFAULT_MODEL_ID, RECIPES, Gate, build_model
 from quantfn.build import evaluate as ev
 from quantfn.build.reference import load_corpus
+from quantfn.models.manifest import Manifest
+from quantfn.models.session import open_session
 
 OPEN_GATE = Gate(cosine_mean=-1.0, recall_at_5=None, batch_invariance_min_cosine=None, max_size_ratio=None)
 
@@ -63,17 +65,13 @@ def main() -> None:
         else:
             manifest = build_model(args.out, recipe=name, gate=OPEN_GATE)
         folder = args.out / manifest["model_id"]
-        session = ev.open_session(
-            folder / "model.onnx",
-            optimized=not manifest["session"]["pre_optimized"],
-            config=manifest["session"].get("config"),
-        )
+        session = open_session(folder / "model.onnx", Manifest.from_dict(manifest), threads=2)
         tokenizer = ev.load_tokenizer(folder / "tokenizer.json")
         sessions.append((session, tokenizer))
         rows.append(
             {
                 "recipe": name,
-                "mb": manifest["files"]["model.onnx"]["size"] / 1e6,
+                "mb": Manifest.from_dict(manifest).weights_size / 1e6,
                 "ratio": manifest["size_ratio_vs_fp32"],
                 **manifest["fidelity"],
                 "gate": RECIPES[name].gate.as_dict(),

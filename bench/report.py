@@ -46,7 +46,7 @@ def frontier(folders: list[Path], repeats: int) -> list[dict[str, Any]]:
             {
                 "recipe": manifest["quantization"]["recipe"],
                 "model_id": manifest["model_id"],
-                "mb": round(manifest["files"]["model.onnx"]["size"] / 2**20, 2),
+                "mb": round(service.manifest().weights_size / 2**20, 2),
                 "size_ratio_vs_fp32": manifest.get("size_ratio_vs_fp32"),
                 "cosine_mean": fidelity["cosine_mean"],
                 "cosine_min": fidelity["cosine_min"],
@@ -106,7 +106,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
         axes[0].annotate(row["recipe"], (row["mb"], row["recall_at_5"]), fontsize=8)
         axes[1].scatter(row["inputs_per_s"], row["recall_at_5"])
         axes[1].annotate(row["recipe"], (row["inputs_per_s"], row["recall_at_5"]), fontsize=8)
-    for ax, label in zip(axes, ("model.onnx MB", "inputs/s, batch 32, 2 threads"), strict=True):
+    for ax, label in zip(axes, ("model MB (graph + int8 weights)", "inputs/s, batch 32, 2 threads"), strict=True):
         ax.set_xlabel(label)
         ax.set_ylabel("recall@5 vs fp32 PyTorch")
         ax.axhline(0.98, color="grey", linestyle=":")

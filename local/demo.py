@@ -41,11 +41,9 @@ def run_demo(models_root: Path, repo: Path) -> int:
     events = {path.name: json.loads(path.read_text()) for path in sorted((repo / "events").glob("api-*.json"))}
     manifest = json.loads((models_root / "all-minilm-l6-v2" / "manifest.json").read_text())
     fidelity = manifest["fidelity"]
+    weights = sum(entry["size"] for name, entry in manifest["files"].items() if name != "tokenizer.json")
     print(f"model      {manifest['model_id']}  recipe {manifest['quantization']['recipe']}")
-    print(
-        f"file       {manifest['files']['model.onnx']['size'] / 2**20:.1f} MB  "
-        f"({manifest.get('size_ratio_vs_fp32', float('nan')):.1%} of fp32)"
-    )
+    print(f"files      {weights / 2**20:.1f} MB  ({manifest.get('size_ratio_vs_fp32', float('nan')):.1%} of fp32)")
     print(
         f"fidelity   cosine mean {fidelity['cosine_mean']:.5f}  min {fidelity['cosine_min']:.5f}  "
         f"recall@5 {fidelity['recall_at_5']:.4f}  (vs fp32 PyTorch, {fidelity.get('sentences', '?')} sentences)"

@@ -37,8 +37,9 @@ def _build_model(args: argparse.Namespace) -> int:
         print(f"quantfn build-model: {exc}", file=sys.stderr)
         return 3
     fidelity = manifest["fidelity"]
+    weights = sum(entry["size"] for name, entry in manifest["files"].items() if name != "tokenizer.json")
     print(
-        f"built {manifest['model_id']} ({args.recipe}): {manifest['files']['model.onnx']['size'] / 2**20:.1f} MB, "
+        f"built {manifest['model_id']} ({args.recipe}): {weights / 2**20:.1f} MB, "
         f"{manifest.get('size_ratio_vs_fp32', 0):.3f} of fp32; cosine mean {fidelity['cosine_mean']:.5f} "
         f"min {fidelity['cosine_min']:.5f}, recall@5 {fidelity['recall_at_5']:.4f}, "
         f"spearman {fidelity['spearman']:.5f} -> {Path(args.out) / manifest['model_id']}"

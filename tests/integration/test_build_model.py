@@ -24,15 +24,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def _session(folder: Path, manifest: Manifest):
-    import onnxruntime as ort
+    """The session as the runtime opens it (quantfn.models.session), not as the build evaluated it."""
+    from quantfn.models.session import open_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    for key, value in manifest.raw["session"].get("config", {}).items():
-        options.add_session_config_entry(key, value)
-    if manifest.pre_optimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return open_session(folder / "model.onnx", manifest, threads=2)
 
 
 def _embed(session, tokenizer, texts: list[str], inputs: tuple[str, ...]) -> np.ndarray:
@@ -60,7 +55,7 @@ def runtime(built: tuple[Path, dict]):
 def test_manifest_parses_and_every_file_matches_its_sha256(runtime) -> None:
     folder, manifest, _, _ = runtime
     verify_folder(folder, manifest)
-    assert set(manifest.files) == {"model.onnx", "tokenizer.json"}
+    assert set(manifest.files) == {"model.onnx", "tokenizer.json", "weights.bin"}
     assert manifest.task == "embedding" and manifest.dimensions == 384 and manifest.max_sequence_length == 256
     assert manifest.inputs == ("input_ids", "attention_mask") and manifest.output == "last_hidden_state"
     assert manifest.raw["source"]["upstream"] == "sentence-transformers/all-MiniLM-L6-v2"
@@ -71,9 +66,24 @@ def test_model_is_at_most_a_quarter_of_the_fp32_graph(built) -> None:
     out, manifest = built
     fp32 = [p for p in (out / ".work").glob("fp32-*.onnx") if "-vocab" not in p.name]
     assert len(fp32) == 1
-    ratio = (out / MODEL_ID / "model.onnx").stat().st_size / fp32[0].stat().st_size
+    shipped = sum((out / MODEL_ID / name).stat().st_size for name in ("model.onnx", "weights.bin"))
+    ratio = shipped / fp32[0].stat().st_size
     assert ratio <= 0.25
     assert manifest["size_ratio_vs_fp32"] == pytest.approx(ratio, abs=1e-4)
+
+
+def test_graph_is_saved_optimized_with_its_weights_int8_on_disk(runtime) -> None:
+    import onnx
+
+    folder, manifest, _, _ = runtime
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    assert "DequantizeLinear" not in ops and {"MultiHeadAttention", "SkipLayerNormalization"} <= ops
+    spec = manifest.dequantize_at_load
+    assert manifest.pre_optimized and spec is not None and len(spec.tensors) == 25  # 24 projections + positions
+    stubs = {init.name for init in graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL}
+    assert stubs == {tensor.name for tensor in spec.tensors}
+    assert all(tensor.q.dtype == "int8" for tensor in spec.tensors)
 
 
 def test_tokenizer_truncates_at_256_and_does_not_pad_to_a_fixed_length(runtime) -> None:

@@ -99,3 +99,45 @@ def test_a_manifest_for_another_model_is_refused(tmp_path: Path) -> None:
     (tmp_path / "tiny").rename(tmp_path / "other")
     with pytest.raises(IntegrityError, match="manifest names model tiny"):
         ModelStore(Settings(models_root=tmp_path)).fetch(parse_model_ref("layer:other"))
+
+
+def _dequantize_entry(offset: int = 0) -> dict:
+    return {
+        "file": "weights.bin",
+        "tensors": [
+            {
+                "name": "w",
+                "shape": [4, 2],
+                "q": {"dtype": "int8", "shape": [4, 2], "offset": offset},
+                "scale": {"dtype": "float32", "shape": [1, 2], "offset": 8},
+            }
+        ],
+    }
+
+
+def test_a_newer_manifest_schema_is_refused_with_advice(tmp_path: Path) -> None:
+    folder = make_model_folder(tmp_path)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["schema"] = 99
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ModelUnavailable, match=r"schema 99 is newer.*upgrade it"):
+        Manifest.read(folder)
+
+
+def test_dequantize_at_load_must_name_a_listed_file_and_stay_inside_it(tmp_path: Path) -> None:
+    folder = make_model_folder(tmp_path)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["session"] = {"pre_optimized": True, "dequantize_at_load": _dequantize_entry()}
+    with pytest.raises(ModelUnavailable, match=r"'weights\.bin', which is not among the files"):
+        Manifest.from_dict(data)
+    data["files"]["weights.bin"] = {"sha256": "0" * 64, "size": 16}
+    manifest = Manifest.from_dict(data)
+    assert manifest.dequantize_at_load is not None
+    assert manifest.dequantize_at_load.tensors[0].scale.count == 2
+    assert manifest.weights_size == data["files"]["model.onnx"]["size"] + 16
+    data["session"]["dequantize_at_load"] = _dequantize_entry(offset=12)
+    with pytest.raises(ModelUnavailable, match=r"'w' reaches past the end of weights\.bin"):
+        Manifest.from_dict(data)
+    data["session"]["dequantize_at_load"] = _dequantize_entry() | {"tensors": [{"name": "w"}]}
+    with pytest.raises(ModelUnavailable, match="manifest is invalid"):
+        Manifest.from_dict(data)

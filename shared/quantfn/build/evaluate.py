@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    import onnxruntime
     from tokenizers import Tokenizer
 
 MAX_SEQUENCE_LENGTH = 256
@@ -100,27 +99,6 @@ def load_tokenizer(path: Path) -> Tokenizer:
     tokenizer.enable_truncation(MAX_SEQUENCE_LENGTH)
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
     return tokenizer
-
-
-def open_session(
-    model_path: Path, threads: int = 2, optimized: bool = True, config: dict[str, str] | None = None
-) -> onnxruntime.InferenceSession:
-    """A CPU session with the sequential executor, ``threads`` intra-op threads and config entries.
-
-    ``optimized=False`` is for graphs saved pre-optimized (no second pass at load).
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    for key, value in (config or {}).items():
-        options.add_session_config_entry(key, value)
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
 def _run_batch(session: Any, tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:

@@ -143,10 +143,18 @@ def build_model(
     or missing weights, BuildGateError (nothing published) when fidelity or size
     misses the gate. An existing folder of the same id is replaced only on success.
     """
-    from quantfn.build import evaluate
+    from quantfn.build import dequantize_at_load, evaluate
     from quantfn.build.reference import load_corpus, load_reference
     from quantfn.build.source import locate_source
-    from quantfn.models.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, describe_file
+    from quantfn.models.manifest import (
+        MANIFEST_NAME,
+        SCHEMA_VERSION,
+        DequantizeAtLoad,
+        FileEntry,
+        Manifest,
+        describe_file,
+    )
+    from quantfn.models.session import create_session
 
     if recipe not in RECIPES:
         raise BuildError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
@@ -185,11 +193,28 @@ def build_model(
         start_graph = fp32_path if keep is None else pruned_graph(fp32_path, keep)
         say(f"applying recipe {recipe}: {chosen.description}")
         chosen.apply(start_graph, model_path, Calibration(start_graph, calibration_feeds))
-        # The ratio is against the full fp32 export, pruned rows included.
-        size_ratio = model_path.stat().st_size / fp32_path.stat().st_size
-        pre_optimized = chosen.pre_optimize and _pre_optimize(model_path)
+        dequantize: dict[str, Any] | None = None
+        if chosen.dequantize_at_load:
+            say("saving the optimized graph with its weights int8 (dequantized at load)")
+            dequantize = dequantize_at_load.pre_optimize(model_path, chosen.session_config)
+            pre_optimized = True
+        else:
+            pre_optimized = chosen.pre_optimize and _pre_optimize(model_path)
+        names = ["model.onnx", "tokenizer.json"] + ([dequantize["file"]] if dequantize else [])
+        files = {name: describe_file(staging / name) for name in names}
+        # What ships, against the full fp32 export (pruned rows included); the tokenizer is not counted.
+        size_ratio = sum(v["size"] for k, v in files.items() if k != "tokenizer.json") / fp32_path.stat().st_size
         say(f"evaluating on {len(texts)} sentences (size {size_ratio:.1%} of fp32)")
-        session = evaluate.open_session(model_path, optimized=not pre_optimized, config=chosen.session_config)
+        # Evaluated exactly as the runtime loads it.
+        session = create_session(
+            model_path,
+            threads=2,
+            pre_optimized=pre_optimized,
+            config=chosen.session_config,
+            dequantize=DequantizeAtLoad.from_dict(dequantize, {k: FileEntry(**v) for k, v in files.items()})
+            if dequantize
+            else None,
+        )
         fidelity = evaluate.measure_fidelity(session, tokenizer, texts, reference).as_dict()
         fidelity_record: dict[str, Any] = {
             **fidelity,
@@ -211,7 +236,7 @@ def build_model(
             "model_id": model_id,
             "task": TASK,
             "source": {"package": source.package, "version": source.version, "upstream": source.upstream},
-            "files": {name: describe_file(staging / name) for name in ("model.onnx", "tokenizer.json")},
+            "files": files,
             "quantization": {
                 "recipe": recipe,
                 "description": chosen.description,
@@ -225,7 +250,11 @@ def build_model(
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
             "pooling": "mean",
             "normalize": True,
-            "session": {"pre_optimized": pre_optimized, "config": dict(chosen.session_config)},
+            "session": {
+                "pre_optimized": pre_optimized,
+                "config": dict(chosen.session_config),
+                **({"dequantize_at_load": dequantize} if dequantize else {}),
+            },
             "fidelity": fidelity_record,
             "tools": _tool_versions(),
             "size_ratio_vs_fp32": round(size_ratio, 4),

@@ -62,6 +62,9 @@ class Recipe:
     pre_optimize: bool = True
     # SessionOptions config entries the runtime must set when loading this model.
     session_config: dict[str, str] = field(default_factory=dict)
+    # Save the optimized graph with its folded int8 weights kept int8 in weights.bin, rebuilt at
+    # load (``quantfn.build.dequantize_at_load``): the cold path skips optimization and folding.
+    dequantize_at_load: bool = False
     # Drop unreachable vocabulary rows (renumbers tokenizer.json; see ``vocab``).
     prune_vocab: bool = True
 
@@ -139,7 +142,8 @@ RECIPES: dict[str, Recipe] = {
     "default": Recipe(
         "default",
         "int8 weight-only: input-channel equalised, GPTQ-rounded per-channel int8 projections "
-        "(DequantizeLinear + fp32 MatMul), int8 per-row word and position embeddings; fp32 activations",
+        "(stored int8, dequantized to fp32 once at load into a graph optimized at build time), int8 per-row "
+        "word and position embeddings; fp32 activations",
         Gate(),
         _int8_gptq,
         {
@@ -152,6 +156,7 @@ RECIPES: dict[str, Recipe] = {
         # onnxruntime would otherwise fuse DequantizeLinear+MatMul into 8-bit MatMulNBits with int8
         # activations (4x the error); with QDQ fusion off it folds the weights to fp32 once at load.
         session_config={"session.disable_quant_qdq": "1"},
+        dequantize_at_load=True,
     ),
     "fp32": Recipe(
         "fp32",

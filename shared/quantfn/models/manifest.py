@@ -1,8 +1,10 @@
 """The model manifest: what a model folder holds and how to verify it.
 
-A model folder has ``model.onnx``, ``tokenizer.json`` and ``manifest.json``.
-The manifest records the sha256 and size of every other file, so a store can
-refuse a tampered or incomplete copy before any byte reaches onnxruntime.
+A model folder has ``model.onnx``, ``tokenizer.json`` and ``manifest.json``, and
+``weights.bin`` when the graph was saved pre-optimized with its fp32 weights
+kept as int8 (``session.dequantize_at_load``). The manifest records the sha256
+and size of every other file, so a store can refuse a tampered or incomplete
+copy before any byte reaches onnxruntime.
 """
 
 from __future__ import annotations
@@ -16,14 +18,78 @@ from typing import Any
 from quantfn.errors import IntegrityError, ModelUnavailable
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added session.dequantize_at_load
 _CHUNK = 1 << 20
+_ARRAY_DTYPES = frozenset({"int8", "uint8", "float32"})
 
 
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
     size: int
+
+
+@dataclass(frozen=True)
+class ArraySlice:
+    """A C-ordered array stored at ``offset`` bytes into the weights file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def count(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArraySlice:
+        dtype, shape, offset = str(data["dtype"]), tuple(int(d) for d in data["shape"]), int(data["offset"])
+        if dtype not in _ARRAY_DTYPES:
+            raise ValueError(f"array dtype {dtype!r} is not one of {sorted(_ARRAY_DTYPES)}")
+        if offset < 0 or any(d < 0 for d in shape):
+            raise ValueError("array offset and dimensions must not be negative")
+        return cls(dtype, shape, offset)
+
+
+@dataclass(frozen=True)
+class DequantizedTensor:
+    """One fp32 initializer of the graph, rebuilt at load as ``(q * scale).reshape(shape)``."""
+
+    name: str
+    shape: tuple[int, ...]
+    q: ArraySlice
+    scale: ArraySlice
+
+
+@dataclass(frozen=True)
+class DequantizeAtLoad:
+    """``session.dequantize_at_load``: the int8 weights file and the fp32 tensors made from it."""
+
+    file: str
+    tensors: tuple[DequantizedTensor, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], files: dict[str, FileEntry]) -> DequantizeAtLoad:
+        name = str(data["file"])
+        if name not in files:
+            raise ValueError(f"dequantize_at_load names {name!r}, which is not among the files")
+        size = files[name].size
+        tensors = []
+        for entry in data["tensors"]:
+            tensor = DequantizedTensor(
+                name=str(entry["name"]),
+                shape=tuple(int(d) for d in entry["shape"]),
+                q=ArraySlice.from_dict(entry["q"]),
+                scale=ArraySlice.from_dict(entry["scale"]),
+            )
+            for part in (tensor.q, tensor.scale):
+                if part.offset + part.count * (4 if part.dtype == "float32" else 1) > size:
+                    raise ValueError(f"tensor {tensor.name!r} reaches past the end of {name}")
+            tensors.append(tensor)
+        return cls(name, tuple(tensors))
 
 
 @dataclass(frozen=True)
@@ -41,11 +107,17 @@ class Manifest:
     normalize: bool = True
     pre_optimized: bool = False
     session_config: dict[str, str] = field(default_factory=dict)
+    dequantize_at_load: DequantizeAtLoad | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def total_size(self) -> int:
         return sum(entry.size for entry in self.files.values())
+
+    @property
+    def weights_size(self) -> int:
+        """Bytes of the model proper: every file but the tokenizer."""
+        return sum(entry.size for name, entry in self.files.items() if name != "tokenizer.json")
 
     @property
     def fidelity(self) -> dict[str, Any]:
@@ -55,6 +127,9 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         """Validate and parse; raises ModelUnavailable naming the bad field."""
         try:
+            schema = int(data.get("schema", 1))
+            if schema > SCHEMA_VERSION:
+                raise ValueError(f"schema {schema} is newer than this quantfn reads ({SCHEMA_VERSION}): upgrade it")
             files = {
                 name: FileEntry(sha256=str(entry["sha256"]), size=int(entry["size"]))
                 for name, entry in data["files"].items()
@@ -62,6 +137,8 @@ class Manifest:
             for name in files:
                 if "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST_NAME:
                     raise ValueError(f"illegal file name {name!r}")
+            session = data.get("session", {})
+            dequantize = session.get("dequantize_at_load")
             return cls(
                 model_id=str(data["model_id"]),
                 task=str(data["task"]),
@@ -72,8 +149,9 @@ class Manifest:
                 output=str(data["output"]),
                 pooling=str(data.get("pooling", "mean")),
                 normalize=bool(data.get("normalize", True)),
-                pre_optimized=bool(data.get("session", {}).get("pre_optimized", False)),
-                session_config={str(k): str(v) for k, v in data.get("session", {}).get("config", {}).items()},
+                pre_optimized=bool(session.get("pre_optimized", False)),
+                session_config={str(k): str(v) for k, v in session.get("config", {}).items()},
+                dequantize_at_load=None if dequantize is None else DequantizeAtLoad.from_dict(dequantize, files),
                 raw=data,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -2,24 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from quantfn.models.manifest import Manifest
+from quantfn.errors import IntegrityError
+from quantfn.models.manifest import DequantizeAtLoad, Manifest
 
 
 def open_session(
     model_file: Path, manifest: Manifest, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)
 ) -> Any:
-    """Create an InferenceSession (CPU unless ``providers`` says otherwise) with ``threads`` intra-op threads.
+    """Create an InferenceSession for a model folder's ``model.onnx`` as its manifest says.
+
+    See ``create_session``; the build evaluates models through the same function.
+    """
+    return create_session(
+        model_file,
+        threads=threads,
+        pre_optimized=manifest.pre_optimized,
+        config=manifest.session_config,
+        dequantize=manifest.dequantize_at_load,
+        providers=providers,
+    )
+
+
+def create_session(
+    model_file: Path,
+    *,
+    threads: int,
+    pre_optimized: bool = False,
+    config: Mapping[str, str] | None = None,
+    dequantize: DequantizeAtLoad | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> Any:
+    """An InferenceSession (CPU unless ``providers`` says otherwise) with ``threads`` intra-op threads.
 
     A model the build saved already optimized is loaded with graph optimization
     off: the optimizer's work was done once at build time, not on every cold start.
     Others get the EXTENDED level (ALL adds layout changes specific to one CPU).
-    The manifest's ``session.config`` entries are applied as they are: a recipe
-    may depend on one (the int8 default needs ``session.disable_quant_qdq`` or
-    onnxruntime fuses its weights into a slower, less accurate int8 kernel).
+    ``config`` entries are applied as they are: a recipe may depend on one.
+
+    With ``dequantize``, the graph's big fp32 weights are not in ``model.onnx``:
+    they are made here from the int8 weights file (``q * scale``, the same
+    arithmetic as DequantizeLinear, checked bit for bit at build time) and handed
+    to onnxruntime as initializers, so the file stays int8-sized and the cold
+    path skips both graph optimization and constant folding.
     """
     import onnxruntime as ort  # deferred: importing it costs ~100 ms of cold start
 
@@ -28,11 +56,34 @@ def open_session(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        if manifest.pre_optimized
-        else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if pre_optimized else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     )
-    for key, value in manifest.session_config.items():
+    for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
     options.log_severity_level = 3
-    return ort.InferenceSession(str(model_file), sess_options=options, providers=list(providers))
+    # onnxruntime uses these buffers in place: they must live as long as the session.
+    weights = _dequantized(model_file.parent, dequantize) if dequantize else []
+    values = [(name, ort.OrtValue.ortvalue_from_numpy(array)) for name, array in weights]
+    for name, value in values:
+        options.add_initializer(name, value)
+    session = ort.InferenceSession(str(model_file), sess_options=options, providers=list(providers))
+    session.quantfn_initializers = (weights, values)
+    return session
+
+
+def _dequantized(folder: Path, spec: DequantizeAtLoad) -> list[tuple[str, Any]]:
+    """``[(initializer name, fp32 array)]`` from the weights file ``spec`` describes."""
+    import numpy as np
+
+    data = (folder / spec.file).read_bytes()
+    tensors = []
+    for tensor in spec.tensors:
+        try:
+            q, scale = (
+                np.frombuffer(data, dtype=part.dtype, count=part.count, offset=part.offset).reshape(part.shape)
+                for part in (tensor.q, tensor.scale)
+            )
+            tensors.append((tensor.name, np.multiply(q, scale, dtype=np.float32).reshape(tensor.shape)))
+        except ValueError as exc:  # short file, or shapes that do not fit: the manifest and file disagree
+            raise IntegrityError(f"{spec.file} does not hold tensor {tensor.name!r} as the manifest says") from exc
+    return tensors
