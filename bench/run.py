@@ -48,8 +48,12 @@ def start_moto_with_model() -> tuple[subprocess.Popen, str]:
     return process, url
 
 
+# What template.yaml's Globals set for every function; the baselines run as a user would run them.
+FUNCTION_ENV = {"OPENBLAS_NUM_THREADS": "1"}
+
+
 def base_env(threads: int = 2) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUANTFN_", "AWS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUANTFN_", "AWS_", "OPENBLAS_"))}
     env |= {
         "PYTHONPATH": f"{REPO / 'shared'}:{REPO}",
         "HF_HUB_OFFLINE": "1",
@@ -78,15 +82,20 @@ def main() -> int:
 
     moto, moto_url = start_moto_with_model()
     try:
-        layer = base_env() | {"QUANTFN_MODEL": "layer:all-minilm-l6-v2", "QUANTFN_MODELS_ROOT": str(MODELS)}
-        s3_env = base_env() | {
-            "QUANTFN_MODEL": "s3://bench-models/models/all-minilm-l6-v2/",
-            "AWS_ENDPOINT_URL": moto_url,
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "QUANTFN_CACHE_DIR": f"/tmp/quantfn-bench-cache-{os.getpid()}-{time.time_ns()}",
-        }
+        layer = base_env() | FUNCTION_ENV
+        layer |= {"QUANTFN_MODEL": "layer:all-minilm-l6-v2", "QUANTFN_MODELS_ROOT": str(MODELS)}
+        s3_env = (
+            base_env()
+            | FUNCTION_ENV
+            | {
+                "QUANTFN_MODEL": "s3://bench-models/models/all-minilm-l6-v2/",
+                "AWS_ENDPOINT_URL": moto_url,
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "QUANTFN_CACHE_DIR": f"/tmp/quantfn-bench-cache-{os.getpid()}-{time.time_ns()}",
+            }
+        )
         cases = {
             "quantfn handler (layer)": ("handler", layer, ""),
             "quantfn handler (S3 via moto)": ("handler", s3_env, ""),

@@ -132,6 +132,14 @@ def test_functions_run_python313_on_x86_64(template):
         assert layer["Properties"]["CompatibleRuntimes"] == ["python3.13"], name
 
 
+def test_functions_start_numpy_without_an_openblas_thread_pool(template):
+    # numpy's OpenBLAS would start a thread per CPU at import (cold start); no function may undo it
+    assert template["Globals"]["Function"]["Environment"]["Variables"]["OPENBLAS_NUM_THREADS"] == "1"
+    for name, function in _of_type(template, "AWS::Serverless::Function").items():
+        variables = function["Properties"].get("Environment", {}).get("Variables", {})
+        assert "OPENBLAS_NUM_THREADS" not in variables, name
+
+
 def test_iam_authorization_is_the_default_on_every_route(template):
     auth_mode = template["Parameters"]["AuthMode"]
     assert auth_mode["Default"] == "IAM"
