@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.measure import TYPICAL, corpus_batches, median_of, percentiles, timed
 
-FRONTIER_RECIPES = ("fp32", "fp16", "default", "int8-token", "int8-dynamic", "int4")
+FRONTIER_RECIPES = ("fp32", "fp16", "default", "int8-mixed", "int8-token", "int8-dynamic", "int4")
 
 
 def machine() -> dict[str, Any]:

@@ -130,3 +130,26 @@ def test_a_failing_gate_raises_and_publishes_nothing(built) -> None:
         build_model(out, recipe="fp32", model_id="never-published", gate=impossible)
     assert sorted(p.name for p in out.iterdir()) == entries
     assert (out / MODEL_ID / "model.onnx").read_bytes() == before
+
+
+def test_mixed_recipe_meets_the_default_gate_and_loads_through_the_runtime(built) -> None:
+    """int8-mixed: W8A8 in twelve projections, weight-only in the rest; its int8 weights dequantized at load."""
+    from tokenizers import Tokenizer
+
+    out, _ = built
+    data = build_model(out, recipe="int8-mixed")  # raises BuildGateError below the default's gate
+    folder = out / data["model_id"]
+    manifest = Manifest.read(folder)
+    verify_folder(folder, manifest)
+    assert manifest.dequantize_at_load is not None and len(manifest.dequantize_at_load.tensors) == 13
+    assert manifest.raw["fidelity"]["gate"] == Gate().as_dict()
+    session = _session(folder, manifest)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    texts, reference = load_corpus()[:96], load_reference()[:96]
+    together = _embed(session, tokenizer, texts[:32], manifest.inputs)
+    alone = np.concatenate([_embed(session, tokenizer, [t], manifest.inputs) for t in texts[:32]])
+    assert (together * alone).sum(1).min() >= 0.9999
+    vectors = np.concatenate([_embed(session, tokenizer, texts[i : i + 32], manifest.inputs) for i in (0, 32, 64)])
+    mean, _ = cosine_stats(vectors, reference)
+    assert mean >= 0.999
