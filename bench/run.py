@@ -99,6 +99,12 @@ def main() -> int:
         cases = {
             "quantfn handler (layer)": ("handler", layer, ""),
             "quantfn handler (S3 via moto)": ("handler", s3_env, ""),
+            # the same handler without the template's OPENBLAS_NUM_THREADS=1: what that one line buys
+            "quantfn handler (layer), OpenBLAS default threads": (
+                "handler",
+                {k: v for k, v in layer.items() if k not in FUNCTION_ENV},
+                "",
+            ),
             "onnxruntime fp32": ("ort-fp32", base_env(), str(fp32)),
             "sentence-transformers fp32": ("st-torch", base_env(), str(source_dir)),
         }
@@ -121,11 +127,8 @@ def main() -> int:
     # In process, metrics stay on: flushing them is part of what the handler costs (they go to a null sink).
     os.environ.pop("POWERTOOLS_METRICS_DISABLED", None)
     print("warm: handler, onnxruntime fp32, sentence-transformers ...", flush=True)
-    results["warm"] = {
-        "quantfn": {t: sections.handler_warm(t, repeats) for t in (1, 2)},
-        "ort_fp32": {t: sections.ort_plain(fp32, t, repeats) for t in (1, 2)},
-        "torch": {t: sections.torch_st(source_dir, t, repeats) for t in (1, 2)},
-    }
+    by_threads = {t: sections.warm_side_by_side(fp32, source_dir, t, repeats) for t in (1, 2)}
+    results["warm"] = {name: {t: by_threads[t][name] for t in (1, 2)} for name in by_threads[1]}
     print("frontier ...", flush=True)
     results["frontier"] = report.frontier([ensure_model(r) for r in report.FRONTIER_RECIPES], repeats)
 

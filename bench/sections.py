@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.measure import REPO, TYPICAL, Context, api_event, corpus_batches, median_of, pad, percentiles, timed
+from bench.measure import REPO, TYPICAL, Context, api_event, corpus_batches, pad, percentiles, timed
 
 # Lambda's published x86 prices (us-east-1): per GB-second and per request. Init is billed (since 2025-08).
 USD_PER_GB_S = 0.0000166667
@@ -92,117 +92,151 @@ def import_time_top(env: dict[str, str], count: int = 12) -> dict[str, Any]:
 
 
 # -- warm ------------------------------------------------------------------------------------------
-def handler_warm(threads: int, repeats: int) -> dict[str, Any]:
-    """The real API handler in this process: batch-1 latency, batch-32 throughput, overhead vs session.run.
-
-    Logs and EMF metrics are written as in Lambda (their cost is part of the handler's), to a null sink.
-    """
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        return _handler_warm(threads, repeats)
+ORDERS = (("corpus_order", False), ("length_sorted", True))
 
 
-def _handler_warm(threads: int, repeats: int) -> dict[str, Any]:
-    from functions.api.app import lambda_handler
-    from quantfn.service import get_service, reset_service
+class _Quantfn:
+    """The real API handler in this process; logs and EMF metrics are written as in Lambda (to a null sink)."""
 
-    os.environ["QUANTFN_THREADS"] = str(threads)
-    reset_service()
-    single = api_event(TYPICAL)
-    lambda_handler(single, Context())
-    service = get_service()
-    encoder = service.model()
-    latencies = []
-    for _ in range(300):
-        latencies.append(timed(lambda: lambda_handler(single, Context())) * 1000)
+    def __init__(self, threads: int) -> None:
+        from functions.api.app import lambda_handler
+        from quantfn.service import get_service, reset_service
 
-    # Count session.run time inside the handler on the same requests: the overhead is the rest.
-    session = encoder.session
-    inside = [0.0]
+        os.environ["QUANTFN_THREADS"] = str(threads)
+        reset_service()
+        self.handler, self.reset = lambda_handler, reset_service
+        self.one = api_event(TYPICAL)
+        self.handler(self.one, Context())
+        self.encoder = get_service().model()
+        self.events = {label: [api_event(b) for b in corpus_batches(32, sort=sort)] for label, sort in ORDERS}
 
-    class Timed:
-        def run(self, *args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return session.run(*args, **kwargs)
-            finally:
-                inside[0] += time.perf_counter() - started
+    def single(self) -> None:
+        self.handler(self.one, Context())
 
-    results = {}
-    for label, sort in (("corpus_order", False), ("length_sorted", True)):
-        events = [api_event(batch) for batch in corpus_batches(32, sort=sort)]
-        count = sum(len(json.loads(e["body"])["input"]) for e in events)
+    def run(self, label: str) -> None:
+        for event in self.events[label]:
+            self.handler(event, Context())
 
-        def run_all(events: list[dict[str, Any]] = events) -> float:
-            return timed(lambda: [lambda_handler(e, Context()) for e in events])
+    def overhead(self, label: str, count: int, repeats: int) -> dict[str, float]:
+        """session.run time inside the handler and the pass's own total, in the same pass (median of passes)."""
+        session, inside = self.encoder.session, [0.0]
 
-        run_all()
-        end_to_end = median_of(repeats, run_all)
-        # Overhead from instrumented passes: session.run time and the pass's own total, in the same pass,
-        # so machine noise between passes does not leak into the ratio; median over the passes.
-        encoder.session = Timed()
+        class Timed:
+            def run(self, *args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return session.run(*args, **kwargs)
+                finally:
+                    inside[0] += time.perf_counter() - started
+
+        self.encoder.session = Timed()
         fractions, raws = [], []
-        for _ in range(repeats):
-            inside[0] = 0.0
-            total = run_all()
-            fractions.append(1 - inside[0] / total)
-            raws.append(inside[0])
-        encoder.session = session
-        results[label] = {
-            "inputs_per_s": round(count / end_to_end, 1),
+        try:
+            for _ in range(repeats):
+                inside[0] = 0.0
+                total = timed(lambda: self.run(label))
+                fractions.append(1 - inside[0] / total)
+                raws.append(inside[0])
+        finally:
+            self.encoder.session = session
+        return {
             "session_run_inputs_per_s": round(count / statistics.median(raws), 1),
             "handler_overhead": round(statistics.median(fractions), 4),
         }
-    reset_service()
-    return {"threads": threads, "batch1": percentiles(latencies), **results}
+
+    def close(self) -> None:
+        self.reset()
 
 
-def ort_plain(model_dir: Path, threads: int, repeats: int) -> dict[str, Any]:
-    """Plain onnxruntime on a model folder, tokenization and pooling included, as a user would write it."""
-    import onnxruntime as ort
-    from tokenizers import Tokenizer
+class _Ort:
+    """Plain onnxruntime on the fp32 model folder, tokenization and pooling included, as a user would write it."""
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(256)
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
 
-    def embed(texts: list[str]) -> np.ndarray:
-        ids, mask = pad([e.ids for e in tokenizer.encode_batch(texts)])
-        hidden = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(256)
+        self.batches = {label: corpus_batches(32, sort=sort) for label, sort in ORDERS}
+        self.single()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        ids, mask = pad([e.ids for e in self.tokenizer.encode_batch(texts)])
+        hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
         return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
 
-    embed([TYPICAL])
-    latencies = [timed(lambda: embed([TYPICAL])) * 1000 for _ in range(300)]
-    result: dict[str, Any] = {"threads": threads, "batch1": percentiles(latencies)}
-    for label, sort in (("corpus_order", False), ("length_sorted", True)):
-        batches = corpus_batches(32, sort=sort)
-        count = sum(map(len, batches))
-        seconds = median_of(repeats, lambda batches=batches: timed(lambda: [embed(b) for b in batches]))
-        result[label] = {"inputs_per_s": round(count / seconds, 1)}
-    return result
+    def single(self) -> None:
+        self.embed([TYPICAL])
+
+    def run(self, label: str) -> None:
+        for batch in self.batches[label]:
+            self.embed(batch)
 
 
-def torch_st(model_dir: Path, threads: int, repeats: int) -> dict[str, Any]:
+class _Torch:
     """sentence-transformers on PyTorch fp32 (it sorts by length inside ``encode``)."""
-    import torch
-    from sentence_transformers import SentenceTransformer
 
-    torch.set_num_threads(threads)
-    model = SentenceTransformer(str(model_dir), device="cpu")
-    model.encode([TYPICAL])
-    latencies = [timed(lambda: model.encode([TYPICAL])) * 1000 for _ in range(100)]
-    result: dict[str, Any] = {"threads": threads, "batch1": percentiles(latencies)}
-    for label, sort in (("corpus_order", False), ("length_sorted", True)):
-        batches = corpus_batches(32, sort=sort)
-        count = sum(map(len, batches))
-        seconds = median_of(
-            repeats, lambda batches=batches: timed(lambda: [model.encode(b, batch_size=32) for b in batches])
-        )
-        result[label] = {"inputs_per_s": round(count / seconds, 1)}
-    return result
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(threads)
+        self.model = SentenceTransformer(str(model_dir), device="cpu")
+        self.batches = {label: corpus_batches(32, sort=sort) for label, sort in ORDERS}
+        self.single()
+
+    def single(self) -> None:
+        self.model.encode([TYPICAL])
+
+    def run(self, label: str) -> None:
+        for batch in self.batches[label]:
+            self.model.encode(batch, batch_size=32)
+
+
+def warm_side_by_side(fp32_dir: Path, st_dir: Path, threads: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """quantfn's handler, plain onnxruntime fp32 and sentence-transformers, interleaved pass by pass.
+
+    Batch-1 latency comes from 10 rounds that take turns; throughput from ``repeats`` rounds in which each
+    system makes one whole pass over the corpus in batches of 32. quantfn's ratio to each baseline is the
+    median of the per-round ratios, so a machine that slows down between rounds slows all three alike.
+    """
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        systems: dict[str, Any] = {
+            "quantfn": _Quantfn(threads),
+            "ort_fp32": _Ort(fp32_dir, threads),
+            "torch": _Torch(st_dir, threads),
+        }
+        try:
+            latencies: dict[str, list[float]] = {name: [] for name in systems}
+            for _ in range(10):
+                for name, system in systems.items():
+                    latencies[name] += [timed(system.single) * 1000 for _ in range(10 if name == "torch" else 30)]
+            results: dict[str, dict[str, Any]] = {
+                name: {"threads": threads, "batch1": percentiles(samples)} for name, samples in latencies.items()
+            }
+            for label, sort in ORDERS:
+                count = sum(map(len, corpus_batches(32, sort=sort)))
+                passes: dict[str, list[float]] = {name: [] for name in systems}
+                for system in systems.values():
+                    system.run(label)  # warm-up pass
+                for _ in range(repeats):
+                    for name, system in systems.items():
+                        passes[name].append(timed(lambda system=system, label=label: system.run(label)))
+                for name in systems:
+                    results[name][label] = {"inputs_per_s": round(count / statistics.median(passes[name]), 1)}
+                ours = results["quantfn"][label]
+                for name in ("ort_fp32", "torch"):
+                    paired = [theirs / mine for theirs, mine in zip(passes[name], passes["quantfn"], strict=True)]
+                    ours[f"ratio_vs_{name}"] = round(statistics.median(paired), 3)
+                ours |= systems["quantfn"].overhead(label, count, repeats)
+        finally:
+            systems["quantfn"].close()
+    return results
 
 
 # -- cost ------------------------------------------------------------------------------------------
