@@ -46,12 +46,15 @@ def cold_start(mode: str, env: dict[str, str], target: str = "") -> dict[str, An
 
 
 def cold_starts(cases: dict[str, tuple[str, dict[str, str], str]], repeats: int) -> dict[str, Any]:
-    """Interleave the cases (noise hits all alike); median wall and median phases per case."""
+    """Interleave the cases, rotating their order (noise hits all alike); median wall and phases per case."""
     for mode, env, target in cases.values():  # one unmeasured run each: a warm page cache, as documented
         cold_start(mode, env, target)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, (mode, env, target) in cases.items():
+    names = list(cases)
+    for round_ in range(repeats):
+        # rotate the order each round: no case always runs right after the heavy sentence-transformers one
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            mode, env, target = cases[name]
             runs[name].append(cold_start(mode, env, target))
     summary = {}
     for name, results in runs.items():
