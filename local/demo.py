@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from quantfn.models.manifest import Manifest
+
 
 class _Context:
     function_name = "quantfn-api-demo"
@@ -41,7 +43,7 @@ def run_demo(models_root: Path, repo: Path) -> int:
     events = {path.name: json.loads(path.read_text()) for path in sorted((repo / "events").glob("api-*.json"))}
     manifest = json.loads((models_root / "all-minilm-l6-v2" / "manifest.json").read_text())
     fidelity = manifest["fidelity"]
-    weights = sum(entry["size"] for name, entry in manifest["files"].items() if name != "tokenizer.json")
+    weights = Manifest.from_dict(manifest).weights_size
     print(f"model      {manifest['model_id']}  recipe {manifest['quantization']['recipe']}")
     print(f"files      {weights / 2**20:.1f} MB  ({manifest.get('size_ratio_vs_fp32', float('nan')):.1%} of fp32)")
     print(

@@ -26,6 +26,7 @@ def progress_printer(stream=sys.stderr) -> Callable[[str], None]:
 def _build_model(args: argparse.Namespace) -> int:
     from quantfn.build import BuildGateError
     from quantfn.build.pipeline import RECIPES, build_model
+    from quantfn.models.manifest import Manifest
 
     if args.list_recipes:
         for name, recipe in RECIPES.items():
@@ -37,7 +38,7 @@ def _build_model(args: argparse.Namespace) -> int:
         print(f"quantfn build-model: {exc}", file=sys.stderr)
         return 3
     fidelity = manifest["fidelity"]
-    weights = sum(entry["size"] for name, entry in manifest["files"].items() if name != "tokenizer.json")
+    weights = Manifest.from_dict(manifest).weights_size
     print(
         f"built {manifest['model_id']} ({args.recipe}): {weights / 2**20:.1f} MB, "
         f"{manifest.get('size_ratio_vs_fp32', 0):.3f} of fp32; cosine mean {fidelity['cosine_mean']:.5f} "

@@ -153,6 +153,7 @@ def build_model(
         FileEntry,
         Manifest,
         describe_file,
+        weights_size,
     )
     from quantfn.models.session import create_session
 
@@ -202,8 +203,9 @@ def build_model(
             pre_optimized = chosen.pre_optimize and _pre_optimize(model_path)
         names = ["model.onnx", "tokenizer.json"] + ([dequantize["file"]] if dequantize else [])
         files = {name: describe_file(staging / name) for name in names}
+        entries = {name: FileEntry(**entry) for name, entry in files.items()}
         # What ships, against the full fp32 export (pruned rows included); the tokenizer is not counted.
-        size_ratio = sum(v["size"] for k, v in files.items() if k != "tokenizer.json") / fp32_path.stat().st_size
+        size_ratio = weights_size(entries) / fp32_path.stat().st_size
         say(f"evaluating on {len(texts)} sentences (size {size_ratio:.1%} of fp32)")
         # Evaluated exactly as the runtime loads it.
         session = create_session(
@@ -211,9 +213,7 @@ def build_model(
             threads=2,
             pre_optimized=pre_optimized,
             config=chosen.session_config,
-            dequantize=DequantizeAtLoad.from_dict(dequantize, {k: FileEntry(**v) for k, v in files.items()})
-            if dequantize
-            else None,
+            dequantize=DequantizeAtLoad.from_dict(dequantize, entries) if dequantize else None,
         )
         fidelity = evaluate.measure_fidelity(session, tokenizer, texts, reference).as_dict()
         fidelity_record: dict[str, Any] = {

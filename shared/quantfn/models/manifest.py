@@ -20,7 +20,7 @@ from quantfn.errors import IntegrityError, ModelUnavailable
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 2  # 2 added session.dequantize_at_load
 _CHUNK = 1 << 20
-_ARRAY_DTYPES = frozenset({"int8", "uint8", "float32"})
+_ITEMSIZE = {"int8": 1, "uint8": 1, "float32": 4}  # the array dtypes a weights file may hold
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ class ArraySlice:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArraySlice:
         dtype, shape, offset = str(data["dtype"]), tuple(int(d) for d in data["shape"]), int(data["offset"])
-        if dtype not in _ARRAY_DTYPES:
-            raise ValueError(f"array dtype {dtype!r} is not one of {sorted(_ARRAY_DTYPES)}")
+        if dtype not in _ITEMSIZE:
+            raise ValueError(f"array dtype {dtype!r} is not one of {sorted(_ITEMSIZE)}")
         if offset < 0 or any(d < 0 for d in shape):
             raise ValueError("array offset and dimensions must not be negative")
         return cls(dtype, shape, offset)
@@ -86,7 +86,7 @@ class DequantizeAtLoad:
                 scale=ArraySlice.from_dict(entry["scale"]),
             )
             for part in (tensor.q, tensor.scale):
-                if part.offset + part.count * (4 if part.dtype == "float32" else 1) > size:
+                if part.offset + part.count * _ITEMSIZE[part.dtype] > size:
                     raise ValueError(f"tensor {tensor.name!r} reaches past the end of {name}")
             tensors.append(tensor)
         return cls(name, tuple(tensors))
@@ -116,8 +116,7 @@ class Manifest:
 
     @property
     def weights_size(self) -> int:
-        """Bytes of the model proper: every file but the tokenizer."""
-        return sum(entry.size for name, entry in self.files.items() if name != "tokenizer.json")
+        return weights_size(self.files)
 
     @property
     def fidelity(self) -> dict[str, Any]:
@@ -169,6 +168,11 @@ class Manifest:
         if not isinstance(data, dict):
             raise ModelUnavailable(f"{MANIFEST_NAME} is not a JSON object")
         return cls.from_dict(data)
+
+
+def weights_size(files: dict[str, FileEntry]) -> int:
+    """Bytes of the model proper: every file but the tokenizer."""
+    return sum(entry.size for name, entry in files.items() if name != "tokenizer.json")
 
 
 def sha256_file(path: Path) -> str:

@@ -61,13 +61,14 @@ def create_session(
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
     options.log_severity_level = 3
-    # onnxruntime uses these buffers in place: they must live as long as the session.
+    # onnxruntime uses these buffers in place: each OrtValue (which holds its numpy array) must live
+    # as long as the session, so the session keeps them.
     weights = _dequantized(model_file.parent, dequantize) if dequantize else []
-    values = [(name, ort.OrtValue.ortvalue_from_numpy(array)) for name, array in weights]
-    for name, value in values:
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for _, array in weights]
+    for (name, _), value in zip(weights, values, strict=True):
         options.add_initializer(name, value)
     session = ort.InferenceSession(str(model_file), sess_options=options, providers=list(providers))
-    session.quantfn_initializers = (weights, values)
+    session.quantfn_initializers = values
     return session
 
 
