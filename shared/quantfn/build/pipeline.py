@@ -19,7 +19,7 @@ from quantfn.build.errors import BuildError, BuildGateError
 from quantfn.build.recipes import MAX_SEQUENCE_LENGTH, RECIPES, Calibration, Gate, Recipe
 
 DEFAULT_MODEL_ID = "all-minilm-l6-v2"
-TASK = "embedding"
+TASK = "embed"
 
 
 def _tool_versions() -> dict[str, str]:
@@ -98,6 +98,39 @@ def write_tokenizer(src: Path, dst: Path, prune_vocab: bool) -> np.ndarray | Non
     }
     dst.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return keep
+
+
+def tokenizer_facts(path: Path) -> dict[str, Any]:
+    """What the manifest records of a tokenizer.json: padding, special tokens and the pair template.
+
+    Read from the file itself (its post-processor and added tokens), so no token is a literal anywhere.
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    special = [t["content"] for t in data.get("added_tokens", []) if t.get("special")]
+    post = data.get("post_processor") or {}
+    processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    pair_template = ""
+    for processor in processors:
+        if processor.get("type") == "TemplateProcessing":
+            pair_template = " ".join(
+                piece["SpecialToken"]["id"] if "SpecialToken" in piece else "$" + piece["Sequence"]["id"]
+                for piece in processor.get("pair", [])
+            )
+        elif processor.get("type") in ("BertProcessing", "RobertaProcessing"):
+            cls, sep = processor["cls"][0], processor["sep"][0]
+            between = f"{sep} {sep}" if processor["type"] == "RobertaProcessing" else sep
+            pair_template = f"{cls} $A {between} $B {sep}"
+    padding = data.get("padding") or {}
+    pad_token = padding.get("pad_token") or next((t for t in special if "pad" in t.lower()), "")
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    pad_id = padding.get("pad_id", vocab.get(pad_token, 0) if isinstance(vocab, dict) else 0)
+    return {
+        "file": path.name,
+        "pad_id": int(pad_id),
+        "pad_token": pad_token,
+        "special_tokens": special,
+        "pair_template": pair_template,
+    }
 
 
 def _pre_optimize(path: Path) -> bool:
@@ -235,7 +268,13 @@ def build_model(
             "schema": SCHEMA_VERSION,
             "model_id": model_id,
             "task": TASK,
-            "source": {"package": source.package, "version": source.version, "upstream": source.upstream},
+            "architecture": "bert",
+            "source": {
+                "kind": "pypi",
+                "package": source.package,
+                "version": source.version,
+                "upstream": source.upstream,
+            },
             "files": files,
             "quantization": {
                 "recipe": recipe,
@@ -246,6 +285,8 @@ def build_model(
             "opset": opset,
             "inputs": [i.name for i in session.get_inputs()],
             "output": "last_hidden_state",
+            "output_kind": "token_embeddings",
+            "tokenizer": tokenizer_facts(staging / "tokenizer.json"),
             "dimensions": 384,
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
             "pooling": "mean",
@@ -273,4 +314,4 @@ def build_model(
     return manifest
 
 
-__all__ = ["DEFAULT_MODEL_ID", "build_model", "check_gate", "fp32_graph", "write_tokenizer"]
+__all__ = ["DEFAULT_MODEL_ID", "build_model", "check_gate", "fp32_graph", "tokenizer_facts", "write_tokenizer"]

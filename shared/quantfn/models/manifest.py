@@ -1,10 +1,37 @@
-"""The model manifest: what a model folder holds and how to verify it.
+"""The model manifest (schema 3): what a model folder is, how to run it, how to verify it.
 
-A model folder has ``model.onnx``, ``tokenizer.json`` and ``manifest.json``, and
-``weights.bin`` when the graph was saved pre-optimized with its fp32 weights
-kept as int8 (``session.dequantize_at_load``). The manifest records the sha256
-and size of every other file, so a store can refuse a tampered or incomplete
-copy before any byte reaches onnxruntime.
+A model folder is ``manifest.json`` and exactly the files it lists (``model.onnx``,
+``tokenizer.json``, and ``weights.bin`` when the graph was saved pre-optimized
+with its big fp32 weights kept int8, ``session.dequantize_at_load``). The runtime
+dispatches on the manifest alone; nothing about one checkpoint is in code.
+
+Schema 3, the fields the runtime reads (everything else is kept in ``raw``)::
+
+    schema               3
+    model_id             "all-minilm-l6-v2"            folder name; [A-Za-z0-9._-]
+    task                 "embed" | "rerank" | "classify"
+    architecture         "bert" | "mpnet" | "onnx" ...  what the build exported (informational)
+    files                {name: {"sha256", "size"}}      every file but the manifest
+    inputs               ["input_ids", "attention_mask", "token_type_ids"?]   graph inputs, in order
+    output               graph output the task reads
+    output_kind          "token_embeddings" [B,S,D] | "sentence_embedding" [B,D] | "logits" [B,L]
+    pooling              embed: "mean" | "cls" | "none" (the graph already pooled: output_kind sentence_embedding)
+    normalize            embed: L2-normalise the pooled vector
+    dimensions           embed: vector size; classify: number of labels; rerank: 1
+    max_sequence_length  tokens per input (per pair for rerank) after the tokenizer's own truncation
+    labels               classify: label names in logit order
+    scoring              classify: "softmax" (single-label) | "sigmoid" (multi-label); rerank: "sigmoid" | "none"
+    pair                 true when inputs are (query, document) pairs (cross-encoder rerank)
+    tokenizer            {"file": "tokenizer.json", "pad_id", "pad_token", "special_tokens": [...],
+                          "pair_template": "..."}   read from tokenizer.json by the build; the runtime
+                          uses the tokenizer's own post-processor and truncation, so no token is a literal
+    prompts              optional {"query": "query: ", "document": "passage: "} prefixes by input_type
+    source               {"kind": "pypi" | "hf-folder" | "onnx", "upstream", "package", "version", ...}
+    session              {"pre_optimized", "config", "dequantize_at_load"?}
+    quantization, fidelity, quality, tools, deploy, size_ratio_vs_fp32   build records (reported, not used)
+
+Schema 2 folders (the embedder built before schema 3) still load: their
+``task: "embedding"`` reads as ``embed``, BERT, mean pooling, pad id 0.
 """
 
 from __future__ import annotations
@@ -18,7 +45,11 @@ from typing import Any
 from quantfn.errors import IntegrityError, ModelUnavailable
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 2  # 2 added session.dequantize_at_load
+SCHEMA_VERSION = 3  # 2 added session.dequantize_at_load; 3 added tasks, pooling, labels, pairs, prompts
+TASKS = ("embed", "rerank", "classify")
+POOLINGS = ("mean", "cls", "none")
+OUTPUT_KINDS = ("token_embeddings", "sentence_embedding", "logits")
+SCORINGS = ("softmax", "sigmoid", "none")
 _CHUNK = 1 << 20
 _ITEMSIZE = {"int8": 1, "uint8": 1, "float32": 4}  # the array dtypes a weights file may hold
 
@@ -105,6 +136,15 @@ class Manifest:
     output: str
     pooling: str = "mean"
     normalize: bool = True
+    architecture: str = "bert"
+    output_kind: str = "token_embeddings"
+    labels: tuple[str, ...] = ()
+    scoring: str = "none"
+    pair: bool = False
+    pad_id: int = 0
+    prompts: dict[str, str] = field(default_factory=dict)
+    upstream: str = ""
+    schema: int = SCHEMA_VERSION
     pre_optimized: bool = False
     session_config: dict[str, str] = field(default_factory=dict)
     dequantize_at_load: DequantizeAtLoad | None = None
@@ -122,6 +162,14 @@ class Manifest:
     def fidelity(self) -> dict[str, Any]:
         return dict(self.raw.get("fidelity", {}))
 
+    @property
+    def recipe(self) -> str:
+        return str(self.raw.get("quantization", {}).get("recipe", ""))
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task == "classify" and self.scoring == "sigmoid"
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         """Validate and parse; raises ModelUnavailable naming the bad field."""
@@ -129,31 +177,36 @@ class Manifest:
             schema = int(data.get("schema", 1))
             if schema > SCHEMA_VERSION:
                 raise ValueError(f"schema {schema} is newer than this quantfn reads ({SCHEMA_VERSION}): upgrade it")
+            if schema < 2:
+                raise ValueError(f"schema {schema} is too old to serve: rebuild it with `quantfn build-model`")
             files = {
-                name: FileEntry(sha256=str(entry["sha256"]), size=int(entry["size"]))
+                name: FileEntry(sha256=str(entry["sha256"]), size=_size(entry["size"]))
                 for name, entry in data["files"].items()
             }
             for name in files:
                 if "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST_NAME:
                     raise ValueError(f"illegal file name {name!r}")
+            for needed in ("model.onnx", "tokenizer.json"):
+                if needed not in files:
+                    raise ValueError(f"'files' must list {needed}")
             session = data.get("session", {})
             dequantize = session.get("dequantize_at_load")
+            fields = _schema3_fields(data) if schema >= 3 else _schema2_fields(data)
             return cls(
                 model_id=str(data["model_id"]),
-                task=str(data["task"]),
                 files=files,
-                dimensions=int(data["dimensions"]),
                 max_sequence_length=int(data["max_sequence_length"]),
                 inputs=tuple(str(name) for name in data["inputs"]),
                 output=str(data["output"]),
-                pooling=str(data.get("pooling", "mean")),
-                normalize=bool(data.get("normalize", True)),
+                schema=schema,
+                upstream=str(data.get("source", {}).get("upstream", "")),
                 pre_optimized=bool(session.get("pre_optimized", False)),
                 session_config={str(k): str(v) for k, v in session.get("config", {}).items()},
                 dequantize_at_load=None if dequantize is None else DequantizeAtLoad.from_dict(dequantize, files),
                 raw=data,
+                **fields,
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ModelUnavailable(f"model manifest is invalid: {exc}") from exc
 
     @classmethod
@@ -168,6 +221,69 @@ class Manifest:
         if not isinstance(data, dict):
             raise ModelUnavailable(f"{MANIFEST_NAME} is not a JSON object")
         return cls.from_dict(data)
+
+
+def _size(value: Any) -> int:
+    size = int(value)  # int(1e400) raises OverflowError, caught as a bad manifest
+    if size < 0 or size > 1 << 40:
+        raise ValueError(f"file size {value!r} is out of range")
+    return size
+
+
+def _choice(data: dict[str, Any], key: str, choices: tuple[str, ...], default: str | None = None) -> str:
+    value = data.get(key, default)
+    if value not in choices:
+        raise ValueError(f"{key!r} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _schema3_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The task fields of a schema 3 manifest, checked for consistency."""
+    task = _choice(data, "task", TASKS)
+    output_kind = _choice(data, "output_kind", OUTPUT_KINDS, "logits" if task != "embed" else "token_embeddings")
+    labels = tuple(str(label) for label in data.get("labels", ()))
+    tokenizer = data.get("tokenizer", {})
+    fields: dict[str, Any] = {
+        "task": task,
+        "architecture": str(data.get("architecture", "bert")),
+        "output_kind": output_kind,
+        "labels": labels,
+        "pair": bool(data.get("pair", False)),
+        "pad_id": int(tokenizer.get("pad_id", 0)),
+        "prompts": {str(k): str(v) for k, v in data.get("prompts", {}).items()},
+    }
+    if task == "embed":
+        fields["pooling"] = _choice(data, "pooling", POOLINGS, "mean")
+        if (fields["pooling"] == "none") != (output_kind == "sentence_embedding"):
+            raise ValueError("pooling 'none' goes with output_kind 'sentence_embedding', and only with it")
+        fields["normalize"] = bool(data.get("normalize", True))
+        fields["dimensions"] = int(data["dimensions"])
+    else:
+        if output_kind != "logits":
+            raise ValueError(f"a {task} model's output_kind must be 'logits'")
+        fields["pooling"], fields["normalize"] = "none", False
+        fields["scoring"] = _choice(data, "scoring", SCORINGS, "softmax" if task == "classify" else "sigmoid")
+        if task == "classify":
+            if not labels or len(set(labels)) != len(labels):
+                raise ValueError("a classify model needs 'labels': distinct names in logit order")
+            fields["dimensions"] = len(labels)
+        else:
+            if not fields["pair"]:
+                raise ValueError("a rerank model scores (query, document) pairs: 'pair' must be true")
+            fields["dimensions"] = 1
+    return fields
+
+
+def _schema2_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Schema 2 knew one task, the mean-pooled BERT embedder."""
+    if data.get("task") != "embedding":
+        raise ValueError(f"schema 2 task {data.get('task')!r} is unknown: rebuild the model with `quantfn build-model`")
+    return {
+        "task": "embed",
+        "dimensions": int(data["dimensions"]),
+        "pooling": _choice(data, "pooling", ("mean",), "mean"),
+        "normalize": bool(data.get("normalize", True)),
+    }
 
 
 def weights_size(files: dict[str, FileEntry]) -> int:
