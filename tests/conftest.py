@@ -70,15 +70,15 @@ def lambda_context() -> FakeLambdaContext:
 @pytest.fixture
 def service_env(monkeypatch: pytest.MonkeyPatch, models_root: Path, tmp_path: Path) -> Iterator[None]:
     """Point quantfn at the built model through the environment, as Lambda would."""
-    from quantfn.service import reset_service
+    from quantfn.registry import reset_registry
 
     monkeypatch.setenv("QUANTFN_MODEL", f"layer:{DEFAULT_MODEL_ID}")
     monkeypatch.setenv("QUANTFN_MODELS_ROOT", str(models_root))
     monkeypatch.setenv("QUANTFN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("QUANTFN_THREADS", "2")
-    reset_service()
+    reset_registry()
     yield
-    reset_service()
+    reset_registry()
 
 
 def load_event(name: str) -> dict:

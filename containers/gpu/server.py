@@ -1,15 +1,22 @@
 """The GPU endpoint: quantfn behind the SageMaker inference container contract.
 
-``GET /ping`` answers 200 once the model is loaded (503 before), ``POST /invocations``
-takes and returns the OpenAI embeddings JSON the API function uses (``/v1/embeddings``
-is the same route, for local use), ``GET /stats`` shows the batching counters.
+``GET /ping`` answers 200 once the default model is loaded (503 before), ``POST
+/invocations`` takes the same JSON the API takes (embeddings by default; a
+``"task": "rerank" | "classify"`` field picks another task) and returns the same
+reply; ``/v1/embeddings``, ``/v1/rerank``, ``/v2/rerank`` and ``/v1/classify`` are
+the same routes for local use; ``GET /stats`` shows the batching counters. It
+serves the same models list as the functions (``QUANTFN_MODELS``), through the
+same entry point (``quantfn.inference.run``), with the execution providers it
+chose passed in; on CUDA the default model is replaced by its fp16 build
+(``QUANTFN_GPU_MODEL``) when that build is present.
 
-Concurrent requests are micro-batched: HTTP threads tokenize and check their own
-request, then queue it; one worker collects requests for up to
-``QUANTFN_SERVER_BATCH_WAIT_MS`` or ``QUANTFN_SERVER_BATCH_MAX_TEXTS`` texts, runs them
-as one ``EmbeddingModel.embed`` call and hands each request its own rows. Padding is
-masked out, so a text's embedding does not depend on its batch-mates. The queue is
-bounded: a full queue answers 503 at once instead of letting latency grow without end.
+Concurrent requests are micro-batched per model: HTTP threads parse, check and
+tokenize their own request, then queue its encodings; one worker per model
+collects requests for up to ``QUANTFN_SERVER_BATCH_WAIT_MS`` or
+``QUANTFN_SERVER_BATCH_MAX_TEXTS`` inputs, runs them as one ``forward`` and hands
+each request its own rows. Padding is masked out, so an input's output does not
+depend on its batch-mates. The queue is bounded: a full queue answers 503 at
+once instead of letting latency grow without end.
 """
 
 from __future__ import annotations
@@ -27,19 +34,20 @@ from typing import Any
 
 import numpy as np
 
+from quantfn import inference
 from quantfn.config import ConfigError, Settings
 from quantfn.errors import BadRequest, ModelUnavailable, QuantfnError
 from quantfn.models.reference import parse_model_ref
-from quantfn.models.session import open_session
-from quantfn.openai_compat import embeddings_response, load_json_body, parse_embeddings_request
+from quantfn.registry import Registry
 from quantfn.serialize import dumps
-from quantfn.service import EmbeddingService
-from quantfn.tasks.embedding import EmbeddingModel, Tokenized, load_tokenizer
+from quantfn.tasks import Encoded, Pipeline
+from quantfn.wire import body, classify, openai, rerank
 
 logger = logging.getLogger("quantfn.gpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 JOB_TIMEOUT_S = 55.0  # SageMaker gives an invocation 60 s
+ROUTES = {"/v1/embeddings": "embed", "/v1/rerank": "rerank", "/v2/rerank": "rerank", "/v1/classify": "classify"}
 
 
 class ServerBusy(QuantfnError):
@@ -52,73 +60,55 @@ class ServerBusy(QuantfnError):
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """Which model and execution providers this container runs, and why (logged at start)."""
+    """Which models and execution providers this container runs, and why (logged at start)."""
 
-    model: str
+    models: tuple[tuple[str, str], ...]
     providers: tuple[str, ...]
     reason: str
 
 
 def choose_model(settings: Settings, available: list[str]) -> ModelChoice:
-    """CUDA with the fp16 variant when both exist; CUDA with the default model; else the default model on CPU."""
+    """CUDA with the default model's fp16 build when both exist; CUDA with the default; else all on CPU."""
     if settings.gpu_provider == "cuda" and CUDA not in available:
         raise ConfigError("QUANTFN_GPU_PROVIDER=cuda but onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu?)")
+    models = settings.models
     if CUDA in available and settings.gpu_provider != "cpu":
         gpu = parse_model_ref(settings.gpu_model)
         if gpu.kind == "s3" or (settings.models_root / gpu.model_id / "manifest.json").is_file():
-            return ModelChoice(settings.gpu_model, (CUDA, CPU), f"CUDA available: GPU model {gpu} on CUDA")
-        return ModelChoice(
-            settings.model, (CUDA, CPU), f"CUDA available but no {gpu} (QUANTFN_GPU_MODEL): default model on CUDA"
-        )
+            default_name = models[0][0]
+            served = ((default_name, settings.gpu_model), *models[1:])
+            return ModelChoice(served, (CUDA, CPU), f"CUDA available: {default_name} served by {gpu} on CUDA")
+        reason = f"CUDA available but no {gpu} (QUANTFN_GPU_MODEL): the models as configured, on CUDA"
+        return ModelChoice(models, (CUDA, CPU), reason)
     why = "QUANTFN_GPU_PROVIDER=cpu" if settings.gpu_provider == "cpu" else "no CUDAExecutionProvider"
-    return ModelChoice(settings.model, (CPU,), f"{why}: default model on CPU")
-
-
-class GpuEmbeddingService(EmbeddingService):
-    """The quantfn service with its session opened on the chosen execution providers."""
-
-    def __init__(self, settings: Settings, providers: tuple[str, ...]) -> None:
-        super().__init__(settings)
-        self.providers = providers
-        self.active_providers: list[str] = []
-
-    def model(self) -> EmbeddingModel:
-        if self._model is None:
-            with self._lock:
-                if self._model is None:
-                    local = self.local_model()
-                    path = local.path / "model.onnx"
-                    session = open_session(path, local.manifest, self.settings.threads, self.providers)
-                    self.active_providers = list(session.get_providers())
-                    tokenizer = load_tokenizer(local.path / "tokenizer.json")
-                    self._model = EmbeddingModel(session, tokenizer, local.manifest, self.settings.batch_size)
-        return self._model
+    return ModelChoice(models, (CPU,), f"{why}: the models as configured, on CPU")
 
 
 @dataclass
 class _Job:
-    tokens: Tokenized
+    encoded: Encoded
     done: threading.Event = field(default_factory=threading.Event)
-    vectors: np.ndarray | None = None
+    output: np.ndarray | None = None
     error: BaseException | None = None
 
 
 class MicroBatcher:
-    """Collects queued requests into batches for one worker thread; see the module docstring."""
+    """Collects queued requests for one model into batches for one worker thread; see the module docstring."""
 
-    def __init__(self, encode: Any, wait_s: float, max_texts: int, queue_max: int) -> None:
-        self._encode = encode
+    def __init__(self, forward: Any, wait_s: float, max_texts: int, queue_max: int) -> None:
+        self._forward = forward
         self.wait_s, self.max_texts = wait_s, max_texts
         self._queue: queue.Queue[_Job] = queue.Queue(maxsize=queue_max)
         self._stats_lock = threading.Lock()
         self.stats = {"requests": 0, "texts": 0, "batches": 0, "multi_request_batches": 0, "max_batch_requests": 0}
         self.stats["rejected_busy"] = 0
+        self.pipeline: Any = None  # the pipeline whose forward this batcher runs (set by its owner)
         self._worker = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, tokens: Tokenized) -> np.ndarray:
-        """Embeddings for one request's tokens; ServerBusy when the queue is full or the wait is too long."""
-        job = _Job(tokens)
+    def submit(self, encoded: Encoded) -> np.ndarray:
+        """Outputs for one request's encodings; ServerBusy when the queue is full or the wait is too long."""
+        job = _Job(encoded)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -128,8 +118,8 @@ class MicroBatcher:
             raise ServerBusy("request waited too long in the batching queue")
         if job.error is not None:
             raise job.error
-        assert job.vectors is not None
-        return job.vectors
+        assert job.output is not None
+        return job.output
 
     def snapshot(self) -> dict[str, int]:
         with self._stats_lock:
@@ -141,7 +131,7 @@ class MicroBatcher:
                 self.stats[key] += value
 
     def _collect(self, first: _Job) -> tuple[list[_Job], _Job | None]:
-        batch, texts = [first], len(first.tokens.ids)
+        batch, texts = [first], len(first.encoded.ids)
         deadline = time.monotonic() + self.wait_s
         while texts < self.max_texts:
             left = deadline - time.monotonic()
@@ -151,10 +141,10 @@ class MicroBatcher:
                 job = self._queue.get(timeout=left)
             except queue.Empty:
                 break
-            if texts + len(job.tokens.ids) > self.max_texts:
+            if texts + len(job.encoded.ids) > self.max_texts:
                 return batch, job  # it starts the next batch
             batch.append(job)
-            texts += len(job.tokens.ids)
+            texts += len(job.encoded.ids)
         return batch, None
 
     def _run(self) -> None:
@@ -162,21 +152,21 @@ class MicroBatcher:
         while True:
             first = carried or self._queue.get()
             batch, carried = self._collect(first)
-            ids = [seq for job in batch for seq in job.tokens.ids]
+            merged = Encoded.concat([job.encoded for job in batch])
             try:
-                vectors = self._encode(Tokenized(ids))
+                output = self._forward(merged)
             except BaseException as exc:  # every waiting request must hear about it
                 for job in batch:
                     job.error = exc
             else:
                 start = 0
                 for job in batch:
-                    job.vectors = vectors[start : start + len(job.tokens.ids)]
-                    start += len(job.tokens.ids)
+                    job.output = output[start : start + len(job.encoded.ids)]
+                    start += len(job.encoded.ids)
             with self._stats_lock:
                 self.stats["batches"] += 1
                 self.stats["requests"] += len(batch)
-                self.stats["texts"] += len(ids)
+                self.stats["texts"] += len(merged.ids)
                 self.stats["multi_request_batches"] += len(batch) > 1
                 self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], len(batch))
             for job in batch:
@@ -190,29 +180,39 @@ class EndpointServer(ThreadingHTTPServer):
     def __init__(self, settings: Settings, choice: ModelChoice) -> None:
         self.settings = settings
         self.choice = choice
-        self.service = GpuEmbeddingService(settings, choice.providers)
-        self.batcher = MicroBatcher(
-            lambda tokens: self.service.model().embed(tokens),
-            settings.server_batch_wait_ms / 1000,
-            settings.server_batch_max_texts,
-            settings.server_queue_max,
-        )
+        # The registry gets the chosen models and providers: nothing of it is subclassed or patched.
+        self.registry = Registry(settings, providers=choice.providers, models=choice.models)
+        self._batchers: dict[str, MicroBatcher] = {}
+        self._batchers_lock = threading.Lock()
         self.ready = threading.Event()
         self.load_error: str | None = None
         super().__init__((settings.server_host, settings.server_port), RequestHandler)
 
+    @property
+    def active_providers(self) -> list[str]:
+        pipeline = self.registry.default.pipeline
+        return list(pipeline.session.get_providers()) if pipeline is not None else []
+
+    def stats(self) -> dict[str, Any]:
+        with self._batchers_lock:
+            per_model = {name: batcher.snapshot() for name, batcher in self._batchers.items()}
+        totals = {key: sum(s[key] for s in per_model.values()) for key in next(iter(per_model.values()), {})}
+        return {**totals, "models": per_model}
+
     def load(self) -> None:
-        """Load and warm the model (run in a thread: /ping says 503 until it is done)."""
+        """Load and warm the default model (run in a thread: /ping says 503 until it is done)."""
         try:
             started = time.perf_counter()
-            encoder = self.service.model()
-            encoder.embed(encoder.tokenize(["warm up the session"]))
-            manifest = encoder.manifest
+            default = self.registry.default
+            pipeline = self.registry.pipeline(default)
+            pipeline.forward(pipeline.encode(["warm up the session"]))
+            manifest = pipeline.manifest
             logger.info(
-                "model ready: %s (%s) on %s in %.0f ms",
+                "model ready: %s (%s) as %s on %s in %.0f ms",
                 manifest.model_id,
-                manifest.raw.get("quantization", {}).get("recipe", "?"),
-                ",".join(self.service.active_providers),
+                manifest.recipe or "?",
+                default.name,
+                ",".join(self.active_providers),
                 (time.perf_counter() - started) * 1000,
             )
             self.ready.set()
@@ -220,19 +220,46 @@ class EndpointServer(ThreadingHTTPServer):
             self.load_error = exc.message
             logger.error("model failed to load: %s", exc.message)
 
-    def embed(self, raw: bytes) -> dict[str, Any]:
-        """One invocation: validate, tokenize, batch, shape the reply; raises QuantfnError."""
+    def _forward(self, pipeline: Pipeline, encoded: Encoded) -> np.ndarray:
+        """The batching forward: requests for the same model share one ``pipeline.forward``."""
+        with self._batchers_lock:
+            batcher = self._batchers.get(pipeline.manifest.model_id)
+            if batcher is None or batcher.pipeline is not pipeline:  # a reloaded model gets a fresh batcher
+                settings = self.settings
+                batcher = MicroBatcher(
+                    pipeline.forward,
+                    settings.server_batch_wait_ms / 1000,
+                    settings.server_batch_max_texts,
+                    settings.server_queue_max,
+                )
+                batcher.pipeline = pipeline
+                self._batchers[pipeline.manifest.model_id] = batcher
+        return batcher.submit(encoded)
+
+    def invoke(self, path: str, raw: bytes) -> dict[str, Any]:
+        """One invocation: parse, run through the inference entry point, shape the reply; raises QuantfnError."""
         if not self.ready.is_set():
             raise ModelUnavailable(self.load_error or "model is still loading")
         settings = self.settings
-        request = parse_embeddings_request(load_json_body(raw, settings.max_body_bytes), settings.max_inputs)
-        self.service.check_model(request.model)
-        manifest = self.service.manifest()
-        if request.dimensions is not None and request.dimensions != manifest.dimensions:
-            raise BadRequest(f"'dimensions' must be {manifest.dimensions} for this model.", param="dimensions")
-        tokens = self.service.tokenize_checked(request.texts)
-        vectors = self.batcher.submit(tokens)
-        return embeddings_response(vectors, manifest.model_id, sum(tokens.counts), request.encoding_format)
+        data = body.load_json_body(raw, settings.max_body_bytes)
+        task = ROUTES.get(path, "embed")
+        if path == "/invocations" and isinstance(data, dict) and "task" in data:
+            data = dict(data)
+            task = data.pop("task")
+            if task not in ("embed", "rerank", "classify"):
+                raise BadRequest("'task' must be embed, rerank or classify.", param="task")
+        budget = inference.Budget(remaining_ms=JOB_TIMEOUT_S * 1000, payload_bytes=len(raw), allow_endpoint=False)
+        if task == "rerank":
+            version = 2 if path == "/v2/rerank" else 1
+            request = rerank.parse_rerank_request(data, version, None)
+            result = inference.run(request, budget, self.registry, self._forward)
+            return rerank.rerank_response(result, request, version)
+        if task == "classify":
+            request = classify.parse_classify_request(data, None)
+            return classify.classify_response(inference.run(request, budget, self.registry, self._forward), request)
+        request = openai.parse_embeddings_request(data, None)
+        result = inference.run(request, budget, self.registry, self._forward)
+        return openai.embeddings_response(result, request.encoding_format)
 
 
 class RequestHandler(BaseHTTPRequestHandler):
@@ -242,23 +269,24 @@ class RequestHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/ping":
             ready = self.server.ready.is_set()
-            body = {"status": "ok" if ready else "loading", "model_choice": self.server.choice.reason}
-            body["providers"] = self.server.service.active_providers
-            body["stats"] = self.server.batcher.snapshot()
-            self._reply(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, body)
+            status = {"status": "ok" if ready else "loading", "model_choice": self.server.choice.reason}
+            status["providers"] = self.server.active_providers
+            status["models"] = [name for name, _ in self.server.choice.models]
+            status["stats"] = self.server.stats()
+            self._reply(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, status)
         elif self.path == "/stats":
-            self._reply(HTTPStatus.OK, self.server.batcher.snapshot())
+            self._reply(HTTPStatus.OK, self.server.stats())
         else:
             self._reply(HTTPStatus.NOT_FOUND, BadRequest(f"No route for GET {self.path}.", code="not_found").to_body())
 
     def do_POST(self) -> None:
-        if self.path not in ("/invocations", "/v1/embeddings"):
+        if self.path != "/invocations" and self.path not in ROUTES:
             self._reply(HTTPStatus.NOT_FOUND, BadRequest(f"No route for POST {self.path}.", code="not_found").to_body())
             return
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         try:
-            self._reply(HTTPStatus.OK, self.server.embed(raw))
+            self._reply(HTTPStatus.OK, self.server.invoke(self.path, raw))
         except QuantfnError as error:
             log = logger.info if error.status < 500 else logger.warning
             log("refused %s: %s", error.status, error.message)

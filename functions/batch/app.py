@@ -13,7 +13,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from quantfn.batch.jobs import parse_job_message
 from quantfn.batch.runner import JobRunner
-from quantfn.service import get_service
+from quantfn.registry import get_registry
 from quantfn.warmup import prepare_init
 
 logger = Logger(service="quantfn-batch")
@@ -26,12 +26,12 @@ prepare_init()  # loads the model now only with QUANTFN_PRELOAD or under SnapSta
 def get_runner() -> JobRunner:
     import boto3
 
-    return JobRunner(get_service(), boto3.client("s3"), boto3.client("sqs"))
+    return JobRunner(get_registry(), boto3.client("s3"), boto3.client("sqs"))
 
 
 def queue_url_of(record: SQSRecord) -> str:
     """The queue for follow-ups: the configured URL, else the one this record came from."""
-    configured = get_service().settings.batch_queue_url
+    configured = get_registry().settings.batch_queue_url
     if configured:
         return configured
     _, _, _, region, account, name = record.event_source_arn.split(":", 5)

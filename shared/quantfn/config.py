@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -108,11 +109,57 @@ def available_vcpus(env: dict[str, str] | None = None) -> int:
     return max(1, visible)
 
 
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$")
+RUNTIME_RESERVE_MB = 256  # Python, onnxruntime, numpy and the request itself, measured at about 180 MB
+
+
+def parse_models(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """``QUANTFN_MODELS`` (``name=reference,...``; a bare reference names itself by its model id), else the one
+    ``QUANTFN_MODEL``, else the default. The references are checked by ``quantfn.models.reference``."""
+    raw = env.get("QUANTFN_MODELS", "").strip()
+    if not raw:
+        single = env.get("QUANTFN_MODEL", "").strip() or DEFAULT_MODEL
+        return ((_ref_id(single), single),)
+    models: list[tuple[str, str]] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        name, sep, ref = item.partition("=")
+        name, ref = (name.strip(), ref.strip()) if sep else (_ref_id(item), item)
+        if not _MODEL_NAME.match(name):
+            raise ConfigError(f"QUANTFN_MODELS: bad model name {name[:64]!r}; use letters, digits, '.', '_', '-'")
+        if not ref:
+            raise ConfigError(f"QUANTFN_MODELS: model {name!r} has no reference (name=layer:<id> or name=s3://...)")
+        if any(name == seen for seen, _ in models):
+            raise ConfigError(f"QUANTFN_MODELS names {name!r} twice")
+        models.append((name, ref))
+    if not models:
+        raise ConfigError("QUANTFN_MODELS is set but lists no model")
+    return tuple(models)
+
+
+def _ref_id(ref: str) -> str:
+    """The model id at the end of a reference: ``layer:<id>`` or ``s3://bucket/prefix/<id>/``."""
+    return ref.rstrip("/").rsplit("/", 1)[-1].removeprefix("layer:")
+
+
+def default_model_memory_mb(env: dict[str, str]) -> int:
+    """The function's memory less the runtime's own share; 4 GB outside Lambda."""
+    memory = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "").strip()
+    if memory.isdigit():
+        return max(64, int(memory) - RUNTIME_RESERVE_MB)
+    return 4096
+
+
 @dataclass(frozen=True)
 class Settings:
     """Typed settings; see the README for each variable's meaning."""
 
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # the default model's reference (the first of ``models``)
+    #: The served models, ``(name, reference)`` in order; the first is the default.
+    models: tuple[tuple[str, str], ...] = (("all-minilm-l6-v2", DEFAULT_MODEL),)
+    #: Bytes the loaded sessions may take together; the least recently used is dropped first.
+    model_memory_bytes: int = 4096 * 1024 * 1024
     models_root: Path = Path("/opt/models")
     cache_dir: Path = Path("/tmp/quantfn-models")
     cache_max_bytes: int = 400 * 1024 * 1024
@@ -168,8 +215,11 @@ class Settings:
         env = dict(os.environ if env is None else env)
         aliases = tuple(a.strip() for a in env.get("QUANTFN_MODEL_ALIASES", "").split(",") if a.strip())
         threads = _int(env, "QUANTFN_THREADS", 0)
+        models = parse_models(env)
         return cls(
-            model=env.get("QUANTFN_MODEL", "").strip() or DEFAULT_MODEL,
+            model=models[0][1],
+            models=models,
+            model_memory_bytes=_int(env, "QUANTFN_MODEL_MEMORY_MB", default_model_memory_mb(env), minimum=16) * 2**20,
             models_root=Path(env.get("QUANTFN_MODELS_ROOT", "").strip() or "/opt/models"),
             cache_dir=Path(env.get("QUANTFN_CACHE_DIR", "").strip() or "/tmp/quantfn-models"),
             cache_max_bytes=_int(env, "QUANTFN_CACHE_MAX_MB", 400, minimum=1) * 1024 * 1024,

@@ -58,7 +58,7 @@ class CallFailed(Exception):
 
 @dataclass(frozen=True)
 class EndpointReply:
-    vectors: np.ndarray
+    output: np.ndarray  # embeddings, scores or label scores, as the call asked
     model: str
     attempts: int
     elapsed_ms: float
@@ -211,7 +211,7 @@ def _sagemaker_failure(exc: Any) -> CallFailed:
 
 
 class EndpointClient:
-    """Embeds texts on the GPU endpoint within a deadline; see the module docstring for the errors."""
+    """Runs embed, rerank and classify requests on the GPU endpoint within a deadline (see the module docstring)."""
 
     def __init__(
         self,
@@ -233,24 +233,40 @@ class EndpointClient:
         self, texts: Sequence[str], model: str, *, dimensions: int, normalized: bool, deadline_s: float
     ) -> EndpointReply:
         """Embeddings [len(texts), dimensions] from the endpoint; ``deadline_s`` is on ``time.monotonic``."""
+        body = {"model": model, "input": list(texts), "encoding_format": "base64"}
+        return self._call(body, deadline_s, lambda data: parse_reply(data, len(texts), dimensions, normalized))
+
+    def rerank(self, query: str, documents: Sequence[str], model: str, *, deadline_s: float) -> EndpointReply:
+        """Relevance scores [len(documents)] in document order."""
+        body = {"task": "rerank", "model": model, "query": query, "documents": list(documents)}
+        return self._call(body, deadline_s, lambda data: parse_rerank_reply(data, len(documents)))
+
+    def classify(
+        self, texts: Sequence[str], model: str, labels: Sequence[str], raw_scores: bool, *, deadline_s: float
+    ) -> EndpointReply:
+        """Scores [len(texts), len(labels)] in label order (logits with ``raw_scores``)."""
+        body = {"task": "classify", "model": model, "input": list(texts), "raw_scores": raw_scores}
+        return self._call(body, deadline_s, lambda data: parse_classify_reply(data, len(texts), labels))
+
+    def _call(self, body: dict[str, Any], deadline_s: float, parse: Callable[[bytes], np.ndarray]) -> EndpointReply:
+        """POST ``body`` (the task's wire request; ``task`` absent means embeddings) and parse the reply."""
         if not self.breaker.allow():
             raise EndpointUnavailable(
                 f"GPU endpoint {self.transport.name}: circuit open after {self.breaker.failures} consecutive "
                 f"failures; next try in {self.breaker.retry_in_s():.1f} s",
                 code="endpoint_circuit_open",
             )
-        body = json.dumps({"model": model, "input": list(texts), "encoding_format": "base64"}).encode()
         started = self._clock()
         try:
-            data, attempts = self._post_with_retries(body, deadline_s)
-            vectors = parse_reply(data, len(texts), dimensions, normalized)
+            data, attempts = self._post_with_retries(json.dumps(body).encode(), deadline_s)
+            output = parse(data)
         except CallFailed as failure:
             raise self._failed(failure) from failure
         except UpstreamFailed:
             self.breaker.record_failure()
             raise
         self.breaker.record_success()
-        return EndpointReply(vectors, model, attempts, (self._clock() - started) * 1000)
+        return EndpointReply(output, str(body["model"]), attempts, (self._clock() - started) * 1000)
 
     def _post_with_retries(self, body: bytes, deadline_s: float) -> tuple[bytes, int]:
         settings = self.settings
@@ -320,6 +336,57 @@ def parse_reply(data: bytes, count: int, dimensions: int, normalized: bool) -> n
         raise UpstreamFailed("GPU endpoint returned non-finite numbers")
     if normalized and not np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-2):
         raise UpstreamFailed("GPU endpoint returned embeddings that are not unit length")
+    return out
+
+
+def _reply_list(data: bytes, key: str, what: str) -> list[Any]:
+    try:
+        items = json.loads(data)[key]
+        if not isinstance(items, list):
+            raise TypeError(f"'{key}' is not a list")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UpstreamFailed(f"GPU endpoint reply is not a {what} reply: {exc.__class__.__name__}") from exc
+    return items
+
+
+def _score(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UpstreamFailed(f"GPU endpoint returned a bad score at {where}")
+    return float(value)
+
+
+def parse_rerank_reply(data: bytes, count: int) -> np.ndarray:
+    """Scores in document order from a rerank reply that ranks all ``count`` documents."""
+    items = _reply_list(data, "results", "rerank")
+    out = np.full(count, np.nan, dtype=np.float32)
+    for item in items:
+        index = item.get("index") if isinstance(item, dict) else None
+        if not isinstance(index, int) or not 0 <= index < count or not np.isnan(out[index]):
+            raise UpstreamFailed(f"GPU endpoint rerank reply has a bad or repeated index: {index!r}")
+        out[index] = _score(item.get("relevance_score"), f"results[{index}]")
+    if np.isnan(out).any():
+        raise UpstreamFailed(f"GPU endpoint ranked {len(items)} of {count} documents")
+    return out
+
+
+def parse_classify_reply(data: bytes, count: int, labels: Sequence[str]) -> np.ndarray:
+    """Scores [count, labels] in label order from a classify reply that lists every label of every input."""
+    items = _reply_list(data, "data", "classify")
+    column = {label: i for i, label in enumerate(labels)}
+    out = np.full((count, len(labels)), np.nan, dtype=np.float32)
+    if len(items) != count:
+        raise UpstreamFailed(f"GPU endpoint classified {len(items)} of {count} inputs")
+    for item in items:
+        index = item.get("index") if isinstance(item, dict) else None
+        if not isinstance(index, int) or not 0 <= index < count or not np.isnan(out[index]).all():
+            raise UpstreamFailed(f"GPU endpoint classify reply has a bad or repeated index: {index!r}")
+        for entry in item.get("labels") or ():
+            label = entry.get("label") if isinstance(entry, dict) else None
+            if label not in column:
+                raise UpstreamFailed(f"GPU endpoint returned an unknown label for input {index}")
+            out[index, column[label]] = _score(entry.get("score"), f"data[{index}]")
+    if np.isnan(out).any():
+        raise UpstreamFailed("GPU endpoint did not score every label")
     return out
 
 

@@ -8,6 +8,17 @@ traces or input text. Handlers map these to responses in exactly one place.
 
 from __future__ import annotations
 
+_ECHO = 64  # characters of a client's value repeated in an error message or a log line
+
+
+def echo(value: object) -> str:
+    """A client's value, quoted, cut to 64 characters and safe to print (lone surrogates escaped)."""
+    import reprlib
+
+    text = value if isinstance(value, str) else reprlib.repr(value)
+    text = text[: _ECHO + 1].encode("utf-8", "backslashreplace").decode("utf-8")
+    return repr(text[:_ECHO] + ("..." if len(text) > _ECHO else ""))
+
 
 class QuantfnError(Exception):
     """Base class. ``status`` is the HTTP status this error maps to."""

@@ -1,16 +1,16 @@
 """Decide, before any inference, where a request runs: here, on the GPU endpoint, or nowhere.
 
 A Lambda function has hard walls: the 6 MB it can return, the 29 s API Gateway
-waits, the vCPUs its memory buys. ``plan_route`` looks at what a request needs
-(inputs, tokens from the real tokenizer, payload bytes, the size of the answer,
-the predicted inference time against the time left) and returns one frozen
-``RoutePlan``: the route, the reason and the numbers behind it. The same record
+waits, the vCPUs its memory buys. ``plan`` looks at what a request needs, whatever
+its task (a ``Work``: inputs, tokens from the real tokenizer, payload bytes, the
+size of the answer, the predicted inference time against the time left) and
+returns one frozen ``RoutePlan``: the route, the reason and the numbers behind it. The same record
 is logged, metered and sent to the caller as the ``x-quantfn-route`` header.
 
 Reasons, in the order they are checked:
 
 * ``response_too_large``: the answer cannot be returned by any route (refuse; the
-  message says whether ``encoding_format=base64`` would fit or the request must be split);
+  message says what would fit, e.g. ``encoding_format=base64``, or how to split);
 * ``body_too_large``, ``too_many_inputs``, ``input_too_long``, ``too_many_tokens``:
   a local limit; the endpoint takes it when configured and within its own limits;
 * ``estimated_time``: the cost model predicts local inference would not finish in time;
@@ -69,11 +69,28 @@ class RoutePlan:
         return error
 
 
-def estimate_response_bytes(inputs: int, dimensions: int, encoding_format: str) -> int:
+def estimate_embedding_bytes(inputs: int, dimensions: int, encoding_format: str) -> int:
     """An upper bound of the bytes Lambda returns for ``inputs`` embeddings of ``dimensions``."""
     base64_chars = 4 * math.ceil(4 * dimensions / 3) + 4
     per_item = base64_chars if encoding_format == "base64" else dimensions * _FLOAT_CHARS
     return _ENVELOPE + inputs * (per_item + _ITEM_OVERHEAD)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one request asks of the function, in the terms routing needs; the same for every task.
+
+    ``inputs``: texts (or documents to rerank); ``token_counts`` is called at most once, only when the plan
+    needs tokens; ``response_bytes``: an upper bound of the reply; ``response_advice``: what the caller is told
+    when that reply is over ``QUANTFN_MAX_RESPONSE_BYTES``.
+    """
+
+    inputs: int
+    payload_bytes: int
+    response_bytes: int
+    max_length: int
+    token_counts: Callable[[], Sequence[int]]
+    response_advice: Callable[[], str] = lambda: "Split the request."
 
 
 def cpu_speed(settings: Settings) -> float:
@@ -93,24 +110,19 @@ def estimate_local_ms(token_counts: Sequence[int], max_length: int, settings: Se
     return work / cpu_speed(settings) + (settings.cost_load_ms if cold else 0)
 
 
-def plan_route(
-    *,
-    inputs: int,
-    payload_bytes: int,
-    encoding_format: str,
-    dimensions: int,
-    max_length: int,
-    token_counts: Callable[[], Sequence[int]],
-    remaining_ms: float | None,
-    cold: bool,
-    settings: Settings,
-) -> RoutePlan:
-    """The plan for one request. ``token_counts`` is called at most once, only when the plan needs tokens.
+def plan(work: Work, *, remaining_ms: float | None, cold: bool, settings: Settings) -> RoutePlan:
+    """The plan for one request. Pure: no I/O, no inference.
 
     ``remaining_ms`` is the function's remaining time (``None`` outside Lambda: the API
-    timeout alone bounds the budget). Pure: no I/O, no inference.
+    timeout alone bounds the budget).
     """
-    response = estimate_response_bytes(inputs, dimensions, encoding_format)
+    inputs, payload_bytes, response, token_counts = (
+        work.inputs,
+        work.payload_bytes,
+        work.response_bytes,
+        work.token_counts,
+    )
+    max_length = work.max_length
     facts = {"inputs": inputs, "payload_bytes": payload_bytes, "response_bytes": response}
     if response > settings.max_response_bytes:
         return RoutePlan(
@@ -118,7 +130,8 @@ def plan_route(
             "response_too_large",
             **facts,
             limit="QUANTFN_MAX_RESPONSE_BYTES",
-            message=_response_advice(inputs, dimensions, encoding_format, response, settings),
+            message=f"The answer would be about {response / 2**20:.1f} MB, over the {settings.max_response_bytes} "
+            f"bytes a Lambda function can return (QUANTFN_MAX_RESPONSE_BYTES). {work.response_advice()}",
         )
     if payload_bytes > settings.max_body_bytes:
         return _over_local_limit(
@@ -176,7 +189,7 @@ def plan_route(
         "estimated_time",
         **timing,
         limit="QUANTFN_COST_MS_PER_TOKEN",
-        message=f"The request has {total} tokens; this function would need about {estimated / 1000:.1f} s to embed "
+        message=f"The request has {total} tokens; this function would need about {estimated / 1000:.1f} s to run "
         f"them and has about {max(budget, 0) / 1000:.1f} s to answer in, and {_NOT_CONFIGURED}. "
         "Split the request into smaller ones.",
     )
@@ -216,20 +229,16 @@ def _endpoint_limit(
     return None
 
 
-def _response_advice(inputs: int, dimensions: int, encoding_format: str, response: int, settings: Settings) -> str:
+def embedding_advice(inputs: int, dimensions: int, encoding_format: str, settings: Settings) -> str:
+    """What to do when ``inputs`` embeddings would not fit the reply: base64 if it would fit, else how to split."""
     limit = settings.max_response_bytes
-    size = f"The answer to {inputs} inputs would be about {response / 2**20:.1f} MB"
-    per_item = estimate_response_bytes(1, dimensions, encoding_format) - _ENVELOPE
+    per_item = estimate_embedding_bytes(1, dimensions, encoding_format) - _ENVELOPE
     fits = max(1, (limit - _ENVELOPE) // per_item)
     if encoding_format != "base64":
-        as_base64 = estimate_response_bytes(inputs, dimensions, "base64")
+        as_base64 = estimate_embedding_bytes(inputs, dimensions, "base64")
         if as_base64 <= limit:
             return (
-                f"{size} as JSON floats, over the {limit} bytes a Lambda function can return "
-                f"(QUANTFN_MAX_RESPONSE_BYTES). Ask for encoding_format=base64 (about {as_base64 / 2**20:.1f} MB) "
+                f"Ask for encoding_format=base64 (about {as_base64 / 2**20:.1f} MB) "
                 f"or split the request into parts of at most {fits} inputs."
             )
-    return (
-        f"{size} even as {encoding_format}, over the {limit} bytes a Lambda function can return "
-        f"(QUANTFN_MAX_RESPONSE_BYTES). Split the request into parts of at most {fits} inputs."
-    )
+    return f"Split the request into parts of at most {fits} inputs."

@@ -58,7 +58,7 @@ def test_a_stopped_server_fails_after_retries_then_the_circuit_fails_fast_withou
         time.sleep(0.35)
         reply = embed(client)
         assert len(stub.requests) == 1 and client.breaker.state == "closed"
-        np.testing.assert_allclose(reply.vectors, unit_vectors(2), atol=1e-7)
+        np.testing.assert_allclose(reply.output, unit_vectors(2), atol=1e-7)
 
 
 def test_a_server_slower_than_the_timeout_is_abandoned_within_the_deadline() -> None:
@@ -98,7 +98,7 @@ def test_throttling_is_retried_with_backoff_until_the_server_recovers() -> None:
         reply = embed(client_for(stub.url))
         # Then the third attempt's answer comes back whole, and the request had the contract's shape
         assert reply.attempts == 3 and len(stub.requests) == 3
-        np.testing.assert_allclose(reply.vectors, unit_vectors(2), atol=1e-7)
+        np.testing.assert_allclose(reply.output, unit_vectors(2), atol=1e-7)
         first = stub.requests[0]
         assert first["path"] == "/invocations"
         assert first["headers"]["Content-Type"] == "application/json"

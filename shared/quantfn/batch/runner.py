@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
 
+from quantfn import inference
 from quantfn.batch.jobs import Checkpoint, JobMessage
 from quantfn.batch.sources import Record, iter_records
+from quantfn.registry import Registry
 from quantfn.serialize import dumps
-from quantfn.service import EmbeddingService
-from quantfn.tasks.embedding import Tokenized
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,11 @@ class ChunkResult:
 
 
 class JobRunner:
-    """Processes job messages with one embedding service and boto3 S3/SQS clients."""
+    """Processes job messages with the model registry and boto3 S3/SQS clients."""
 
-    def __init__(self, service: EmbeddingService, s3: Any, sqs: Any) -> None:
-        self.service = service
-        self.settings = service.settings
+    def __init__(self, registry: Registry, s3: Any, sqs: Any) -> None:
+        self.registry = registry
+        self.settings = registry.settings
         self.s3 = s3
         self.sqs = sqs
 
@@ -64,8 +64,7 @@ class JobRunner:
         if self._exists(bucket, job.prefix + "manifest.json"):
             logger.info("job %s is already complete; skipping", job.job_id)
             return JobOutcome("skipped", job.checkpoint)
-        self.service.check_model(job.model)
-        encoder = self.service.model()
+        manifest = self.registry.manifest(self.registry.resolve(job.model, "embed"))
         checkpoint = replace(job.checkpoint, invocations=job.checkpoint.invocations + 1)
         records = _Peekable(iter_records(job, self.s3, self.settings.batch_max_line_bytes))
         chunks_done = embeddings = 0
@@ -73,11 +72,11 @@ class JobRunner:
         while True:
             chunk = records.take(self.settings.batch_chunk_lines)
             if not chunk:
-                self._finish(job, checkpoint, encoder.manifest, where)
+                self._finish(job, checkpoint, manifest, where)
                 return JobOutcome("complete", checkpoint, chunks_done, embeddings)
             started = time.perf_counter()
             done = self._chunk_done(job, checkpoint.chunk)
-            result = done or self._process_chunk(job, checkpoint, chunk, encoder)
+            result = done or self._process_chunk(job, checkpoint, chunk, remaining_ms)
             elapsed = (time.perf_counter() - started) * 1000
             checkpoint = checkpoint.advance(
                 result.lines, result.results, result.errors, result.end_offset, 0.0 if done else elapsed
@@ -93,27 +92,33 @@ class JobRunner:
                 return JobOutcome("continued", checkpoint, chunks_done, embeddings)
 
     # -- chunks ----------------------------------------------------------------
-    def _process_chunk(self, job: JobMessage, checkpoint: Checkpoint, chunk: list[Record], encoder: Any) -> ChunkResult:
-        good: list[tuple[Record, Any, list[int]]] = []
+    def _process_chunk(
+        self, job: JobMessage, checkpoint: Checkpoint, chunk: list[Record], remaining_ms: Callable[[], int]
+    ) -> ChunkResult:
         errors: list[dict[str, Any]] = []
-        valid = [(record, self._validate(record)) for record in chunk]
-        texts = [problem_or_text for _, problem_or_text in valid if isinstance(problem_or_text, str)]
-        token_ids = iter(encoder.tokenize(texts).ids) if texts else iter(())
-        limit = self.settings.max_input_tokens
-        for record, problem_or_text in valid:
+        texts: list[tuple[Record, Any, str]] = []
+        for record in chunk:
+            problem_or_text = self._validate(record)
             record_id = record.value.get("id") if isinstance(record.value, dict) else None
-            if not isinstance(problem_or_text, str):
-                errors.append(_error(record, record_id, *problem_or_text))
-                continue
-            ids = next(token_ids)
-            if len(ids) > limit:
-                errors.append(_error(record, record_id, "text_too_long", f"{len(ids)} tokens, limit {limit}"))
+            if isinstance(problem_or_text, str):
+                texts.append((record, record_id, problem_or_text))
             else:
-                good.append((record, record_id, ids))
-        vectors = encoder.embed(Tokenized([ids for _, _, ids in good])) if good else []
+                errors.append(_error(record, record_id, *problem_or_text))
+        good: list[tuple[Record, Any]] = []
+        vectors: Any = []
+        if texts:
+            request = inference.EmbedRequest([text for _, _, text in texts], job.model)
+            budget = inference.Budget(remaining_ms(), allow_endpoint=False, per_input_errors=True)
+            result = inference.run(request, budget, self.registry)
+            for index, (code, message) in result.errors.items():
+                record, record_id, _ = texts[index]
+                errors.append(_error(record, record_id, code, message))
+            good = [texts[index][:2] for index in result.ok]
+            vectors = result.output
+        errors.sort(key=lambda error: error["line"])
         lines = (
             dumps({"id": record_id, "line": record.line, "embedding": vector})
-            for (record, record_id, _), vector in zip(good, vectors, strict=True)
+            for (record, record_id), vector in zip(good, vectors, strict=True)
         )
         part = f"part-{checkpoint.chunk:06d}.jsonl"
         if errors:

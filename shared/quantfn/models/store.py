@@ -69,6 +69,33 @@ class ModelStore:
             self._verified[key] = local
             return local
 
+    def read_manifest(self, ref: ModelRef) -> Manifest:
+        """The model's manifest alone, unverified and without fetching its files (names, task, labels).
+
+        A layer folder's file is read; an S3 model's ``manifest.json`` object is fetched (a few kB).
+        """
+        if ref.kind == "layer":
+            folder = self.settings.models_root / ref.model_id
+            if not folder.is_dir():
+                raise ModelUnavailable(f"model {ref.model_id} is not in the model layer (looked in {folder})")
+            manifest = Manifest.read(folder)
+        else:
+            data = self._read_object(ref, MANIFEST_NAME)
+            try:
+                manifest = Manifest.from_dict(json.loads(data))
+            except (ValueError, TypeError, RecursionError) as exc:
+                raise ModelUnavailable(f"{ref}{MANIFEST_NAME} is not a valid manifest") from exc
+        self._check_identity(ref, manifest)
+        return manifest
+
+    def forget(self, ref: ModelRef) -> None:
+        """Drop what is known of ``ref``: the verified entry and, for S3, its cached folders (a model that
+        failed to load is fetched and verified afresh next time)."""
+        with self._lock:
+            local = self._verified.pop(str(ref), None)
+        if local is not None and local.source != "layer":
+            shutil.rmtree(local.path, ignore_errors=True)
+
     # -- layer ---------------------------------------------------------------
     def _fetch_layer(self, ref: ModelRef) -> LocalModel:
         folder = self.settings.models_root / ref.model_id

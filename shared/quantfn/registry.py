@@ -1,0 +1,283 @@
+"""The served models, by name: manifests without sessions, pipelines on first use, a memory budget.
+
+``QUANTFN_MODELS`` lists the models (the first is the default). A request's
+``model`` resolves against each model's configured name, its model id, its
+upstream name (and that name's last part) and, for the default, the configured
+aliases. Resolving needs only manifests, so an unknown model (404) or a model of
+the wrong task for the route (400) never creates a session. Pipelines load
+lazily and independently; together they stay within ``QUANTFN_MODEL_MEMORY_MB``,
+the least recently used dropped first. A model that fails to load is forgotten
+(pipeline, manifest and verified files), answers 503, shows as unavailable, and
+is tried afresh on a later request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from quantfn.config import Settings, get_settings
+from quantfn.errors import BadRequest, ModelNotFound, ModelUnavailable, QuantfnError, echo
+from quantfn.models.manifest import Manifest
+from quantfn.models.reference import ModelRef, parse_model_ref
+from quantfn.models.store import ModelStore
+from quantfn.tasks import Pipeline, load_tokenizer, open_pipeline
+
+logger = logging.getLogger(__name__)
+
+#: The manifest tasks each route accepts: an embedding model can rerank (by cosine), not the reverse.
+ROUTE_TASKS = {"embed": ("embed",), "rerank": ("rerank", "embed"), "classify": ("classify",)}
+
+
+def estimate_memory_bytes(manifest: Manifest) -> int:
+    """What a loaded pipeline holds: the manifest's measured ``memory_bytes``, else an estimate from its files.
+
+    int8 weights dequantized at load take four times their file size, and onnxruntime keeps a prepacked
+    copy of the projections; the tokenizer's structures take a few times its JSON.
+    """
+    measured = manifest.raw.get("memory_bytes")
+    if isinstance(measured, int) and measured > 0:
+        return measured
+    total = 0
+    weights = manifest.dequantize_at_load.file if manifest.dequantize_at_load else None
+    for name, entry in manifest.files.items():
+        factor = 8 if name == weights else 3 if name == "tokenizer.json" else 2
+        total += entry.size * factor
+    return total
+
+
+@dataclass
+class ServedModel:
+    """One configured model: its name, reference and what is known of it so far."""
+
+    name: str
+    ref: ModelRef
+    manifest: Manifest | None = None
+    tokenizer: Any = None
+    pipeline: Pipeline | None = None
+    memory_bytes: int = 0
+    error: str = ""  # the last load failure, shown by /health and /v1/models until a load succeeds
+    load_phases_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loaded(self) -> bool:
+        return self.pipeline is not None
+
+
+class Registry:
+    """The models this function serves; safe across threads (the GPU container runs many)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        models: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store or ModelStore(settings)
+        self.providers = tuple(providers)
+        self.models = [ServedModel(name, parse_model_ref(ref)) for name, ref in (models or settings.models)]
+        self._lock = threading.RLock()
+        self._lru: OrderedDict[str, ServedModel] = OrderedDict()  # loaded models, least recently used first
+        self.endpoint: Any = None  # the GPU endpoint client, made on first use (quantfn.inference)
+
+    @property
+    def default(self) -> ServedModel:
+        return self.models[0]
+
+    # -- manifests (cheap: no session) -------------------------------------------------------------------
+    def manifest(self, model: ServedModel) -> Manifest:
+        """The model's manifest, read once (a layer file or one small S3 object)."""
+        if model.manifest is None:
+            manifest = self.store.read_manifest(model.ref)
+            with self._lock:
+                model.manifest = model.manifest or manifest
+        return model.manifest
+
+    def names(self, model: ServedModel) -> list[str]:
+        """Every name a request may use for ``model``."""
+        manifest = self.manifest(model)
+        names = [model.name, manifest.model_id]
+        if manifest.upstream:
+            names += [manifest.upstream, manifest.upstream.rsplit("/", 1)[-1]]
+        if model is self.default:
+            names += list(self.settings.model_aliases)
+        return list(dict.fromkeys(names))
+
+    def resolve(self, name: str | None, task: str) -> ServedModel:
+        """The served model for a request's ``model`` on a route of ``task``.
+
+        ``None`` picks the first served model that can do the task. Unknown: ModelNotFound (404);
+        the wrong task: BadRequest (400); a manifest that cannot be read: ModelUnavailable (503).
+        """
+        accepted = ROUTE_TASKS[task]
+        if name is None:
+            for model in self.models:
+                if self._readable(model) and self.manifest(model).task in accepted:
+                    return model
+            raise BadRequest(f"No served model can do {task}; name one with 'model'.", param="model")
+        model = next((m for m in self.models if m.name == name), None)
+        if model is None:
+            model = next((m for m in self.models if self._readable(m) and name in self.names(m)), None)
+        if model is None:
+            raise ModelNotFound(
+                f"The model {echo(name)} is not served here; available: {', '.join(m.name for m in self.models)}.",
+                param="model",
+            )
+        manifest = self.manifest(model)
+        if manifest.task not in accepted:
+            able = [m.name for m in self.models if self._readable(m) and self.manifest(m).task in accepted]
+            raise BadRequest(
+                f"The model {echo(name)} is a {manifest.task} model and cannot serve {task} requests; "
+                f"models that can: {', '.join(able) or 'none'}.",
+                param="model",
+                code="wrong_model_task",
+            )
+        return model
+
+    def _readable(self, model: ServedModel) -> bool:
+        """Whether the manifest can be read now; a model whose manifest cannot is skipped by name lookups."""
+        try:
+            self.manifest(model)
+            return True
+        except ModelUnavailable as exc:
+            logger.warning("model %s: manifest unavailable: %s", model.name, exc.message)
+            model.error = exc.message
+            return False
+
+    # -- tokenizer and pipeline ----------------------------------------------------------------------------
+    def tokenizer(self, model: ServedModel) -> Any:
+        """The model's tokenizer, without a session (the router counts tokens before deciding where to run)."""
+        if model.pipeline is not None:
+            return model.pipeline.tokenizer
+        with self._lock:
+            if model.tokenizer is None:
+                local = self._fetch(model)
+                started = time.perf_counter()
+                model.tokenizer = self._guard(model, lambda: load_tokenizer(local.path / "tokenizer.json"))
+                model.load_phases_ms["tokenizer"] = (time.perf_counter() - started) * 1000
+            return model.tokenizer
+
+    def pipeline(self, model: ServedModel) -> Pipeline:
+        """The loaded pipeline; the first call fetches, verifies and opens the session within the budget."""
+        with self._lock:
+            if model.pipeline is None:
+                self._load(model)
+            self._lru.move_to_end(model.name)
+            return model.pipeline
+
+    def _load(self, model: ServedModel) -> None:
+        tokenizer = self.tokenizer(model)
+        local = self._fetch(model)
+        need = estimate_memory_bytes(local.manifest)
+        budget = self.settings.model_memory_bytes
+        if need > budget:
+            raise ModelUnavailable(
+                f"model {model.name} needs about {need // 2**20} MB loaded, over the budget of {budget // 2**20} MB "
+                "(QUANTFN_MODEL_MEMORY_MB; raise the function's memory)"
+            )
+        while self._lru and sum(m.memory_bytes for m in self._lru.values()) + need > budget:
+            _, evicted = self._lru.popitem(last=False)
+            logger.info("dropping model %s (least recently used) to load %s", evicted.name, model.name)
+            evicted.pipeline = None
+            evicted.memory_bytes = 0
+        started = time.perf_counter()
+        settings = self.settings
+        model.pipeline = self._guard(
+            model,
+            lambda: open_pipeline(
+                local.path, local.manifest, settings.threads, settings.batch_size, self.providers, tokenizer
+            ),
+        )
+        model.load_phases_ms["session"] = (time.perf_counter() - started) * 1000
+        model.memory_bytes = need
+        model.error = ""
+        self._lru[model.name] = model
+
+    def _fetch(self, model: ServedModel) -> Any:
+        started = time.perf_counter()
+        try:
+            local = self.store.fetch(model.ref)
+        except QuantfnError as exc:
+            model.error = exc.message
+            raise
+        model.load_phases_ms.setdefault("fetch", (time.perf_counter() - started) * 1000)
+        model.manifest = local.manifest
+        return local
+
+    def _guard(self, model: ServedModel, load: Any) -> Any:
+        """Run a load step; on any failure forget the model entirely and answer 503 (tried again next time)."""
+        try:
+            return load()
+        except Exception as exc:
+            detail = f"model {model.name} failed to load: {exc.__class__.__name__}: {str(exc)[:300]}"
+            logger.error(detail)
+            self.forget(model)
+            model.error = detail
+            raise ModelUnavailable(detail) from exc
+
+    def forget(self, model: ServedModel) -> None:
+        """Drop the model's pipeline, tokenizer, manifest and verified files."""
+        with self._lock:
+            self._lru.pop(model.name, None)
+            model.pipeline = model.tokenizer = model.manifest = None
+            model.memory_bytes = 0
+            model.load_phases_ms.clear()
+            self.store.forget(model.ref)
+
+    def load_ms(self, model: ServedModel) -> float:
+        return sum(model.load_phases_ms.values())
+
+    # -- what /health and /v1/models show ------------------------------------------------------------------
+    def describe(self, model: ServedModel) -> dict[str, Any]:
+        """A model's facts from its manifest (no session), with whether it is loaded and healthy."""
+        facts: dict[str, Any] = {"name": model.name, "source": model.ref.kind, "loaded": model.loaded}
+        try:
+            manifest = self.manifest(model)
+        except ModelUnavailable as exc:
+            model.error = exc.message
+        else:
+            facts |= {
+                "model_id": manifest.model_id,
+                "task": manifest.task,
+                "max_tokens": manifest.max_sequence_length,
+                "recipe": manifest.recipe,
+            }
+            if manifest.task == "embed":
+                facts["dimensions"] = manifest.dimensions
+            if manifest.labels:
+                facts["labels"] = list(manifest.labels)
+        facts["status"] = "unavailable" if model.error else "ok"
+        return facts
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(m.memory_bytes for m in self._lru.values())
+
+
+_registry: Registry | None = None
+_registry_lock = threading.Lock()
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, made on first use from ``get_settings()``."""
+    global _registry
+    if _registry is None:
+        with _registry_lock:
+            if _registry is None:
+                _registry = Registry(get_settings())
+    return _registry
+
+
+def reset_registry() -> None:
+    """Forget the process-wide registry and settings (tests change the environment)."""
+    global _registry
+    with _registry_lock:
+        _registry = None
+    get_settings.cache_clear()

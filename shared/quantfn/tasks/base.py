@@ -1,0 +1,155 @@
+"""The task pipeline every task shares: tokenize -> run in length-sorted sub-batches -> post-process.
+
+Texts (or (query, document) pairs) are tokenized once without truncation: the
+untruncated counts are what limits and ``usage`` report. Inputs longer than the
+model's maximum are encoded again by a truncating copy of the same tokenizer, so
+truncation and the special tokens around it are exactly the tokenizer's own (its
+post-processor holds the template; no token is a literal here). Inputs are sorted
+by length so each sub-batch pads only to its own longest, and the outputs come
+back in request order. A task overrides ``postprocess`` (and, for pairs,
+nothing else): the manifest says which task a model serves.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from quantfn.models.manifest import Manifest
+
+Inputs = Sequence[str] | Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids per input, untruncated, with the tokenizer's special tokens; ``inputs`` are what was encoded."""
+
+    ids: list[list[int]]
+    type_ids: list[list[int]]
+    inputs: Sequence[Any] = ()
+    #: Tokens per input that are not special tokens: 0 means the text held nothing the model reads.
+    content: list[int] | None = None
+
+    @property
+    def counts(self) -> list[int]:
+        return [len(ids) for ids in self.ids]
+
+    @classmethod
+    def concat(cls, parts: Sequence[Encoded]) -> Encoded:
+        """One Encoded of several requests' encodings, in order (the GPU container batches them so)."""
+        return cls(
+            [ids for part in parts for ids in part.ids],
+            [types for part in parts for types in part.type_ids],
+            [item for part in parts for item in part.inputs],
+            [c for part in parts for c in (part.content or [1] * len(part.ids))],
+        )
+
+    def subset(self, indices: Sequence[int]) -> Encoded:
+        """The encodings of ``indices``, in that order (a batch job drops its bad lines this way)."""
+        return Encoded(
+            [self.ids[i] for i in indices],
+            [self.type_ids[i] for i in indices],
+            [self.inputs[i] for i in indices] if self.inputs else (),
+            [self.content[i] for i in indices] if self.content is not None else None,
+        )
+
+
+def load_tokenizer(path: Path) -> Any:
+    """A ``tokenizers.Tokenizer`` with the file's padding and truncation turned off (the pipeline does both)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def encode_with(tokenizer: Any, inputs: Inputs) -> Encoded:
+    """Untruncated encodings by ``tokenizer`` (texts or pairs), in order."""
+    encodings = tokenizer.encode_batch(list(inputs))
+    return Encoded(
+        [e.ids for e in encodings],
+        [e.type_ids for e in encodings],
+        inputs,
+        [len(e.special_tokens_mask) - sum(e.special_tokens_mask) for e in encodings],
+    )
+
+
+class Pipeline:
+    """A model's session, tokenizer and manifest, and the steps every task shares."""
+
+    task: ClassVar[str] = ""
+
+    def __init__(self, session: Any, tokenizer: Any, manifest: Manifest, batch_size: int = 32) -> None:
+        self.session = session
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        self.batch_size = batch_size
+        self.max_length = manifest.max_sequence_length
+        self._truncating: Any = None
+        self._lock = threading.Lock()
+
+    # -- tokenize --------------------------------------------------------------------------------------------
+    def encode(self, inputs: Inputs) -> Encoded:
+        """Untruncated encodings of texts or (query, document) pairs, in order."""
+        return encode_with(self.tokenizer, inputs)
+
+    def _truncated(self, encoded: Encoded) -> tuple[list[list[int]], list[list[int]]]:
+        """Ids and type ids cut to the model's maximum by the tokenizer's own truncation."""
+        ids, type_ids = list(encoded.ids), list(encoded.type_ids)
+        long = [i for i, seq in enumerate(ids) if len(seq) > self.max_length]
+        if long:
+            encodings = self._truncating_tokenizer().encode_batch([encoded.inputs[i] for i in long])
+            for i, encoding in zip(long, encodings, strict=True):
+                ids[i], type_ids[i] = encoding.ids, encoding.type_ids
+        return ids, type_ids
+
+    def _truncating_tokenizer(self) -> Any:
+        # A second tokenizer, made only when a long input first appears: the cold path never pays for it.
+        with self._lock:
+            if self._truncating is None:
+                from tokenizers import Tokenizer
+
+                tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+                tokenizer.no_padding()
+                tokenizer.enable_truncation(self.max_length)
+                self._truncating = tokenizer
+        return self._truncating
+
+    # -- run -------------------------------------------------------------------------------------------------
+    def forward(self, encoded: Encoded) -> np.ndarray:
+        """Post-processed outputs [n, ...] in the order of ``encoded``."""
+        ids, type_ids = self._truncated(encoded)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: np.ndarray | None = None
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            rows = self._run([ids[i] for i in chunk], [type_ids[i] for i in chunk])
+            if out is None:
+                out = np.empty((len(ids), *rows.shape[1:]), dtype=np.float32)
+            out[chunk] = rows
+        if out is None:
+            return np.empty((0, self.manifest.dimensions), dtype=np.float32)
+        return out
+
+    def _run(self, batch: list[list[int]], type_batch: list[list[int]]) -> np.ndarray:
+        longest = max(len(seq) for seq in batch)
+        input_ids = np.full((len(batch), longest), self.manifest.pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), longest), dtype=np.int64)
+        token_types = np.zeros((len(batch), longest), dtype=np.int64)
+        for row, (seq, types) in enumerate(zip(batch, type_batch, strict=True)):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+            token_types[row, : len(types)] = types
+        feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_types}
+        (output,) = self.session.run([self.manifest.output], {name: feeds[name] for name in self.manifest.inputs})
+        return self.postprocess(output, mask)
+
+    def postprocess(self, output: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """What the task makes of one sub-batch's graph output; ``mask`` [B, S] marks real tokens."""
+        raise NotImplementedError

@@ -1,0 +1,85 @@
+"""The rerank API in Cohere's shape (``/v1/rerank`` for ``cohere.Client``, ``/v2/rerank`` for ``ClientV2``;
+Jina's API is the v1 shape).
+
+Request: ``{model, query, documents: [string | {text}], top_n?, return_documents?}``
+(v1 also takes ``rank_fields`` naming ``text`` alone and ``max_chunks_per_doc``; v2 takes
+``max_tokens_per_doc``, which truncates each document further). Reply:
+``{id, results: [{index, relevance_score, document?}], model, usage, meta}``, best first.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import numpy as np
+
+from quantfn.errors import BadRequest
+from quantfn.inference import RerankRequest, Result
+from quantfn.wire.openai import optional_model, require_object
+
+_V1_FIELDS = {"model", "query", "documents", "top_n", "return_documents", "rank_fields", "max_chunks_per_doc"}
+_V2_FIELDS = {"model", "query", "documents", "top_n", "return_documents", "max_tokens_per_doc"}
+
+
+def parse_rerank_request(body: Any, version: int, max_documents: int | None) -> RerankRequest:
+    """Validate a decoded body of ``/v{version}/rerank``; raises BadRequest or TooLarge naming the field."""
+    from quantfn.wire.openai import parse_texts
+
+    body = require_object(body, _V1_FIELDS if version == 1 else _V2_FIELDS)
+    model = optional_model(body, required=version == 2)
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise BadRequest("'query' must be a non-empty string.", param="query")
+    documents = body.get("documents")
+    if isinstance(documents, list):
+        documents = [_document_text(item, i) for i, item in enumerate(documents)]
+    texts = parse_texts(documents, "documents" in body, "documents", max_documents)
+    top_n = body.get("top_n")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+        raise BadRequest("'top_n' must be a positive integer.", param="top_n")
+    return_documents = body.get("return_documents", False)
+    if not isinstance(return_documents, bool):
+        raise BadRequest("'return_documents' must be true or false.", param="return_documents")
+    rank_fields = body.get("rank_fields")
+    if rank_fields is not None and rank_fields != ["text"]:
+        raise BadRequest(
+            "'rank_fields' can only be [\"text\"]: documents are ranked by their text.", param="rank_fields"
+        )
+    for name in ("max_chunks_per_doc", "max_tokens_per_doc"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise BadRequest(f"'{name}' must be a positive integer.", param=name)
+    return RerankRequest(query, texts, model, top_n, return_documents)
+
+
+def _document_text(item: Any, index: int) -> Any:
+    if isinstance(item, dict):
+        text = item.get("text")
+        if not isinstance(text, str):
+            raise BadRequest(
+                f"'documents[{index}]' must be a string or an object with 'text'.", param=f"documents[{index}]"
+            )
+        return text
+    return item
+
+
+def rerank_response(result: Result, request: RerankRequest, version: int) -> dict[str, Any]:
+    """Results sorted by score (ties by index), cut to ``top_n``, with the documents if asked."""
+    scores = result.output
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    if request.top_n is not None:
+        order = order[: request.top_n]
+    results = []
+    for index in order:
+        item: dict[str, Any] = {"index": index, "relevance_score": float(np.float32(scores[index]))}
+        if request.return_documents:
+            item["document"] = {"text": request.documents[index]}
+        results.append(item)
+    return {
+        "id": str(uuid.uuid4()),
+        "results": results,
+        "model": result.model,
+        "usage": {"total_tokens": result.tokens},
+        "meta": {"api_version": {"version": str(version)}, "billed_units": {"search_units": 1}},
+    }
