@@ -46,7 +46,7 @@ def estimate_memory_bytes(manifest: Manifest) -> int:
     total = 0
     weights = manifest.dequantize_at_load.file if manifest.dequantize_at_load else None
     for name, entry in manifest.files.items():
-        factor = 8 if name == weights else 3 if name == "tokenizer.json" else 2
+        factor = 9 if name == weights else 3 if name == "tokenizer.json" else 2
         total += entry.size * factor
     return total
 
