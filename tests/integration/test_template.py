@@ -210,12 +210,15 @@ def test_api_function_handler_environment_and_layers(template):
     assert props["Layers"] == [{"Ref": "RuntimeLayer"}, {"Ref": "ModelLayer"}]
     env = props["Environment"]["Variables"]
     assert env["QUANTFN_MODELS_ROOT"] == "/opt/models"
-    assert env["QUANTFN_MODEL"] == {"Ref": "ModelReference"}
+    assert env["QUANTFN_MODELS"] == {"Ref": "Models"}
     # Every QUANTFN_ variable the template sets is one config.py reads (a typo would be ignored silently).
     config = (ROOT / "shared" / "quantfn" / "config.py").read_text()
     for name in (n for n in env if n.startswith("QUANTFN_")):
         assert f'"{name}"' in config, name
-    assert template["Parameters"]["ModelReference"]["Default"] == "layer:all-minilm-l6-v2"
+    assert template["Parameters"]["Models"]["Default"] == "all-minilm-l6-v2=layer:all-minilm-l6-v2"
+    pattern = re.compile(template["Parameters"]["Models"]["AllowedPattern"])
+    assert pattern.match("a=layer:x,b=s3://bucket-name/models/y/,layer:z")
+    assert not pattern.match("a=http://x") and not pattern.match("a=layer:x,")
 
 
 def test_api_is_throttled_logged_and_strict(template):
