@@ -137,3 +137,15 @@ def aws(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mo
     moto_server.reset()
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
     yield moto_server
+
+
+def load_gpu_server():
+    """containers/gpu/server.py as a module (the container's folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_server", ROOT / "containers" / "gpu" / "server.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
