@@ -63,6 +63,8 @@ class ServedModel:
     memory_bytes: int = 0
     error: str = ""  # the last load failure, shown by /health and /v1/models until a load succeeds
     load_phases_ms: dict[str, float] = field(default_factory=dict)
+    # Held while this model is fetched or loaded: other models' requests do not wait for it.
+    load_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def loaded(self) -> bool:
@@ -154,9 +156,10 @@ class Registry:
     # -- tokenizer and pipeline ----------------------------------------------------------------------------
     def tokenizer(self, model: ServedModel) -> Any:
         """The model's tokenizer, without a session (the router counts tokens before deciding where to run)."""
-        if model.pipeline is not None:
-            return model.pipeline.tokenizer
-        with self._lock:
+        pipeline = model.pipeline
+        if pipeline is not None:
+            return pipeline.tokenizer
+        with model.load_lock:
             if model.tokenizer is None:
                 local = self._fetch(model)
                 started = time.perf_counter()
@@ -166,14 +169,19 @@ class Registry:
 
     def pipeline(self, model: ServedModel) -> Pipeline:
         """The loaded pipeline; the first call fetches, verifies and opens the session within the budget."""
+        pipeline = model.pipeline
+        if pipeline is None:
+            tokenizer = self.tokenizer(model)
+            with model.load_lock:
+                if model.pipeline is None:
+                    self._load(model, tokenizer)
+                pipeline = model.pipeline
         with self._lock:
-            if model.pipeline is None:
-                self._load(model)
-            self._lru.move_to_end(model.name)
-            return model.pipeline
+            if model.name in self._lru:
+                self._lru.move_to_end(model.name)
+        return pipeline
 
-    def _load(self, model: ServedModel) -> None:
-        tokenizer = self.tokenizer(model)
+    def _load(self, model: ServedModel, tokenizer: Any) -> None:
         local = self._fetch(model)
         need = estimate_memory_bytes(local.manifest)
         budget = self.settings.model_memory_bytes
@@ -182,11 +190,12 @@ class Registry:
                 f"model {model.name} needs about {need // 2**20} MB loaded, over the budget of {budget // 2**20} MB "
                 "(QUANTFN_MODEL_MEMORY_MB; raise the function's memory)"
             )
-        while self._lru and sum(m.memory_bytes for m in self._lru.values()) + need > budget:
-            _, evicted = self._lru.popitem(last=False)
-            logger.info("dropping model %s (least recently used) to load %s", evicted.name, model.name)
-            evicted.pipeline = None
-            evicted.memory_bytes = 0
+        with self._lock:
+            while self._lru and sum(m.memory_bytes for m in self._lru.values()) + need > budget:
+                _, evicted = self._lru.popitem(last=False)
+                logger.info("dropping model %s (least recently used) to load %s", evicted.name, model.name)
+                evicted.pipeline = None  # a request still running on it keeps its own reference
+                evicted.memory_bytes = 0
         started = time.perf_counter()
         settings = self.settings
         model.pipeline = self._guard(
@@ -198,7 +207,8 @@ class Registry:
         model.load_phases_ms["session"] = (time.perf_counter() - started) * 1000
         model.memory_bytes = need
         model.error = ""
-        self._lru[model.name] = model
+        with self._lock:
+            self._lru[model.name] = model
 
     def _fetch(self, model: ServedModel) -> Any:
         started = time.perf_counter()
