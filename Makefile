@@ -10,20 +10,33 @@ MODELS_DIR := build/models
 MODEL_ID := all-minilm-l6-v2
 MODEL := $(MODELS_DIR)/$(MODEL_ID)/manifest.json
 BUILD_SOURCES := $(wildcard shared/quantfn/build/*.py shared/quantfn/build/data/* shared/quantfn/models/*.py)
+# The functions' and layers' architecture (template parameter Architecture): x86_64, or arm64 for
+# Graviton (`make build ARCH=arm64`). Exported, so the build-<LogicalId> targets SAM runs see it too.
+ARCH ?= x86_64
+export ARCH
+ifeq ($(ARCH),x86_64)
+WHEEL_MACHINE := x86_64
+else ifeq ($(ARCH),arm64)
+WHEEL_MACHINE := aarch64
+else
+$(error ARCH is x86_64 or arm64, not "$(ARCH)")
+endif
 
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)/shared:$(CURDIR)
 export SAM_CLI_TELEMETRY := 0
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: help setup demo test test-unit test-integration e2e local-env lint format model build bench clean
+.PHONY: help setup demo test test-unit test-integration e2e local-env arm64-env lint format model build runtime-layer \
+	bench clean
 
 help:
 	@echo "make demo   build the int8 model and answer real requests through the API handler"
 	@echo "make test   set up and run every test"
-	@echo "make build  sam build (layers and functions, offline)"
+	@echo "make build  sam build (layers and functions, offline); ARCH=arm64 for Graviton"
 	@echo "make e2e    the sam local tier alone (sam build, then sam local invoke/start-lambda/start-api)"
 	@echo "make local-env  Docker, the Lambda base image and the proxy sam local needs offline"
+	@echo "make arm64-env  qemu-aarch64 and an arm64 python3.13 root: the arm64 layer runs here (tests, smoke import)"
 	@echo "make lint   ruff and sam validate --lint"
 	@echo "make bench  benchmarks -> bench/REPORT.md"
 
@@ -71,6 +84,11 @@ test-unit: setup
 local-env: setup
 	$(BIN)/python local/sam_local_env.py up
 
+# qemu user-mode emulation of Graviton under build/arm64-env (local/arm64_env.py; idempotent, ~30 s
+# and ~80 MB the first time): tests/integration/test_arm64_layer.py runs the arm64 layer through it.
+arm64-env: setup
+	$(BIN)/python local/arm64_env.py up
+
 # The e2e tier alone (`make test` runs it too): `make build` when stale, then sam local invoke,
 # start-lambda and start-api with every events/ file, AWS calls to moto on 127.0.0.1.
 e2e: $(MODEL) $(SAM_VENV)/.installed
@@ -104,11 +122,12 @@ clean:
 # scratch copy of it, .venv included), and the model and wheel cache under build/ are reused.
 # No `sam build --cached`: with CodeUri "." SAM would hash the whole tree, virtualenvs too;
 # make's own prerequisites decide what to rebuild.
-WHEELS_DIR := build/wheels/runtime
-RUNTIME_LAYER_CACHE := build/layers/runtime
-# Lambda python3.13 runs on Amazon Linux 2023 (glibc 2.34): manylinux_2_28 and older wheels load there.
+WHEELS_DIR := build/wheels/runtime-$(ARCH)
+RUNTIME_LAYER_CACHE := build/layers/runtime-$(ARCH)
+# Lambda python3.13 runs on Amazon Linux 2023 (glibc 2.34) on both architectures: manylinux_2_28 and
+# older wheels load there. Every pin has such a wheel for x86_64 and for aarch64 (requirements.txt).
 LAYER_WHEEL_TARGET := --only-binary=:all: --implementation cp --python-version 3.13 \
-	--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64
+	--platform manylinux_2_28_$(WHEEL_MACHINE) --platform manylinux2014_$(WHEEL_MACHINE)
 # A python3.13 here byte-compiles the artifacts (hash-based .pyc: zip mtimes do not matter;
 # -s/-p record the paths Lambda will see, /opt/python and /var/task, so tracebacks show source)
 # and smoke-imports the layer. Without one both steps are skipped and Lambda compiles on every
@@ -150,10 +169,27 @@ $(RUNTIME_LAYER_CACHE)/.built: $(WHEELS_DIR)/.downloaded
 	rm -rf $(RUNTIME_LAYER_CACHE)/python/bin
 	find $(RUNTIME_LAYER_CACHE)/python -type d -name tests -prune -exec rm -rf {} +
 	$(call precompile,$(RUNTIME_LAYER_CACHE)/python,/opt/python)
-	if [ -n "$(PYTHON313)" ]; then \
-		PYTHONPATH=$(RUNTIME_LAYER_CACHE)/python $(PYTHON313) -S -c \
-			'import numpy, onnxruntime, orjson, tokenizers, aws_lambda_powertools.event_handler'; fi
+	$(LAYER_SMOKE_IMPORT)
 	touch $@
+
+# The smoke import runs the layer's own native code: on this machine's python3.13 for x86_64; for
+# arm64 under the emulator (make arm64-env) when it is set up or can be (mmdebstrap, or root to install it).
+LAYER_IMPORTS := 'import numpy, onnxruntime, orjson, tokenizers, aws_lambda_powertools.event_handler'
+ifeq ($(ARCH),x86_64)
+define LAYER_SMOKE_IMPORT
+if [ -n "$(PYTHON313)" ]; then \
+	PYTHONPATH=$(RUNTIME_LAYER_CACHE)/python $(PYTHON313) -S -c $(LAYER_IMPORTS); fi
+endef
+else
+define LAYER_SMOKE_IMPORT
+if [ -f build/arm64-env/.ready ] || command -v mmdebstrap >/dev/null || [ "$$(id -u)" = 0 ]; then \
+	PYTHONPATH=$(RUNTIME_LAYER_CACHE)/python $(BIN)/python local/arm64_env.py python -S -c $(LAYER_IMPORTS); \
+else echo "no arm64 emulator here (make arm64-env): $(RUNTIME_LAYER_CACHE) is not smoke-imported"; fi
+endef
+endif
+
+# The runtime layer alone, for this ARCH, under $(RUNTIME_LAYER_CACHE)/python (as /opt/python in Lambda).
+runtime-layer: $(RUNTIME_LAYER_CACHE)/.built
 
 build-RuntimeLayer: $(RUNTIME_LAYER_CACHE)/.built
 	cp -R $(RUNTIME_LAYER_CACHE)/python "$(ARTIFACTS_DIR)/python"
@@ -165,8 +201,23 @@ build-ModelLayer: $(MODEL)
 	cp $(MODELS_DIR)/$(MODEL_ID)/* "$(ARTIFACTS_DIR)/models/$(MODEL_ID)/"
 
 # Lambda refuses a function whose code and layers unzip to more than 250 MB: fail here instead.
+# The built template allows only the architecture its layer was built for (Default and AllowedValues),
+# so `sam deploy` of an arm64 build cannot create x86_64 functions over aarch64 wheels, or the reverse.
+define PIN_BUILT_ARCHITECTURE
+from samcli.yamlhelper import yaml_dump, yaml_parse
+path = ".aws-sam/build/template.yaml"
+with open(path) as f:
+    template = yaml_parse(f.read())
+template["Parameters"]["Architecture"].update(Default="$(ARCH)", AllowedValues=["$(ARCH)"])
+with open(path, "w") as f:
+    f.write(yaml_dump(template))
+endef
+export PIN_BUILT_ARCHITECTURE
+
 build: $(SAM_VENV)/.installed $(MODEL)
-	AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} $(SAM) build --build-in-source
+	AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} $(SAM) build --build-in-source \
+		--parameter-overrides Architecture=$(ARCH)
+	$(SAM_VENV)/bin/python -c "$$PIN_BUILT_ARCHITECTURE"
 	@total=$$(du -sb $(addprefix .aws-sam/build/,ApiFunction RuntimeLayer ModelLayer) | awk '{s += $$1} END {print s}'); \
 	echo "ApiFunction + its layers, unzipped: $$((total / 1048576)) MiB of Lambda's 250 MiB"; \
 	test "$$total" -le 262144000

@@ -120,16 +120,24 @@ def test_sam_validate_lint_finds_no_problem():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_functions_run_python313_on_x86_64(template):
-    # Given the Globals, When no function overrides them, Then every function is python3.13/x86_64
+def test_functions_run_python313_on_the_architecture_parameter(template):
+    # Given the Globals, When no function overrides them, Then every function is python3.13 on the
+    # Architecture parameter's choice (x86_64 by default, or arm64), and the runtime layer is built for it
+    parameter = template["Parameters"]["Architecture"]
+    assert parameter["Default"] == "x86_64"
+    assert sorted(parameter["AllowedValues"]) == ["arm64", "x86_64"]
+    chosen = {"Ref": "Architecture"}
     function_globals = template["Globals"]["Function"]
     assert function_globals["Runtime"] == "python3.13"
-    assert function_globals["Architectures"] == ["x86_64"]
+    assert function_globals["Architectures"] == [chosen]
     for name, function in _of_type(template, "AWS::Serverless::Function").items():
         assert function["Properties"].get("Runtime", "python3.13") == "python3.13", name
-        assert function["Properties"].get("Architectures", ["x86_64"]) == ["x86_64"], name
+        assert function["Properties"].get("Architectures", [chosen]) == [chosen], name
     for name, layer in _of_type(template, "AWS::Serverless::LayerVersion").items():
         assert layer["Properties"]["CompatibleRuntimes"] == ["python3.13"], name
+        assert layer["Metadata"]["BuildArchitecture"] == chosen, name
+    runtime_layer = template["Resources"]["RuntimeLayer"]["Properties"]
+    assert runtime_layer["CompatibleArchitectures"] == [chosen]
 
 
 def test_functions_start_numpy_without_an_openblas_thread_pool(template):
