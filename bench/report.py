@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import cost
 from bench.measure import TYPICAL, corpus_batches, median_of, percentiles, timed
 
 FRONTIER_RECIPES = ("fp32", "fp16", "default", "int8-mixed", "int8-token", "int8-dynamic", "int4")
@@ -257,6 +258,7 @@ throughput (batch jobs) at 1 and 2 threads, stretched by the vCPU share a memory
 
 ![cost](cost.png)
 
+{cost.section(results["token_cost"]) if "token_cost" in results else ""}
 {batch}
 {sam_local}
 {notes}

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import report, sections
+from bench import cost, report, sections
 from bench.measure import REPO, start_moto
 
 MODELS = REPO / "build" / "models"
@@ -137,7 +137,10 @@ def main() -> int:
     per_embedding = {t: 1 / warm["quantfn"][t]["length_sorted"]["inputs_per_s"] for t in (1, 2)}
     handler_cold = results["cold_start"]["quantfn handler (layer)"]
     results["cost"] = sections.lambda_cost(per_request, per_embedding, handler_cold["wall_s"], cold_rate=0.01)
+    batch = json.loads((REPO / "bench" / "batch.json").read_text())  # make bench runs batch_throughput.py first
+    results["token_cost"] = cost.table(results["cost"], batch, cost.tokens_per_text(DEFAULT))
     results["headline"] = report.headline(results)
+    results["headline"]["usd_per_million_tokens"] = cost.usd_per_million_tokens(results["token_cost"])
     (REPO / "bench" / "results.json").write_text(json.dumps(results["headline"], indent=2) + "\n")
     (REPO / "bench" / "full_results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     report.write(results, REPO / "bench")
