@@ -6,11 +6,12 @@ Python, and as arm64 python3.13 under qemu with the arm64 runtime layer first on
 
     python layer_answers.py MODELS_ROOT TEXTS_JSON OUT_DIR
 
-Each model is opened as the functions open it: ``layer:<id>`` through the model store (manifest read,
-every file's sha256 verified), a session as the manifest says. Writes ``OUT_DIR/<id>.npy`` (embeddings
-[n, d] for embedders, label scores [n, labels] for classifiers) and ``OUT_DIR/facts.json`` (machine,
-onnxruntime's version and location, per model its task and labels). Standard library, numpy and quantfn
-only: nothing else is in the layer.
+Each model is served as the functions serve it: the registry (``QUANTFN_MODELS``-style list of
+``layer:<id>`` references; the model store reads the manifest and verifies every file's sha256) opens the
+manifest's task pipeline. Writes ``OUT_DIR/<id>.npy`` (embeddings [n, d]; label scores [n, labels] for
+classifiers; scores of the first text against every text for rerankers) and ``OUT_DIR/facts.json``
+(machine, onnxruntime's version and location, per model its task and labels). Standard library, numpy
+and quantfn only: nothing else is in the layer.
 """
 
 from __future__ import annotations
@@ -25,26 +26,26 @@ import numpy as np
 import onnxruntime
 
 from quantfn.config import Settings
-from quantfn.models.reference import parse_model_ref
-from quantfn.models.session import open_session
-from quantfn.models.store import LocalModel, ModelStore
+from quantfn.registry import Registry
+from quantfn.tasks import ClassifyPipeline, EmbedPipeline, Pipeline, RerankPipeline
 
 
-def answers(local: LocalModel, texts: list[str]) -> np.ndarray:
-    """Embeddings or label scores for ``texts``, through the runtime's task code for the manifest's task."""
-    from quantfn.tasks.embedding import EmbeddingModel, load_tokenizer
-
-    manifest = local.manifest
-    if manifest.task != "embed":
-        raise SystemExit(f"{manifest.model_id}: task {manifest.task!r} has no runtime pipeline in this quantfn")
-    session = open_session(local.path / "model.onnx", manifest, threads=1)
-    model = EmbeddingModel(session, load_tokenizer(local.path / "tokenizer.json"), manifest)
-    return model.embed(model.tokenize(texts))
+def answers(pipeline: Pipeline, texts: list[str]) -> np.ndarray:
+    """What the manifest's task answers for ``texts``."""
+    if isinstance(pipeline, EmbedPipeline):
+        return pipeline.embed(texts)
+    if isinstance(pipeline, ClassifyPipeline):
+        return pipeline.classify(texts)
+    if isinstance(pipeline, RerankPipeline):
+        return pipeline.score(texts[0], texts)
+    raise SystemExit(f"{pipeline.manifest.model_id}: no answer for task {pipeline.manifest.task!r}")
 
 
 def main(models_root: Path, texts_file: Path, out: Path) -> None:
     texts = json.loads(texts_file.read_text(encoding="utf-8"))
-    store = ModelStore(Settings.from_env({"QUANTFN_MODELS_ROOT": str(models_root)}))
+    published = sorted(p.name for p in models_root.iterdir() if (p / "manifest.json").is_file())
+    settings = Settings.from_env({"QUANTFN_MODELS_ROOT": str(models_root), "QUANTFN_THREADS": "1"})
+    registry = Registry(settings, models=[(name, f"layer:{name}") for name in published])
     facts: dict[str, Any] = {
         "machine": platform.machine(),
         "python": platform.python_version(),
@@ -53,10 +54,11 @@ def main(models_root: Path, texts_file: Path, out: Path) -> None:
         "models": {},
     }
     out.mkdir(parents=True, exist_ok=True)
-    for folder in sorted(p for p in models_root.iterdir() if (p / "manifest.json").is_file()):
-        local = store.fetch(parse_model_ref(f"layer:{folder.name}"))
-        np.save(out / f"{folder.name}.npy", answers(local, texts))
-        facts["models"][folder.name] = {"task": local.manifest.task, "labels": list(local.manifest.labels)}
+    for model in registry.models:
+        pipeline = registry.pipeline(model)
+        np.save(out / f"{model.name}.npy", answers(pipeline, texts))
+        facts["models"][model.name] = {"task": pipeline.manifest.task, "labels": list(pipeline.manifest.labels)}
+        registry.forget(model)  # one model loaded at a time, whatever the memory budget
     (out / "facts.json").write_text(json.dumps(facts, indent=2))
 
 
