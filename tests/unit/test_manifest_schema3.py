@@ -9,6 +9,7 @@ import pytest
 from quantfn.errors import ModelUnavailable
 from quantfn.models.manifest import Manifest
 
+HUGE = {"sha256": "", "size": 1e400}
 FILES = {"model.onnx": {"sha256": "0" * 64, "size": 10}, "tokenizer.json": {"sha256": "1" * 64, "size": 5}}
 BASE = {"schema": 3, "model_id": "m", "files": FILES, "max_sequence_length": 128, "inputs": ["input_ids"]}
 
@@ -62,7 +63,7 @@ def test_a_reranker_reads_pairs() -> None:
         ({"task": "classify", "output": "x", "labels": ["a"], "output_kind": "token_embeddings"}, "output_kind"),
         ({"task": "embed", "output": "x", "dimensions": 8, "files": {"model.onnx": FILES["model.onnx"]}}, "tokenizer"),
         ({"task": "embed", "output": "x", "dimensions": 8, "schema": 4}, "newer"),
-        ({"task": "embed", "output": "x", "dimensions": 8, "files": {**FILES, "w": {"sha256": "", "size": 1e400}}}, "infinity"),
+        ({"task": "embed", "output": "x", "dimensions": 8, "files": {**FILES, "w": HUGE}}, "infinity"),
     ],
 )
 def test_inconsistent_manifests_are_refused_naming_the_field(fields: dict, fragment: str) -> None:
