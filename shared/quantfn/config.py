@@ -171,6 +171,10 @@ class Settings:
     max_body_bytes: int = 6 * 1024 * 1024
     model_aliases: tuple[str, ...] = field(default_factory=tuple)
     preload: bool = False
+    # Model fetches from S3 (models/store.py): per-read timeouts and the deadline a fetch gets without one.
+    s3_connect_timeout_ms: int = 2_000
+    s3_read_timeout_ms: int = 10_000
+    model_fetch_timeout_ms: int = 20_000
     # Batch jobs (functions/batch)
     batch_queue_url: str = ""
     batch_chunk_lines: int = 1000
@@ -231,6 +235,9 @@ class Settings:
             max_body_bytes=_int(env, "QUANTFN_MAX_BODY_BYTES", 6 * 1024 * 1024, minimum=1),
             model_aliases=aliases,
             preload=_bool(env, "QUANTFN_PRELOAD", False),
+            s3_connect_timeout_ms=_int(env, "QUANTFN_S3_CONNECT_TIMEOUT_MS", 2_000, minimum=1),
+            s3_read_timeout_ms=_int(env, "QUANTFN_S3_READ_TIMEOUT_MS", 10_000, minimum=1),
+            model_fetch_timeout_ms=_int(env, "QUANTFN_MODEL_FETCH_TIMEOUT_MS", 20_000, minimum=1),
             batch_queue_url=env.get("QUANTFN_BATCH_QUEUE_URL", "").strip(),
             batch_chunk_lines=_int(env, "QUANTFN_BATCH_CHUNK_LINES", 1000, minimum=1),
             batch_safety_ms=_int(env, "QUANTFN_BATCH_SAFETY_MS", 20_000),
