@@ -19,6 +19,7 @@ fetches it again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -32,7 +33,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,8 +244,9 @@ class ModelStore:
         """Stream one object to ``target`` while hashing it; raise IntegrityError on any mismatch."""
         digest = hashlib.sha256()
         written = 0
+        missing = f"model {ref.model_id} is incomplete in S3: {name}"
         with target.open("wb") as out:
-            for chunk in self._stream(ref, name, deadline_s, missing=f"model {ref.model_id} is incomplete in S3: {name}"):
+            for chunk in self._stream(ref, name, deadline_s, missing=missing):
                 digest.update(chunk)
                 written += len(chunk)
                 if written > size:
@@ -259,7 +260,7 @@ class ModelStore:
         if digest.hexdigest() != sha256:
             raise IntegrityError(f"model {ref.model_id} failed verification: sha256 of {name} does not match")
 
-    @contextmanager
+    @contextlib.contextmanager
     def _cache_lock(self, deadline_s: float) -> Iterator[None]:
         cache = self.settings.cache_dir
         cache.mkdir(parents=True, exist_ok=True)
@@ -388,10 +389,8 @@ class _ObjectReader:
         self._stop.set()
         sock = _socket_of(self._body)
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)  # unblocks the helper's recv at once
-            except OSError:
-                pass
 
 
 def _socket_of(body: Any) -> socket.socket | None:
