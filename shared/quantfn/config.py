@@ -209,6 +209,9 @@ class Settings:
     server_batch_wait_ms: float = 5.0
     server_batch_max_texts: int = 256
     server_queue_max: int = 64
+    server_backlog: int = 512
+    server_max_inflight: int = 256
+    server_read_timeout_ms: int = 30_000
 
     @property
     def endpoint_configured(self) -> bool:
@@ -269,6 +272,9 @@ class Settings:
             server_batch_wait_ms=_float(env, "QUANTFN_SERVER_BATCH_WAIT_MS", 5.0),
             server_batch_max_texts=_int(env, "QUANTFN_SERVER_BATCH_MAX_TEXTS", 256, minimum=1),
             server_queue_max=_int(env, "QUANTFN_SERVER_QUEUE_MAX", 64, minimum=1),
+            server_backlog=_int(env, "QUANTFN_SERVER_BACKLOG", 512, minimum=1),
+            server_max_inflight=_int(env, "QUANTFN_SERVER_MAX_INFLIGHT", 256, minimum=1),
+            server_read_timeout_ms=_int(env, "QUANTFN_SERVER_READ_TIMEOUT_MS", 30_000, minimum=1),
         )
 
 
