@@ -94,9 +94,8 @@ def test_with_tracing_on_the_endpoint_call_session_creation_and_model_fetch_are_
     with pytest.raises(Exception, match="HTTP 500"):
         client.embed(["x"], "m", dimensions=4, normalized=False, deadline_s=1e12)
     from quantfn.models.manifest import Manifest
-    from quantfn.models.session import open_session
-
     from quantfn.models.reference import parse_model_ref
+    from quantfn.models.session import open_session
     from quantfn.models.store import ModelStore
 
     open_session(model_dir / "model.onnx", Manifest.read(model_dir), threads=1)
