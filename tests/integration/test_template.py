@@ -324,7 +324,7 @@ def test_reserved_concurrency_is_a_parameter_off_by_default(template, function, 
     assert resolve(reserved, template, {parameter: "10"}) == {"Ref": parameter}
 
 
-def test_job_bucket_is_versioned_and_access_logged_to_a_private_bucket(template):
+def test_job_bucket_is_versioned_and_both_buckets_are_access_logged_to_a_private_bucket(template):
     resources = template["Resources"]
     job = resources["JobBucket"]["Properties"]
     assert job["VersioningConfiguration"] == {"Status": "Enabled"}
@@ -339,7 +339,9 @@ def test_job_bucket_is_versioned_and_access_logged_to_a_private_bucket(template)
     ]
     (grant,) = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Allow"]
     assert grant["Principal"] == {"Service": "logging.s3.amazonaws.com"} and grant["Action"] == "s3:PutObject"
-    assert grant["Condition"]["ArnLike"] == {"aws:SourceArn": {"Fn::GetAtt": ["JobBucket", "Arn"]}}
+    sources = [{"Fn::GetAtt": [bucket, "Arn"]} for bucket in ("JobBucket", "ModelBucket")]
+    assert grant["Condition"]["ArnLike"] == {"aws:SourceArn": sources}
+    assert resources["ModelBucket"]["Properties"]["LoggingConfiguration"]["LogFilePrefix"] == "model-bucket/"
 
 
 @pytest.mark.parametrize("group", ["ApiFunctionLogs", "BatchFunctionLogs", "HttpApiAccessLogs"])
