@@ -203,7 +203,7 @@ def test_endpoint_4xx_never_open_the_circuit(status: int) -> None:
                 embed(client)
         # Then the circuit is still closed and the next request reaches the endpoint and succeeds
         assert client.breaker.state == "closed"
-        assert embed(client).vectors.shape == (2, DIMENSIONS) and len(stub.requests) == 4
+        assert embed(client).output.shape == (2, DIMENSIONS) and len(stub.requests) == 4
 
 
 def test_a_4xx_probe_in_half_open_does_not_wedge_the_circuit() -> None:
@@ -222,7 +222,7 @@ def test_a_connection_reset_mid_reply_is_retried_and_the_whole_answer_arrives() 
     with StubEndpoint([Step(reset=True), Step(reset=True)]) as stub:
         reply = embed(client_for(stub.url))
         assert reply.attempts == 3 and len(stub.requests) == 3
-        np.testing.assert_allclose(reply.vectors, unit_vectors(2), atol=1e-7)
+        np.testing.assert_allclose(reply.output, unit_vectors(2), atol=1e-7)
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", b'{"data": "x"}', b'{"data": [7, 8]}'])
@@ -231,5 +231,5 @@ def test_a_malformed_reply_is_an_upstream_failure_and_the_next_good_reply_is_ser
         client = client_for(stub.url)
         with pytest.raises(UpstreamFailed):
             embed(client)
-        np.testing.assert_allclose(embed(client).vectors, unit_vectors(2), atol=1e-7)
+        np.testing.assert_allclose(embed(client).output, unit_vectors(2), atol=1e-7)
         assert len(stub.requests) == 2

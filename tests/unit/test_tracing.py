@@ -102,4 +102,4 @@ def test_with_tracing_on_the_endpoint_call_session_creation_and_model_fetch_are_
     ModelStore(Settings(models_root=model_dir.parent)).fetch(parse_model_ref(f"layer:{model_dir.name}"))
     assert provider.names == ["## endpoint_call", "## session_create", "## model_fetch"]
     assert provider.annotations["## model_fetch"] == {"model": model_dir.name, "source": "layer"}
-    assert provider.annotations["## endpoint_call"] == {"endpoint": "refusing", "inputs": 1}
+    assert provider.annotations["## endpoint_call"] == {"endpoint": "refusing", "task": "embed"}
