@@ -20,6 +20,7 @@ fetches it again.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import hashlib
@@ -50,6 +51,21 @@ _CHUNK = 1 << 20
 _MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 _LOCK_POLL_S = 0.05
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # tmpfs and ext4 say ENOSPC for no free inodes as well
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("quantfn_fetch_deadline", default=None)
+
+
+@contextlib.contextmanager
+def fetch_deadline(deadline_s: float | None) -> Iterator[None]:
+    """Fetches (and manifest reads) inside this block end by ``deadline_s`` on time.monotonic, unless given one.
+
+    ``quantfn.inference.run`` sets it from the request's time left, so code between it and the store
+    (the registry) need not pass it along.
+    """
+    token = _deadline.set(deadline_s)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
 
 
 @dataclass(frozen=True)
@@ -80,8 +96,7 @@ class ModelStore:
         ``deadline_s`` is on ``time.monotonic``; without one the fetch gets QUANTFN_MODEL_FETCH_TIMEOUT_MS.
         """
         key = str(ref)
-        if deadline_s is None:
-            deadline_s = time.monotonic() + self.settings.model_fetch_timeout_ms / 1000
+        deadline_s = self._deadline(deadline_s)
         if not self._lock.acquire(timeout=max(0.0, deadline_s - time.monotonic())):
             raise ModelUnavailable(f"model {ref.model_id} is being fetched by another request; out of time waiting")
         try:
@@ -93,6 +108,12 @@ class ModelStore:
             return local
         finally:
             self._lock.release()
+
+    def _deadline(self, deadline_s: float | None) -> float:
+        """The given deadline, else the enclosing ``fetch_deadline``; never past QUANTFN_MODEL_FETCH_TIMEOUT_MS."""
+        longest = time.monotonic() + self.settings.model_fetch_timeout_ms / 1000
+        chosen = deadline_s if deadline_s is not None else _deadline.get()
+        return longest if chosen is None else min(chosen, longest)
 
     def forget(self, ref: ModelRef) -> None:
         """Drop ``ref``: its verified entry and, for S3, its cached folder; the next fetch starts over.
@@ -120,9 +141,7 @@ class ModelStore:
                 raise ModelUnavailable(f"model {ref.model_id} is not in the model layer (looked in {folder})")
             manifest = Manifest.read(folder)
         else:
-            if deadline_s is None:
-                deadline_s = time.monotonic() + self.settings.model_fetch_timeout_ms / 1000
-            data = self._read_object(ref, MANIFEST_NAME, deadline_s)
+            data = self._read_object(ref, MANIFEST_NAME, self._deadline(deadline_s))
             try:
                 manifest = Manifest.from_dict(json.loads(data))
             except (ValueError, TypeError, RecursionError) as exc:
