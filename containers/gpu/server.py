@@ -17,26 +17,35 @@ collects requests for up to ``QUANTFN_SERVER_BATCH_WAIT_MS`` or
 each request its own rows. Padding is masked out, so an input's output does not
 depend on its batch-mates. The queue is bounded: a full queue answers 503 at
 once instead of letting latency grow without end.
+
+The HTTP transport (``HttpServer``, ``RequestHandler``) knows nothing of models: it
+reads bodies, bounds them and the time a client may take to send them, and always
+answers with JSON. Its listen backlog (QUANTFN_SERVER_BACKLOG) absorbs bursts of
+connections; requests beyond QUANTFN_SERVER_MAX_INFLIGHT get 503 ``server_busy``;
+a bad ``Content-Length`` gets 400/413; no connection is closed without a reply.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from quantfn import inference
 from quantfn.config import ConfigError, Settings
-from quantfn.errors import BadRequest, ModelUnavailable, QuantfnError
+from quantfn.errors import BadRequest, ModelUnavailable, QuantfnError, TooLarge
 from quantfn.models.reference import parse_model_ref
 from quantfn.registry import Registry
 from quantfn.serialize import dumps
@@ -173,9 +182,148 @@ class MicroBatcher:
                 job.done.set()
 
 
-class EndpointServer(ThreadingHTTPServer):
+# ---- HTTP transport: connections, bodies, replies; nothing here knows about models ---------------------------
+
+
+class HttpServer(ThreadingHTTPServer):
+    """A thread per connection, a deep listen backlog, and a cap on requests in flight.
+
+    Python's default backlog of 5 made the kernel reset connections in a burst (issue 14:
+    89-123 of 200); with QUANTFN_SERVER_BACKLOG the kernel queues them, each gets a thread,
+    and a POST beyond ``max_inflight`` is answered 503 ``server_busy`` at once.
+    Subclasses implement ``respond(method, path, raw) -> (status, body)``.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
+
+    def __init__(
+        self, address: tuple[str, int], *, backlog: int, max_inflight: int, read_timeout_s: float, max_body_bytes: int
+    ) -> None:
+        self.request_queue_size = backlog  # read by server_activate(), inside super().__init__
+        self.inflight = threading.BoundedSemaphore(max_inflight)
+        self.read_timeout_s = read_timeout_s
+        self.max_body_bytes = max_body_bytes
+        super().__init__(address, RequestHandler)
+
+    def respond(self, method: str, path: str, raw: bytes) -> tuple[int, dict[str, Any]]:
+        raise NotImplementedError
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """Reads one request (bounded in size and time), asks the server for the reply, always answers JSON."""
+
+    server: HttpServer
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"  # so even a reply to a garbled request line has headers
+    _DRAIN_BYTES: ClassVar[int] = 1 << 20
+
+    def setup(self) -> None:
+        self.timeout = self.server.read_timeout_s  # StreamRequestHandler applies it to the socket
+        super().setup()
+
+    def do_GET(self) -> None:
+        self._serve("GET", b"")
+
+    def do_POST(self) -> None:
+        raw = self._read_body()
+        if raw is not None:
+            self._serve("POST", raw)
+
+    def _read_body(self) -> bytes | None:
+        """The body, or None after replying 400/408/411/413 (then the connection closes)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            error: QuantfnError = BadRequest("Send the body with a Content-Length.", code="length_required")
+            self._refuse(HTTPStatus.LENGTH_REQUIRED, error)
+            return None
+        header = self.headers.get("Content-Length")
+        if header is None:
+            return b""
+        if not header.strip().isdigit():
+            shown = header[:40]
+            self._refuse(400, BadRequest(f"Content-Length must be a whole number of bytes, got {shown!r}."))
+            return None
+        length, limit = int(header), self.server.max_body_bytes
+        if length > limit:
+            error = TooLarge(
+                f"The request body has {length} bytes; the limit is {limit} (QUANTFN_MAX_BODY_BYTES).",
+                code="body_too_large",
+            )
+            self._refuse(413, error)
+            return None
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            limit_s = self.server.read_timeout_s
+            self._refuse(408, BadRequest(f"The body did not arrive within {limit_s:.0f} s.", code="request_timeout"))
+            return None
+        if len(raw) < length:  # the client hung up mid-body: nobody is left to answer
+            self.close_connection = True
+            return None
+        return raw
+
+    def _serve(self, method: str, raw: bytes) -> None:
+        if method == "POST" and not self.server.inflight.acquire(blocking=False):
+            self._reply(503, ServerBusy("too many requests in flight (QUANTFN_SERVER_MAX_INFLIGHT)").to_body())
+            return
+        try:
+            status, body = self.server.respond(method, self.path, raw)
+        except QuantfnError as error:
+            log = logger.info if error.status < 500 else logger.warning
+            log("refused %s: %s", error.status, error.message)
+            status, body = error.status, error.to_body()
+        except RecursionError:  # json.loads on a body nested thousands deep
+            status, body = 400, BadRequest("The request body is nested too deeply.").to_body()
+        except Exception:
+            logger.exception("unexpected error")
+            status, body = HTTPStatus.INTERNAL_SERVER_ERROR, QuantfnError("unexpected").to_body()
+        finally:
+            if method == "POST":
+                self.server.inflight.release()
+        self._reply(status, body)
+
+    def _refuse(self, status: int, error: QuantfnError) -> None:
+        """Reply, then close gracefully: unread request bytes left at close() would make the kernel send a reset."""
+        self._reply(status, error.to_body(), close=True)
+        with contextlib.suppress(OSError):
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.5)
+            drained = 0
+            while drained < self._DRAIN_BYTES:
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, headers too long) in the JSON error shape."""
+        error = BadRequest(f"HTTP {code}: {message or HTTPStatus(code).phrase}."[:200], code="bad_http_request")
+        self._reply(code, error.to_body(), close=True)
+
+    def _reply(self, status: int, body: dict[str, Any], close: bool = False) -> None:
+        try:
+            data = dumps(body).encode()
+        except (TypeError, ValueError):  # orjson refuses lone surrogates; json escapes them
+            data = json.dumps(body, ensure_ascii=True).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client left before its answer
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug(format, *args)
+
+
+class EndpointServer(HttpServer):
+    """The model side: load, /ping, /stats, the task routes; the transport is HttpServer's."""
 
     def __init__(self, settings: Settings, choice: ModelChoice) -> None:
         self.settings = settings
@@ -186,7 +334,27 @@ class EndpointServer(ThreadingHTTPServer):
         self._batchers_lock = threading.Lock()
         self.ready = threading.Event()
         self.load_error: str | None = None
-        super().__init__((settings.server_host, settings.server_port), RequestHandler)
+        super().__init__(
+            (settings.server_host, settings.server_port),
+            backlog=settings.server_backlog,
+            max_inflight=settings.server_max_inflight,
+            read_timeout_s=settings.server_read_timeout_ms / 1000,
+            max_body_bytes=settings.max_body_bytes,
+        )
+
+    def respond(self, method: str, path: str, raw: bytes) -> tuple[int, dict[str, Any]]:
+        if method == "GET" and path == "/ping":
+            ready = self.ready.is_set()
+            status = {"status": "ok" if ready else "loading", "model_choice": self.choice.reason}
+            status["providers"] = self.active_providers
+            status["models"] = [name for name, _ in self.choice.models]
+            status["stats"] = self.stats()
+            return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE), status
+        if method == "GET" and path == "/stats":
+            return HTTPStatus.OK, self.stats()
+        if method == "POST" and (path == "/invocations" or path in ROUTES):
+            return HTTPStatus.OK, self.invoke(path, raw)
+        raise BadRequest(f"No route for {method} {path[:100]}.", code="not_found")
 
     @property
     def active_providers(self) -> list[str]:
@@ -260,51 +428,6 @@ class EndpointServer(ThreadingHTTPServer):
         request = openai.parse_embeddings_request(data, None)
         result = inference.run(request, budget, self.registry, self._forward)
         return openai.embeddings_response(result, request.encoding_format)
-
-
-class RequestHandler(BaseHTTPRequestHandler):
-    server: EndpointServer
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        if self.path == "/ping":
-            ready = self.server.ready.is_set()
-            status = {"status": "ok" if ready else "loading", "model_choice": self.server.choice.reason}
-            status["providers"] = self.server.active_providers
-            status["models"] = [name for name, _ in self.server.choice.models]
-            status["stats"] = self.server.stats()
-            self._reply(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, status)
-        elif self.path == "/stats":
-            self._reply(HTTPStatus.OK, self.server.stats())
-        else:
-            self._reply(HTTPStatus.NOT_FOUND, BadRequest(f"No route for GET {self.path}.", code="not_found").to_body())
-
-    def do_POST(self) -> None:
-        if self.path != "/invocations" and self.path not in ROUTES:
-            self._reply(HTTPStatus.NOT_FOUND, BadRequest(f"No route for POST {self.path}.", code="not_found").to_body())
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        try:
-            self._reply(HTTPStatus.OK, self.server.invoke(self.path, raw))
-        except QuantfnError as error:
-            log = logger.info if error.status < 500 else logger.warning
-            log("refused %s: %s", error.status, error.message)
-            self._reply(error.status, error.to_body())
-        except Exception:
-            logger.exception("unexpected error")
-            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, QuantfnError("unexpected").to_body())
-
-    def _reply(self, status: int, body: dict[str, Any]) -> None:
-        data = dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug(format, *args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from quantfn.errors import BadRequest, QuantfnError
 from quantfn.registry import get_registry
 from quantfn.routing import RoutePlan
 from quantfn.serialize import dumps
+from quantfn.tracing import capture_lambda_handler
 from quantfn.warmup import prepare_init
 from quantfn.wire import body, classify, openai, rerank
 
@@ -129,6 +130,7 @@ def _error_response(error: QuantfnError, status: int, headers: dict[str, str] | 
     return Response(status, content_types.APPLICATION_JSON, error.to_body(), headers=headers)
 
 
+@capture_lambda_handler  # X-Ray in Lambda with Tracing: Active; a no-op locally
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics(capture_cold_start_metric=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from quantfn.batch.jobs import parse_job_message
 from quantfn.batch.runner import JobRunner
 from quantfn.registry import get_registry
+from quantfn.tracing import capture_lambda_handler
 from quantfn.warmup import prepare_init
 
 logger = Logger(service="quantfn-batch")
@@ -50,6 +51,7 @@ def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     metrics.add_metric(name=f"Jobs{outcome.status.title()}", unit=MetricUnit.Count, value=1)
 
 
+@capture_lambda_handler  # X-Ray in Lambda with Tracing: Active; a no-op locally
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics(capture_cold_start_metric=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:

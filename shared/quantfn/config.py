@@ -171,6 +171,10 @@ class Settings:
     max_body_bytes: int = 6 * 1024 * 1024
     model_aliases: tuple[str, ...] = field(default_factory=tuple)
     preload: bool = False
+    # Model fetches from S3 (models/store.py): per-read timeouts and the deadline a fetch gets without one.
+    s3_connect_timeout_ms: int = 2_000
+    s3_read_timeout_ms: int = 10_000
+    model_fetch_timeout_ms: int = 20_000
     # Batch jobs (functions/batch)
     batch_queue_url: str = ""
     batch_chunk_lines: int = 1000
@@ -205,6 +209,9 @@ class Settings:
     server_batch_wait_ms: float = 5.0
     server_batch_max_texts: int = 256
     server_queue_max: int = 64
+    server_backlog: int = 512
+    server_max_inflight: int = 256
+    server_read_timeout_ms: int = 30_000
 
     @property
     def endpoint_configured(self) -> bool:
@@ -231,6 +238,9 @@ class Settings:
             max_body_bytes=_int(env, "QUANTFN_MAX_BODY_BYTES", 6 * 1024 * 1024, minimum=1),
             model_aliases=aliases,
             preload=_bool(env, "QUANTFN_PRELOAD", False),
+            s3_connect_timeout_ms=_int(env, "QUANTFN_S3_CONNECT_TIMEOUT_MS", 2_000, minimum=1),
+            s3_read_timeout_ms=_int(env, "QUANTFN_S3_READ_TIMEOUT_MS", 10_000, minimum=1),
+            model_fetch_timeout_ms=_int(env, "QUANTFN_MODEL_FETCH_TIMEOUT_MS", 20_000, minimum=1),
             batch_queue_url=env.get("QUANTFN_BATCH_QUEUE_URL", "").strip(),
             batch_chunk_lines=_int(env, "QUANTFN_BATCH_CHUNK_LINES", 1000, minimum=1),
             batch_safety_ms=_int(env, "QUANTFN_BATCH_SAFETY_MS", 20_000),
@@ -262,6 +272,9 @@ class Settings:
             server_batch_wait_ms=_float(env, "QUANTFN_SERVER_BATCH_WAIT_MS", 5.0),
             server_batch_max_texts=_int(env, "QUANTFN_SERVER_BATCH_MAX_TEXTS", 256, minimum=1),
             server_queue_max=_int(env, "QUANTFN_SERVER_QUEUE_MAX", 64, minimum=1),
+            server_backlog=_int(env, "QUANTFN_SERVER_BACKLOG", 512, minimum=1),
+            server_max_inflight=_int(env, "QUANTFN_SERVER_MAX_INFLIGHT", 256, minimum=1),
+            server_read_timeout_ms=_int(env, "QUANTFN_SERVER_READ_TIMEOUT_MS", 30_000, minimum=1),
         )
 
 

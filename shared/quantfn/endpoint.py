@@ -2,10 +2,13 @@
 
 Both speak the container's contract (containers/gpu): ``POST /invocations`` with
 the OpenAI embeddings JSON. Every call has a deadline (the caller's remaining
-time); attempts are retried with full-jitter exponential backoff on throttling,
-5xx and connection failures, never on 4xx; a circuit breaker stops calling an
-endpoint that keeps failing. A reply is checked (count, dimensions, finite
-numbers) before anyone sees it: the caller gets the whole answer or an error.
+time), which bounds the whole call, a reply that trickles in included; attempts
+are retried with full-jitter exponential backoff on throttling, 5xx and connection
+failures, never on other 4xx, and a 429's or 503's ``Retry-After`` is honoured when
+it fits the deadline; a circuit breaker stops calling an endpoint that keeps
+failing (a 4xx is the request's fault, not the endpoint's: it never opens it).
+A reply is checked (count, dimensions, finite numbers) before anyone sees it:
+the caller gets the whole answer or an error.
 
 Errors: ``EndpointUnavailable`` (503: not configured, not found, circuit open),
 ``UpstreamFailed`` (502: failed, timed out, invalid reply), ``TooLarge`` (413:
@@ -16,10 +19,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import email.utils
 import http.client
 import json
 import math
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +37,7 @@ import numpy as np
 
 from quantfn.config import Settings
 from quantfn.errors import EndpointUnavailable, TooLarge, UpstreamFailed
+from quantfn.tracing import subsegment
 
 _MIN_ATTEMPT_S = 0.05  # no attempt is started with less time than this left
 _RETRYABLE_SAGEMAKER = {
@@ -46,7 +53,14 @@ class CallFailed(Exception):
     """One attempt failed. ``retryable``: worth another attempt; ``status``: HTTP status if one came back."""
 
     def __init__(
-        self, detail: str, *, retryable: bool, status: int | None = None, body: bytes = b"", missing: bool = False
+        self,
+        detail: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        body: bytes = b"",
+        missing: bool = False,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
@@ -54,6 +68,12 @@ class CallFailed(Exception):
         self.status = status
         self.body = body
         self.missing = missing  # the endpoint does not exist (a deployment error, not a transient one)
+        self.retry_after_s = retry_after_s  # the endpoint's Retry-After, when it sent one
+
+    @property
+    def endpoint_fault(self) -> bool:
+        """Does this count against the endpoint's health? Not a 4xx: that is the request's fault."""
+        return self.missing or self.status is None or self.status >= 500
 
 
 @dataclass(frozen=True)
@@ -107,6 +127,11 @@ class CircuitBreaker:
         with self._lock:
             self._consecutive, self._opened_at, self._probing = 0, None, False
 
+    def record_answer(self) -> None:
+        """The endpoint answered but refused the request (4xx): neither a success nor a failure; a probe ends."""
+        with self._lock:
+            self._probing = False
+
     def record_failure(self) -> None:
         with self._lock:
             self._consecutive += 1
@@ -116,7 +141,11 @@ class CircuitBreaker:
 
 
 class HttpTransport:
-    """``POST <url>/invocations`` with http.client: a connect timeout, then the attempt's timeout per read."""
+    """``POST <url>/invocations`` with http.client: a connect timeout, and the attempt's timeout on the whole call.
+
+    A socket timeout applies per read, so a reply trickling in a byte at a time would never hit it:
+    a timer shuts the socket down when the attempt's time is up, whatever the call is doing.
+    """
 
     def __init__(self, url: str, connect_timeout_s: float) -> None:
         parts = urlsplit(url)
@@ -131,7 +160,18 @@ class HttpTransport:
     def post(self, body: bytes, timeout_s: float) -> bytes:
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
         connection = cls(self.host, self.port, timeout=min(self.connect_timeout_s, timeout_s))
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            if connection.sock is not None:
+                with contextlib.suppress(OSError):
+                    connection.sock.shutdown(socket.SHUT_RDWR)  # unblocks a read in progress
+
+        timer = threading.Timer(timeout_s, expire)
+        timer.daemon = True
         started = time.monotonic()
+        timer.start()
         try:
             connection.connect()
             connection.sock.settimeout(max(_MIN_ATTEMPT_S, timeout_s - (time.monotonic() - started)))
@@ -139,16 +179,38 @@ class HttpTransport:
             connection.request("POST", self.path, body=body, headers=headers)
             response = connection.getresponse()
             data = response.read()
-        except TimeoutError as exc:
-            raise CallFailed(f"no answer within {timeout_s:.2f} s", retryable=True) from exc
+            if expired.is_set():
+                raise TimeoutError
         except (OSError, http.client.HTTPException) as exc:
+            if expired.is_set() or isinstance(exc, TimeoutError):
+                raise CallFailed(f"no answer within {timeout_s:.2f} s (whole reply)", retryable=True) from exc
             raise CallFailed(f"connection failed: {exc.__class__.__name__}", retryable=True) from exc
         finally:
+            timer.cancel()
             connection.close()
         if response.status == 200:
             return data
         retryable = response.status == 429 or response.status >= 500
-        raise CallFailed(f"HTTP {response.status}", retryable=retryable, status=response.status, body=data)
+        retry_after = _retry_after_s(response.getheader("Retry-After")) if retryable else None
+        raise CallFailed(
+            f"HTTP {response.status}", retryable=retryable, status=response.status, body=data, retry_after_s=retry_after
+        )
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delay-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 class SageMakerTransport:
@@ -258,7 +320,8 @@ class EndpointClient:
             )
         started = self._clock()
         try:
-            data, attempts = self._post_with_retries(json.dumps(body).encode(), deadline_s)
+            with subsegment("endpoint_call", endpoint=self.transport.name, task=str(body.get("task", "embed"))):
+                data, attempts = self._post_with_retries(json.dumps(body).encode(), deadline_s)
             output = parse(data)
         except CallFailed as failure:
             raise self._failed(failure) from failure
@@ -284,16 +347,23 @@ class EndpointClient:
                     raise
                 cap = min(settings.endpoint_backoff_max_ms, settings.endpoint_backoff_base_ms * 2 ** (attempt - 1))
                 pause = self._jitter() * cap / 1000  # full jitter: uniform in [0, cap)
+                if failure.retry_after_s is not None:  # the endpoint said when: no sooner
+                    pause = max(pause, failure.retry_after_s)
                 if self._clock() + pause + _MIN_ATTEMPT_S > deadline_s:
+                    if failure.retry_after_s is not None:
+                        failure.detail += f"; Retry-After {failure.retry_after_s:.1f} s is past the deadline"
                     raise
                 self._sleep(pause)
 
     def _failed(self, failure: CallFailed) -> Exception:
         where = self.transport.name
+        if not failure.endpoint_fault:
+            self.breaker.record_answer()
+        else:
+            self.breaker.record_failure()
         if failure.status == 413:
             message = _error_message(failure.body) or "the request is over its limits"
             return TooLarge(f"The GPU endpoint refused the request: {message}", param="input")
-        self.breaker.record_failure()
         if failure.missing:
             return EndpointUnavailable(
                 f"GPU endpoint {where} does not exist: {failure.detail}", code="endpoint_missing"

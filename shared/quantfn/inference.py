@@ -23,6 +23,7 @@ import numpy as np
 
 from quantfn.errors import BadRequest, QuantfnError
 from quantfn.models.manifest import Manifest
+from quantfn.models.store import fetch_deadline
 from quantfn.registry import Registry, ServedModel, get_registry
 from quantfn.routing import (
     ENDPOINT,
@@ -122,6 +123,15 @@ def run(
     budget = budget or Budget()
     registry = registry or get_registry()
     started = time.monotonic()
+    if budget.remaining_ms is None:
+        return _run(request, budget, registry, forward, started)
+    # A model fetched on the way (S3 stalled or slow) must answer 503 while the caller still listens.
+    margin_ms = registry.settings.route_margin_ms
+    with fetch_deadline(started + max(0.0, budget.remaining_ms - margin_ms) / 1000):
+        return _run(request, budget, registry, forward, started)
+
+
+def _run(request: Request, budget: Budget, registry: Registry, forward: Forward | None, started: float) -> Result:
     served = registry.resolve(request.model, request.task)
     manifest = registry.manifest(served)
     _check(request, manifest)

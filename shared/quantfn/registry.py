@@ -125,8 +125,16 @@ class Registry:
                     return model
             raise BadRequest(f"No served model can do {task}; name one with 'model'.", param="model")
         model = next((m for m in self.models if m.name == name), None)
-        if model is None:
-            model = next((m for m in self.models if self._readable(m) and name in self.names(m)), None)
+        unreadable: list[str] = []
+        for candidate in self.models if model is None else ():
+            if not self._readable(candidate):
+                unreadable.append(candidate.name)
+            elif name in self.names(candidate):
+                model = candidate
+                break
+        if model is None and unreadable:  # the name may be one of theirs: not known to be unknown
+            missing = ", ".join(unreadable)
+            raise ModelUnavailable(f"cannot tell whether {echo(name)} is served: no manifest for {missing}")
         if model is None:
             raise ModelNotFound(
                 f"The model {echo(name)} is not served here; available: {', '.join(m.name for m in self.models)}.",

@@ -2,14 +2,19 @@
 
 Each request takes the next ``Step`` of the script (then ``default``): answer with
 a status after a delay, with a given body or, for 200 without one, a valid
-embeddings reply for the request it got. Every request is recorded.
+embeddings reply for the request it got; ``trickle_s`` sends the body a byte at a
+time, ``reset`` sends half of it and resets the connection. Every request is
+recorded, with the ``time.monotonic`` it arrived at.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import socket
+import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -25,6 +30,8 @@ class Step:
     delay_s: float = 0.0
     body: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    trickle_s: float = 0.0
+    reset: bool = False
 
 
 def unit_vectors(count: int, seed: int = 0) -> np.ndarray:
@@ -65,7 +72,8 @@ class StubEndpoint:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with stub._lock:
                     step = stub.script.pop(0) if stub.script else stub.default
-                    stub.requests.append({"path": self.path, "headers": dict(self.headers), "body": raw})
+                    record = {"path": self.path, "headers": dict(self.headers), "body": raw, "at": time.monotonic()}
+                    stub.requests.append(record)
                 if step.delay_s:
                     stub._stopping.wait(step.delay_s)
                 body = step.body
@@ -81,7 +89,19 @@ class StubEndpoint:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    self.wfile.write(body)
+                    if step.reset:
+                        self.wfile.write(body[: len(body) // 2])
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.rfile.close()
+                        self.connection.close()  # with SO_LINGER 0: a reset, not a clean close
+                        self.close_connection = True
+                    elif step.trickle_s:
+                        for index in range(len(body)):
+                            if stub._stopping.wait(step.trickle_s):
+                                break
+                            self.wfile.write(body[index : index + 1])
+                    else:
+                        self.wfile.write(body)
                 except OSError:
                     pass  # the client gave up first: that is what a slow-server test wants
 

@@ -161,3 +161,75 @@ def test_the_api_answers_502_then_503_when_the_endpoint_is_down(monkeypatch, lam
         assert reply["statusCode"] == status and error["code"] == code
         assert "retry later" in error["message"] and "127.0.0.1" not in error["message"]
         assert reply["headers"]["x-quantfn-route"] == "endpoint; reason=too_many_inputs"
+
+
+# ---- the fault matrix of issue 14: trickling replies, Retry-After, 4xx and the breaker, resets, bad bodies ----
+
+
+def test_a_reply_trickling_in_a_byte_at_a_time_is_abandoned_at_the_deadline() -> None:
+    # Given an endpoint that sends its (valid) reply one byte every 0.4 s, each read well inside the timeout
+    with StubEndpoint(default=Step(trickle_s=0.4)) as stub:
+        client = client_for(stub.url, endpoint_timeout_ms=1000, endpoint_max_attempts=1)
+        started = time.monotonic()
+        # When the call has a 1 s deadline
+        with pytest.raises(UpstreamFailed, match="no answer within"):
+            embed(client, within_s=1.0)
+        # Then it ends at the deadline, not after the whole trickle (thousands of bytes)
+        assert time.monotonic() - started < 2.0 and len(stub.requests) == 1
+
+
+def test_retry_after_on_a_429_is_waited_for_before_the_retry() -> None:
+    with StubEndpoint([Step(429, headers={"Retry-After": "1"})]) as stub:
+        reply = embed(client_for(stub.url, endpoint_backoff_max_ms=10), within_s=5.0)
+        assert reply.attempts == 2
+        assert stub.requests[1]["at"] - stub.requests[0]["at"] >= 0.95  # not the 0-10 ms backoff
+
+
+def test_a_retry_after_past_the_deadline_fails_at_once_instead_of_retrying_early() -> None:
+    with StubEndpoint(default=Step(429, headers={"Retry-After": "30"})) as stub:
+        started = time.monotonic()
+        with pytest.raises(UpstreamFailed, match=r"Retry-After 30\.0 s is past the deadline"):
+            embed(client_for(stub.url), within_s=2.0)
+        assert time.monotonic() - started < 1.0 and len(stub.requests) == 1
+
+
+@pytest.mark.parametrize("status", [400, 404, 422, 429])
+def test_endpoint_4xx_never_open_the_circuit(status: int) -> None:
+    # Given a breaker that opens after 2 failures, and an endpoint that refuses three requests
+    with StubEndpoint([Step(status)] * 3) as stub:
+        client = client_for(stub.url, endpoint_max_attempts=1)
+        for _ in range(3):
+            with pytest.raises(UpstreamFailed, match=f"HTTP {status}"):
+                embed(client)
+        # Then the circuit is still closed and the next request reaches the endpoint and succeeds
+        assert client.breaker.state == "closed"
+        assert embed(client).output.shape == (2, DIMENSIONS) and len(stub.requests) == 4
+
+
+def test_a_4xx_probe_in_half_open_does_not_wedge_the_circuit() -> None:
+    with StubEndpoint([Step(500), Step(500), Step(400)]) as stub:
+        client = client_for(stub.url, endpoint_max_attempts=1)
+        for _ in range(2):
+            with pytest.raises(UpstreamFailed):
+                embed(client)
+        time.sleep(0.35)  # the cool-down: one probe may go
+        with pytest.raises(UpstreamFailed, match="HTTP 400"):
+            embed(client)
+        assert embed(client).attempts == 1 and len(stub.requests) == 4  # the next probe went out
+
+
+def test_a_connection_reset_mid_reply_is_retried_and_the_whole_answer_arrives() -> None:
+    with StubEndpoint([Step(reset=True), Step(reset=True)]) as stub:
+        reply = embed(client_for(stub.url))
+        assert reply.attempts == 3 and len(stub.requests) == 3
+        np.testing.assert_allclose(reply.output, unit_vectors(2), atol=1e-7)
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", b'{"data": "x"}', b'{"data": [7, 8]}'])
+def test_a_malformed_reply_is_an_upstream_failure_and_the_next_good_reply_is_served(body: bytes) -> None:
+    with StubEndpoint([Step(200, body=body)]) as stub:
+        client = client_for(stub.url)
+        with pytest.raises(UpstreamFailed):
+            embed(client)
+        np.testing.assert_allclose(embed(client).output, unit_vectors(2), atol=1e-7)
+        assert len(stub.requests) == 2

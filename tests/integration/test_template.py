@@ -268,7 +268,7 @@ def _tls_denies(policy: dict[str, Any], service: str) -> list[dict[str, Any]]:
     ]
 
 
-@pytest.mark.parametrize("bucket", ["ModelBucket", "JobBucket"])
+@pytest.mark.parametrize("bucket", ["ModelBucket", "JobBucket", "JobAccessLogBucket"])
 def test_every_bucket_refuses_requests_without_tls(template, bucket):
     policies = [
         p for p in _of_type(template, "AWS::S3::BucketPolicy").values() if p["Properties"]["Bucket"] == {"Ref": bucket}
@@ -302,9 +302,65 @@ def test_batch_jobs_report_partial_failures_and_dead_letter_with_an_alarm(templa
     assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (0, "GreaterThanThreshold")
 
 
+XRAY_WRITES = ["xray:PutTraceSegments", "xray:PutTelemetryRecords"]
+
+
+def _without_xray(statements: list[dict]) -> list[dict]:
+    """The statements other than X-Ray's two write actions, which alone may (and must) name Resource "*"."""
+    xray = [s for s in statements if any(str(a).startswith("xray:") for a in _as_list(s["Action"]))]
+    assert len(xray) == 1 and xray[0]["Action"] == XRAY_WRITES and xray[0]["Resource"] == "*"
+    return [s for s in statements if s is not xray[0]]
+
+
+@pytest.mark.parametrize("function", ["ApiFunction", "BatchFunction"])
+def test_every_function_is_traced_with_only_the_xray_write_actions(template, function):
+    properties = template["Resources"][function]["Properties"]
+    assert properties["Tracing"] == "Active"
+    role = template["Resources"][properties["Role"]["Fn::GetAtt"][0]]["Properties"]
+    policies = [p for p in resolve(role["Policies"], template, {}) if p is not NO_VALUE]
+    _without_xray([s for p in policies for s in p["PolicyDocument"]["Statement"]])
+
+
+@pytest.mark.parametrize(
+    ("function", "parameter"),
+    [("ApiFunction", "ApiReservedConcurrency"), ("BatchFunction", "BatchReservedConcurrency")],
+)
+def test_reserved_concurrency_is_a_parameter_off_by_default(template, function, parameter):
+    reserved = template["Resources"][function]["Properties"]["ReservedConcurrentExecutions"]
+    assert template["Parameters"][parameter]["Default"] == -1
+    assert resolve(reserved, template, {parameter: "-1"}) is NO_VALUE
+    assert resolve(reserved, template, {parameter: "10"}) == {"Ref": parameter}
+
+
+def test_job_bucket_is_versioned_and_both_buckets_are_access_logged_to_a_private_bucket(template):
+    resources = template["Resources"]
+    job = resources["JobBucket"]["Properties"]
+    assert job["VersioningConfiguration"] == {"Status": "Enabled"}
+    assert job["LoggingConfiguration"]["DestinationBucketName"] == {"Ref": "JobAccessLogBucket"}
+    logs = resources["JobAccessLogBucket"]["Properties"]
+    assert all(logs["PublicAccessBlockConfiguration"].values())
+    assert logs["LifecycleConfiguration"]["Rules"][0]["ExpirationInDays"] == 90
+    (policy,) = [
+        p
+        for p in _of_type(template, "AWS::S3::BucketPolicy").values()
+        if p["Properties"]["Bucket"] == {"Ref": "JobAccessLogBucket"}
+    ]
+    (grant,) = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Allow"]
+    assert grant["Principal"] == {"Service": "logging.s3.amazonaws.com"} and grant["Action"] == "s3:PutObject"
+    sources = [{"Fn::GetAtt": [bucket, "Arn"]} for bucket in ("JobBucket", "ModelBucket")]
+    assert grant["Condition"]["ArnLike"] == {"aws:SourceArn": sources}
+    assert resources["ModelBucket"]["Properties"]["LoggingConfiguration"]["LogFilePrefix"] == "model-bucket/"
+
+
+@pytest.mark.parametrize("group", ["ApiFunctionLogs", "BatchFunctionLogs", "HttpApiAccessLogs"])
+def test_every_log_group_is_explicit_with_a_retention(template, group):
+    assert template["Resources"][group]["Type"] == "AWS::Logs::LogGroup"
+    assert template["Resources"][group]["Properties"]["RetentionInDays"] > 0
+
+
 def test_batch_role_reaches_only_its_queue_job_bucket_models_and_logs(template):
     role = template["Resources"]["BatchFunctionRole"]["Properties"]
-    statements = [s for p in role["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    statements = _without_xray([s for p in role["Policies"] for s in p["PolicyDocument"]["Statement"]])
     for statement in statements:
         assert statement["Effect"] == "Allow"
         assert all(not a.endswith("*") for a in _as_list(statement["Action"]))
@@ -327,7 +383,7 @@ def test_function_role_grants_only_its_logs_and_model_reads(template):
     assert role["Type"] == "AWS::IAM::Role"
     assert "ManagedPolicyArns" not in role["Properties"]
     policies = [p for p in resolve(role["Properties"]["Policies"], template, {}) if p is not NO_VALUE]
-    statements = [s for p in policies for s in p["PolicyDocument"]["Statement"]]
+    statements = _without_xray([s for p in policies for s in p["PolicyDocument"]["Statement"]])
     actions = {a for s in statements for a in _as_list(s["Action"])}
     assert actions == {"logs:CreateLogStream", "logs:PutLogEvents", "s3:GetObject"}  # no GPU endpoint: no invoke
     assert all(s["Effect"] == "Allow" and "NotAction" not in s and "NotResource" not in s for s in statements)

@@ -8,6 +8,7 @@ from typing import Any
 
 from quantfn.errors import IntegrityError
 from quantfn.models.manifest import DequantizeAtLoad, Manifest
+from quantfn.tracing import subsegment
 
 
 def open_session(
@@ -17,14 +18,15 @@ def open_session(
 
     See ``create_session``; the build evaluates models through the same function.
     """
-    return create_session(
-        model_file,
-        threads=threads,
-        pre_optimized=manifest.pre_optimized,
-        config=manifest.session_config,
-        dequantize=manifest.dequantize_at_load,
-        providers=providers,
-    )
+    with subsegment("session_create", model=manifest.model_id):
+        return create_session(
+            model_file,
+            threads=threads,
+            pre_optimized=manifest.pre_optimized,
+            config=manifest.session_config,
+            dequantize=manifest.dequantize_at_load,
+            providers=providers,
+        )
 
 
 def create_session(

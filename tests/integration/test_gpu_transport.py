@@ -1,0 +1,180 @@
+"""The GPU container's HTTP transport on 127.0.0.1, with the real model on CPU and raw sockets as clients.
+
+Every request gets a JSON reply (never a closed or reset connection): bursts of connections,
+malformed headers, bodies too large, too slow, nested too deep or holding lone surrogates.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from quantfn.config import Settings
+from tests.conftest import ROOT
+
+
+def load_server():
+    spec = importlib.util.spec_from_file_location("gpu_server_transport", ROOT / "containers" / "gpu" / "server.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+server_module = load_server()
+MODEL = "all-MiniLM-L6-v2"
+
+
+def start(models_root: Path, **overrides) -> object:
+    settings = Settings(
+        model="layer:all-minilm-l6-v2",
+        models_root=models_root,
+        gpu_provider="cpu",
+        server_host="127.0.0.1",
+        server_port=0,
+        threads=1,
+        **overrides,
+    )
+    server = server_module.EndpointServer(settings, server_module.choose_model(settings, ["CPUExecutionProvider"]))
+    server.load()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def endpoint(models_root: Path) -> Iterator[object]:
+    server = start(models_root, server_read_timeout_ms=500, max_body_bytes=1 << 20)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def exchange(port: int, data: bytes, timeout_s: float = 10.0) -> tuple[int, dict]:
+    """Send raw bytes, read one reply: (status, JSON body). Raises on a reset or a reply that is not JSON."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed without a reply: {reply!r}")
+            reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        assert headers["content-type"] == "application/json"
+        while len(body) < int(headers["content-length"]):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed mid-reply")
+            body += chunk
+        return int(lines[0].split()[1]), json.loads(body)
+
+
+def post(body: bytes, extra: str = "") -> bytes:
+    head = f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def port_of(server) -> int:
+    return server.server_address[1]
+
+
+def test_a_good_request_is_answered(endpoint) -> None:
+    status, body = exchange(port_of(endpoint), post(json.dumps({"model": MODEL, "input": ["hello"]}).encode()))
+    assert status == 200 and len(body["data"][0]["embedding"]) == 384
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}", 400, "invalid_request"),
+        (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400, "invalid_request"),
+        (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 1099511627776\r\n\r\n", 413, "body_too_large"),
+        (b"POST /invocations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411, None),
+        (post(b'{"model": "\\ud800", "input": ["x"]}'), 400, None),
+        (post(b'{"model": "' + MODEL.encode() + b'", "input": ["a \\udfff b"]}'), 400, None),
+        (post(b"[" * 5000 + b"]" * 5000), 400, None),
+        (post(b'{"model": ' * 3000 + b"1" + b"}" * 3000), 400, None),
+        (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{", 408, "request_timeout"),
+        (b"NONSENSE\r\n\r\n", 400, "bad_http_request"),
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, "bad_http_request"),
+        (post(b"{}", extra="X-Big: " + "b" * 70000 + "\r\n"), 431, "bad_http_request"),
+    ],
+    ids=[
+        "content-length-abc",
+        "content-length-negative",
+        "content-length-1tb",
+        "chunked",
+        "lone-surrogate-model",
+        "lone-surrogate-input",
+        "deep-array",
+        "deep-object",
+        "body-too-slow",
+        "bad-request-line",
+        "uri-too-long",
+        "header-too-long",
+    ],
+)
+def test_a_malformed_request_gets_a_json_4xx_not_a_closed_connection(
+    endpoint, request_bytes: bytes, status: int, code: str | None
+) -> None:
+    got, body = exchange(port_of(endpoint), request_bytes)
+    assert got == status, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    if code:
+        assert body["error"]["code"] == code
+    # and the server still serves
+    assert exchange(port_of(endpoint), post(json.dumps({"model": MODEL, "input": ["ok"]}).encode()))[0] == 200
+
+
+def burst(port: int, count: int) -> tuple[Counter, list[str]]:
+    """``count`` connections opened at the same instant, each sending one request; statuses and failures."""
+    statuses: Counter = Counter()
+    failures: list[str] = []
+    barrier, lock = threading.Barrier(count), threading.Lock()
+    data = post(json.dumps({"model": MODEL, "input": ["a burst of small requests"]}).encode())
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            status, body = exchange(port, data, timeout_s=60)
+            outcome = f"{status} {body['error']['code']}" if status != 200 else "200"
+            with lock:
+                statuses[outcome] += 1
+        except (OSError, ValueError) as exc:
+            with lock:
+                failures.append(exc.__class__.__name__)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    return statuses, failures
+
+
+def test_a_burst_of_200_connections_is_answered_without_a_single_reset(endpoint) -> None:
+    statuses, failures = burst(port_of(endpoint), 200)
+    assert failures == [] and sum(statuses.values()) == 200
+    assert set(statuses) <= {"200", "503 server_busy"}, statuses
+
+
+def test_requests_beyond_the_in_flight_cap_get_503_server_busy_never_a_reset(models_root: Path) -> None:
+    server = start(models_root, server_max_inflight=4, server_queue_max=2)
+    try:
+        statuses, failures = burst(port_of(server), 200)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert failures == [] and sum(statuses.values()) == 200
+    assert statuses["503 server_busy"] > 0 and statuses["200"] > 0 and set(statuses) == {"200", "503 server_busy"}
