@@ -234,8 +234,10 @@ class Registry:
         try:
             return load()
         except Exception as exc:
-            detail = f"model {model.name} failed to load: {exc.__class__.__name__}: {str(exc)[:300]}"
-            logger.error(detail)
+            # The error (shown by /health and /v1/models) names the failure's kind; the log alone has the
+            # library's own text, which may hold paths.
+            detail = f"model {model.name} failed to load: {exc.__class__.__name__}"
+            logger.error("%s: %s", detail, str(exc)[:500])
             self.forget(model)
             model.error = detail
             raise ModelUnavailable(detail) from exc
