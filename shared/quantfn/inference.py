@@ -40,6 +40,7 @@ from quantfn.tasks.base import encode_with
 from quantfn.tasks.classify import ClassifyPipeline
 from quantfn.tasks.embed import EmbedPipeline, apply_prompt
 from quantfn.tasks.rerank import RerankPipeline, cosine_scores
+from quantfn.tracing import subsegment
 
 _RERANK_ITEM_BYTES = 64  # {"index": N, "relevance_score": 0.123456789}
 _LABEL_ITEM_BYTES = 48  # {"label": "...", "score": 0.123456789} less the label
@@ -140,8 +141,10 @@ def _run(request: Request, budget: Budget, registry: Registry, forward: Forward 
     encoded: list[Encoded] = []
 
     def token_counts() -> list[int]:
+        tokenizer = registry.tokenizer(served)
         before = time.perf_counter()
-        encoded.append(_encode(registry.tokenizer(served), request, manifest))
+        with subsegment("tokenize", task=request.task):
+            encoded.append(_encode(tokenizer, request, manifest))
         timings["tokenize_ms"] = (time.perf_counter() - before) * 1000
         return _per_input_counts(request, manifest, encoded[0].counts)
 
@@ -168,8 +171,10 @@ def _run(request: Request, budget: Budget, registry: Registry, forward: Forward 
         if route.route == ENDPOINT:
             output = _on_endpoint(request, served, manifest, registry, budget, started, timings)
         else:
+            pipeline = registry.pipeline(served)
             before = time.perf_counter()
-            output = _here(request, registry.pipeline(served), tokens, ok, forward or _forward)
+            with subsegment("inference", task=request.task, model=served.name):
+                output = _here(request, pipeline, tokens, ok, forward or _forward)
             timings["inference_ms"] = (time.perf_counter() - before) * 1000
             if cold:
                 timings["model_load_ms"] = registry.load_ms(served)
