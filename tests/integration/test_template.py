@@ -315,7 +315,8 @@ def _without_xray(statements: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("function", ["ApiFunction", "BatchFunction"])
 def test_every_function_is_traced_with_only_the_xray_write_actions(template, function):
     properties = template["Resources"][function]["Properties"]
-    assert properties["Tracing"] == "Active"
+    assert properties["Tracing"] == {"Ref": "TracingMode"}
+    assert template["Parameters"]["TracingMode"]["Default"] == "Active"
     role = template["Resources"][properties["Role"]["Fn::GetAtt"][0]]["Properties"]
     policies = [p for p in resolve(role["Policies"], template, {}) if p is not NO_VALUE]
     _without_xray([s for p in policies for s in p["PolicyDocument"]["Statement"]])
