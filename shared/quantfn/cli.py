@@ -1,4 +1,4 @@
-"""``quantfn`` command line: build-model, demo.
+"""``quantfn`` command line: build-model, eval, demo.
 
 Heavy modules (the build pipeline, onnx) are imported inside each command so
 ``quantfn --help`` stays instant.
@@ -48,6 +48,25 @@ def _build_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from quantfn.build import BuildError
+    from quantfn.build.quality import format_table, run_eval
+
+    try:
+        rows = run_eval(
+            [Path(p) for p in args.model_dirs],
+            fp32=Path(args.fp32) if args.fp32 else None,
+            cache=Path(args.cache) if args.cache else None,
+            threads=args.threads,
+            record=args.record,
+        )
+    except BuildError as exc:
+        print(f"quantfn eval: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path(args.repo).resolve() / "local"))
     from demo import run_demo  # local/demo.py: drives the real API handler with events/
@@ -73,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--model-id", default=None, help="model id (default: derived from the recipe)")
     build.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
     build.set_defaults(run=_build_model)
+
+    evaluate = commands.add_parser("eval", help="task-quality suite: scores and retention vs the fp32 build")
+    evaluate.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR")
+    evaluate.add_argument("--fp32", default=None, help="the fp32 build to compare with (default: found beside each)")
+    evaluate.add_argument("--cache", default=None, help="data and output cache (default build/quality-cache)")
+    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--record", action="store_true", help="also write the result into each manifest's quality")
+    evaluate.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="answer the events/ requests through the real API handler")
     demo.add_argument("--models-root", default="build/models")

@@ -155,7 +155,7 @@ def _pre_optimize(path: Path) -> bool:
 
 def check_gate(model_id: str, gate: Gate, fidelity: dict[str, float], size_ratio: float) -> None:
     """Raise BuildGateError naming the first metric below its gate."""
-    for metric in ("cosine_mean", "recall_at_5", "batch_invariance_min_cosine"):
+    for metric in ("cosine_mean", "cosine_min", "recall_at_5", "batch_invariance_min_cosine"):
         minimum = getattr(gate, metric)
         if minimum is not None and fidelity[metric] < minimum:
             raise BuildGateError(model_id, metric, fidelity[metric], minimum)
@@ -169,10 +169,13 @@ def build_model(
     model_id: str | None = None,
     progress: Callable[[str], None] | None = None,
     gate: Gate | None = None,
+    quality_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Build, evaluate and publish ``out_dir/<model_id>/``; return its manifest.
 
-    ``gate`` overrides the recipe's gate. Raises BuildError for an unknown recipe
+    ``gate`` overrides the recipe's gate. The task-quality suite (``quality``) runs
+    with its data cached in ``quality_cache`` (default ``$QUANTFN_QUALITY_CACHE`` or
+    ``out_dir/.work/quality``). Raises BuildError for an unknown recipe
     or missing weights, BuildGateError (nothing published) when fidelity or size
     misses the gate. An existing folder of the same id is replaced only on success.
     """
@@ -301,6 +304,14 @@ def build_model(
             "size_ratio_vs_fp32": round(size_ratio, 4),
         }
         Manifest.from_dict(manifest)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        # Task-quality gate (quantfn.build.quality): retention of the fp32 original's task scores.
+        from quantfn.build import quality
+
+        say("task-quality suite against the fp32 original")
+        baseline = quality.fp32_original(out_dir / ".work", fp32_path, source.tokenizer, manifest)
+        cache = quality.cache_dir(quality_cache, default=out_dir / ".work" / "quality")
+        manifest["quality"] = quality.gate_build(model_id, gate, staging, baseline, cache)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         final = out_dir / model_id
         if final.exists():

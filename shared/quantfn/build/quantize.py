@@ -175,6 +175,10 @@ def per_token_int8(
     skip: Iterable[str] = (),
     hessians: dict[str, np.ndarray] | None = None,
     alpha: float = 0.5,
+    weight_max: int = 127,
+    activation_max: int = 127,
+    activation_zero: int = 128,
+    unsigned_weights: bool = False,
 ) -> None:
     """W8A8 with one dynamic activation scale per token and one weight scale per channel.
 
@@ -188,14 +192,22 @@ def per_token_int8(
     activation is divided per input channel by ``s = rms(x)^alpha / max|W_row|^(1-alpha)``
     and the weight rows multiplied by it, so outlier channels no longer set every
     token's scale; weights are then GPTQ-rounded.
+
+    CPUs without VNNI run onnxruntime's u8 x s8 kernel on ``vpmaddubsw``, which
+    saturates each pair of products at 16 bits (``255 * 127 * 2 > 32767``):
+    ``weight_max=63`` (7-bit weights) or ``activation_max=63, activation_zero=64``
+    (uint8 codes <= 127) keep every pair in range; ``unsigned_weights`` stores
+    the weights as uint8 with zero point 128 (onnxruntime's u8 x u8 kernel,
+    which widens to 16 bits and never saturates).
     """
     from onnx import TensorProto, helper
 
     skip = set(skip)
     one = _add(model, "pt.one", np.array(1.0, np.float32))
-    zp = _add(model, "pt.zp", np.array(128, np.uint8))
+    zp = _add(model, "pt.zp", np.array(activation_zero, np.uint8))
+    w_zp = _add(model, "pt.wzp", np.array(128, np.uint8)) if unsigned_weights else None
     tiny = _add(model, "pt.tiny", np.array(1e-8, np.float32))
-    q127 = _add(model, "pt.127", np.array(127.0, np.float32))
+    q127 = _add(model, "pt.127", np.array(float(activation_max), np.float32))
     quantized_inputs: dict[str, tuple[str, str]] = {}
     for node in projection_nodes(model):
         if node.name in skip:
@@ -208,9 +220,11 @@ def per_token_int8(
             rms = np.sqrt(np.maximum(np.diag(h) / max(h.shape[0], 1), 1e-12))
             smooth = rms**alpha / np.maximum(np.abs(weight).max(axis=1), 1e-8) ** (1 - alpha)
             smooth /= np.exp(np.log(smooth).mean())
-            w_q, w_scale = gptq_int8(weight * smooth[:, None], h / np.outer(smooth, smooth))
+            w_q, w_scale = gptq_int8(weight * smooth[:, None], h / np.outer(smooth, smooth), qmax=weight_max)
         else:
             w_q, w_scale = quantize_rows_int8(weight, axis=1)
+        if unsigned_weights:
+            w_q = (w_q.astype(np.int16) + 128).astype(np.uint8)
         prefix: list[onnx.NodeProto] = []
         key = x if smooth is None else name
         if key not in quantized_inputs:
@@ -237,7 +251,12 @@ def per_token_int8(
             quantized_inputs[key] = (p + ".q", p + ".scale")
         xq, x_scale = quantized_inputs[key]
         body = [
-            helper.make_node("MatMulInteger", [xq, _add(model, name + ".q", w_q), zp], [y + ".i32"], name=y + ".i32"),
+            helper.make_node(
+                "MatMulInteger",
+                [xq, _add(model, name + ".q", w_q), zp, *([w_zp] if w_zp else [])],
+                [y + ".i32"],
+                name=y + ".i32",
+            ),
             helper.make_node("Cast", [y + ".i32"], [y + ".f"], name=y + ".f", to=TensorProto.FLOAT),
             helper.make_node("Mul", [y + ".f", _add(model, name + ".scale", w_scale)], [y + ".w"], name=y + ".w"),
             helper.make_node("Mul", [y + ".w", x_scale], [y], name=y),
@@ -273,8 +292,10 @@ def collect_hessians(fp32_path: str, feeds: Iterable[tuple[np.ndarray, np.ndarra
     return hessians
 
 
-def gptq_int8(weight: np.ndarray, hessian: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ rounding of ``weight`` [K, N] to int8 with one absmax scale per output column.
+def gptq_int8(
+    weight: np.ndarray, hessian: np.ndarray, damp: float = 0.01, qmax: int = 127
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ rounding of ``weight`` [K, N] to int8 in ``[-qmax, qmax]`` with one absmax scale per output column.
 
     Rounds one input row at a time (largest activation energy first) and pushes
     each row's rounding error onto the rows not yet rounded, weighted by the
@@ -283,7 +304,7 @@ def gptq_int8(weight: np.ndarray, hessian: np.ndarray, damp: float = 0.01) -> tu
     """
     w = weight.astype(np.float64).copy()
     k = w.shape[0]
-    scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
+    scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / qmax
     h = hessian.copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
@@ -294,7 +315,7 @@ def gptq_int8(weight: np.ndarray, hessian: np.ndarray, damp: float = 0.01) -> tu
     upper = np.linalg.cholesky(np.linalg.inv(h)).T
     q = np.zeros_like(w)
     for row in range(k):
-        q[row] = np.clip(np.rint(w[row] / scale), -127, 127)
+        q[row] = np.clip(np.rint(w[row] / scale), -qmax, qmax)
         err = (w[row] - q[row] * scale) / upper[row, row]
         w[row + 1 :] -= np.outer(upper[row, row + 1 :], err)
     return q[np.argsort(order)].astype(np.int8), scale.astype(np.float32)

