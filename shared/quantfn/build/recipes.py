@@ -125,6 +125,19 @@ def _int8_token(src: Path, dst: Path, calibration: Calibration) -> None:
     )
 
 
+def _int8_token7(src: Path, dst: Path, calibration: Calibration) -> None:
+    from quantfn.build import quantize as q
+
+    hessians = calibration.hessians()
+    _rewrite(
+        src,
+        dst,
+        lambda m: q.per_token_int8(m, hessians=hessians, alpha=0.5, weight_max=63),
+        q.embedding_int8,
+        lambda m: q.position_table_int8(m, MAX_SEQUENCE_LENGTH),
+    )
+
+
 # Projections whose per-token int8 activations cost the most fidelity (bench/QUANTIZATION.md,
 # error with W8A8 minus error weight-only, largest first): `int8-mixed` keeps these weight-only
 # (fp32 compute) and runs the other twelve in W8A8.
@@ -226,6 +239,20 @@ RECIPES: dict[str, Recipe] = {
         _int8_token,
         {
             "weights": "int8 per-output-channel, SmoothQuant alpha 0.5, GPTQ",
+            "activations": "int8 dynamic per token",
+            "embeddings": "int8 per-row",
+            "calibration": "even-indexed half of fidelity_corpus.txt",
+        },
+    ),
+    "int8-token7": Recipe(
+        "int8-token7",
+        "W7A8: int8-token with weights rounded to 7 bits ([-63, 63]): onnxruntime's u8 x s8 kernel on CPUs "
+        "without VNNI (vpmaddubsw) saturates 16-bit pair sums with full-range int8 weights; 7-bit weights never do, "
+        "so the result is the same on every x86 CPU; batch invariant",
+        Gate(),
+        _int8_token7,
+        {
+            "weights": "int7 in int8 storage, per-output-channel, SmoothQuant alpha 0.5, GPTQ",
             "activations": "int8 dynamic per token",
             "embeddings": "int8 per-row",
             "calibration": "even-indexed half of fidelity_corpus.txt",
