@@ -68,7 +68,7 @@ def test_manifest_parses_and_every_file_matches_its_sha256(runtime) -> None:
     folder, manifest, _, _ = runtime
     verify_folder(folder, manifest)
     assert set(manifest.files) == {"model.onnx", "tokenizer.json", "weights.bin"}
-    assert manifest.task == "embedding" and manifest.dimensions == 384 and manifest.max_sequence_length == 256
+    assert manifest.task == "embed" and manifest.dimensions == 384 and manifest.max_sequence_length == 256
     assert manifest.inputs == ("input_ids", "attention_mask") and manifest.output == "last_hidden_state"
     assert manifest.raw["source"]["upstream"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert manifest.raw["fidelity"]["sentences"] == 600

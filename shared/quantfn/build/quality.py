@@ -164,40 +164,24 @@ def probe_accuracy(vectors: np.ndarray, labels: np.ndarray, folds: int = RT_FOLD
 def open_embedder(folder: Path, threads: int = 2) -> Embedder:
     """The runtime's embedding path for a model folder: texts -> float32 [n, d].
 
-    The one place the suite calls into the runtime (tokenizer, length-sorted
-    sub-batches, session from the manifest, pooling, normalisation).
+    The one place the suite calls into the runtime: ``quantfn.tasks.open_pipeline``
+    (tokenizer, length-sorted sub-batches, session from the manifest, pooling).
     """
     from quantfn.models.manifest import Manifest
+    from quantfn.tasks import open_pipeline
 
     folder = Path(folder)
-    manifest = Manifest.read(folder)
-    try:
-        from quantfn.tasks import open_pipeline  # the task pipelines (schema 3 runtime)
-    except ImportError:
-        open_pipeline = None
-    if open_pipeline is not None:
-        pipeline = open_pipeline(folder, manifest, threads)
-        return lambda texts: np.asarray(pipeline.embed(list(texts)), np.float32)
-    from quantfn.models.session import open_session
-    from quantfn.tasks.embedding import EmbeddingModel, load_tokenizer
-
-    session = open_session(folder / "model.onnx", manifest, threads)
-    tokenizer_file = manifest.raw.get("tokenizer", {}).get("file", "tokenizer.json")
-    model = EmbeddingModel(session, load_tokenizer(folder / tokenizer_file), manifest)
-    return lambda texts: model.embed(model.tokenize(list(texts)))
+    pipeline = open_pipeline(folder, Manifest.read(folder), threads)
+    return lambda texts: np.asarray(pipeline.embed(list(texts)), np.float32)
 
 
 def open_classifier(folder: Path, threads: int = 2) -> Classifier:
     """The runtime's classification path for a model folder: texts -> scores [n, labels]."""
     from quantfn.models.manifest import Manifest
+    from quantfn.tasks import open_pipeline
 
     folder = Path(folder)
-    manifest = Manifest.read(folder)
-    try:
-        from quantfn.tasks import open_pipeline
-    except ImportError as exc:
-        raise BuildError("classifier evaluation needs quantfn.tasks.open_pipeline") from exc
-    pipeline = open_pipeline(folder, manifest, threads)
+    pipeline = open_pipeline(folder, Manifest.read(folder), threads)
     return lambda texts: np.asarray(pipeline.classify(list(texts)), np.float32)
 
 
