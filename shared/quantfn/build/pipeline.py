@@ -70,21 +70,26 @@ def pruned_graph(fp32_path: Path, keep: np.ndarray) -> Path:
     return path
 
 
-def write_tokenizer(src: Path, dst: Path, prune_vocab: bool) -> np.ndarray | None:
-    """Write tokenizer.json with truncation at the model maximum and pad-to-longest.
+def write_tokenizer(
+    src: Path, dst: Path, prune_vocab: bool, max_length: int = MAX_SEQUENCE_LENGTH, pad: tuple[int, str] | None = None
+) -> np.ndarray | None:
+    """Write tokenizer.json with truncation at ``max_length`` and pad-to-longest with ``pad`` (id, token).
 
-    With ``prune_vocab`` the unreachable entries are dropped and ids renumbered;
-    returns the kept old ids (the embedding rows to keep), else None.
+    ``pad`` defaults to the source tokenizer's own pad token (``[PAD]``, id 0, for
+    BERT vocabularies). With ``prune_vocab`` the unreachable entries are dropped
+    and ids renumbered; returns the kept old ids (the embedding rows to keep), else None.
     """
     from quantfn.build.vocab import prune_tokenizer, unreachable_ids
 
     data = json.loads(src.read_text(encoding="utf-8"))
+    pad_id, pad_token = pad or source_pad(data)
     keep = None
     if prune_vocab:
         data, keep = prune_tokenizer(data, unreachable_ids(data))
+        pad_id = int(np.searchsorted(keep, pad_id))
     data["truncation"] = {
         "direction": "Right",
-        "max_length": MAX_SEQUENCE_LENGTH,
+        "max_length": max_length,
         "strategy": "LongestFirst",
         "stride": 0,
     }
@@ -92,12 +97,24 @@ def write_tokenizer(src: Path, dst: Path, prune_vocab: bool) -> np.ndarray | Non
         "strategy": "BatchLongest",
         "direction": "Right",
         "pad_to_multiple_of": None,
-        "pad_id": 0,
+        "pad_id": pad_id,
         "pad_type_id": 0,
-        "pad_token": "[PAD]",
+        "pad_token": pad_token,
     }
     dst.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return keep
+
+
+def source_pad(data: dict[str, Any]) -> tuple[int, str]:
+    """The pad ``(id, token)`` a tokenizer.json declares: its padding, else its pad special token."""
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    padding = data.get("padding") or {}
+    if padding.get("pad_token"):
+        return int(padding.get("pad_id", vocab.get(padding["pad_token"], 0))), str(padding["pad_token"])
+    for token in data.get("added_tokens", []):
+        if token.get("special") and token["content"].strip("[]<>").lower() in ("pad", "padding"):
+            return int(token["id"]), str(token["content"])
+    raise BuildError("the tokenizer declares no pad token: set its padding (tokenizer.enable_padding) and save it")
 
 
 def tokenizer_facts(path: Path) -> dict[str, Any]:
@@ -302,6 +319,7 @@ def build_model(
             "fidelity": fidelity_record,
             "tools": _tool_versions(),
             "size_ratio_vs_fp32": round(size_ratio, 4),
+            "deploy": deployment_fit(sum(entry["size"] for entry in files.values())),
         }
         Manifest.from_dict(manifest)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -325,4 +343,252 @@ def build_model(
     return manifest
 
 
-__all__ = ["DEFAULT_MODEL_ID", "build_model", "check_gate", "fp32_graph", "tokenizer_facts", "write_tokenizer"]
+# Lambda: code plus layers unzip to at most 250 MB (the Makefile's check); the runtime layer takes about 145 MiB
+# and the function code about 1 MiB, so a model layer gets the rest. /tmp is 512 MiB unless configured (to 10 GiB).
+LAMBDA_UNZIPPED_LIMIT = 262_144_000
+RUNTIME_LAYER_BYTES = 145 * 2**20
+FUNCTION_CODE_BYTES = 1 * 2**20
+DEFAULT_TMP_BYTES = 512 * 2**20
+PLANNED_SIZE_ALLOWANCE = 0.05
+
+
+def deployment_fit(total_bytes: int) -> dict[str, Any]:
+    """Where a model folder of ``total_bytes`` can be served from: the manifest's ``deploy`` record.
+
+    ``layer``: a model layer beside the runtime layer; ``s3``: downloaded to the
+    default 512 MiB /tmp (with a fifth left free); ``s3-large-tmp``: the function
+    needs ``ephemeral_storage_mb`` of /tmp.
+    """
+    layer_budget = LAMBDA_UNZIPPED_LIMIT - RUNTIME_LAYER_BYTES - FUNCTION_CODE_BYTES
+    record: dict[str, Any] = {"model_bytes": total_bytes, "layer_budget_bytes": layer_budget}
+    if total_bytes <= layer_budget:
+        record["fits"] = "layer"
+    elif total_bytes <= DEFAULT_TMP_BYTES * 0.8:
+        record["fits"] = "s3"
+    else:
+        record["fits"] = "s3-large-tmp"
+        record["ephemeral_storage_mb"] = int(-(-total_bytes * 1.25 // 2**20 // 512) * 512)
+    return record
+
+
+def planned_fp32_graph(source: Any, plan: Any, work_dir: Path, say: Callable[[str], None]) -> Path:
+    """The fp32 graph of a planned build, cached in ``work_dir`` by source digest and plan."""
+    import hashlib
+
+    import onnx
+
+    from quantfn.build import export, heads, onnx_graph
+    from quantfn.models.manifest import sha256_file
+
+    key = json.dumps({"weights": sha256_file(source.weights), **plan.as_dict()}, sort_keys=True)
+    path = work_dir / f"graph-{plan.model_id}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+    if path.is_file():
+        return path
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    say(f"exporting the fp32 graph: {plan.export_path}")
+    if plan.architecture == "bert":
+        model = export.build_fp32_graph(
+            export.load_weights(source.weights),
+            source.config(),
+            token_types=plan.pair,
+            head="sequence_classification" if plan.head == "sequence_classification" else "none",
+            name=plan.model_id,
+        )
+    elif plan.architecture == "onnx":
+        model, _, _ = onnx_graph.load_conformed(source.weights, plan.output, source.tokenizer)
+    else:
+        onnx_graph.export_with_torch(source.folder, plan.architecture, tmp)
+        model, _, _ = onnx_graph.conform(onnx.load(str(tmp)), export.OUTPUT, onnx_graph.vocabulary_size(source.tokenizer))
+    if plan.head == "sklearn-linear":
+        coef, intercept, _ = heads.load_sklearn_linear(Path(plan.head_file), Path(plan.label_map_file or "") or None)
+        pooled = heads.append_mean_pool(model, export.OUTPUT, plan.normalize)
+        heads.append_linear(model, pooled, coef, intercept)
+    kept = [p for p in model.metadata_props if p.key != "quantfn.max_sequence_length"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "quantfn.max_sequence_length", str(plan.max_length)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def build_planned(
+    out_dir: Path,
+    source: Any,
+    plan: Any,
+    recipe: str = "default",
+    progress: Callable[[str], None] | None = None,
+    gate: Gate | None = None,
+    corpus_size: int | None = None,
+) -> dict[str, Any]:
+    """Build, evaluate and publish ``out_dir/<plan.model_id>/`` for any source; return its manifest.
+
+    Like ``build_model``, but the reference is the source's own fp32 graph and the
+    gate is the task's (``task_fidelity``). Nothing is published when it fails.
+    ``corpus_size`` evaluates on the first texts of the corpus only (tests of tiny models).
+    """
+    import onnx
+    from tokenizers import Tokenizer
+
+    from quantfn.build import dequantize_at_load, task_fidelity
+    from quantfn.build.reference import load_corpus
+    from quantfn.models.manifest import MANIFEST_NAME, SCHEMA_VERSION, DequantizeAtLoad, FileEntry, Manifest
+    from quantfn.models.manifest import describe_file, weights_size
+    from quantfn.models.session import create_session
+
+    if recipe not in RECIPES:
+        raise BuildError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    chosen: Recipe = RECIPES[recipe]
+    gate = gate or chosen.gate
+    say = progress or (lambda _message: None)
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp32_path = planned_fp32_graph(source, plan, out_dir / ".work", say)
+    items = task_fidelity.items_for(plan, load_corpus()[:corpus_size])
+    model_id = plan.model_id
+
+    with tempfile.TemporaryDirectory(prefix=f".{model_id}-", dir=out_dir) as tmp:
+        staging = Path(tmp) / model_id
+        staging.mkdir()
+        model_path = staging / "model.onnx"
+        # Pruning renumbers ids: only where the graph uses them for nothing but the table lookup.
+        prune = chosen.prune_vocab and (plan.architecture == "bert" or ids_only_looked_up(fp32_path))
+        keep = write_tokenizer(source.tokenizer, staging / "tokenizer.json", prune, plan.max_length)
+        tokenizer = Tokenizer.from_file(str(staging / "tokenizer.json"))
+        start_graph = fp32_path if keep is None else pruned_graph(fp32_path, keep)
+        say(f"fp32 reference outputs on {len(items)} items")
+        reference = task_fidelity.run(create_session(fp32_path, threads=2), tokenizer if keep is None else
+                                      _unpruned(source, plan), plan, items)  # fmt: skip
+
+        def calibration_feeds() -> list[tuple[np.ndarray, ...]]:
+            half = items[0::2]
+            return [
+                tuple(task_fidelity.feed(tokenizer, half[i : i + 32], plan.inputs).values())
+                for i in range(0, len(half), 32)
+            ]
+
+        say(f"applying recipe {recipe}: {chosen.description}")
+        chosen.apply(start_graph, model_path, Calibration(start_graph, calibration_feeds))
+        dequantize: dict[str, Any] | None = None
+        if chosen.dequantize_at_load:
+            say("saving the optimized graph with its weights int8 (dequantized at load)")
+            dequantize = dequantize_at_load.pre_optimize(model_path, chosen.session_config)
+            pre_optimized = True
+        else:
+            pre_optimized = chosen.pre_optimize and _pre_optimize(model_path)
+        names = ["model.onnx", "tokenizer.json"] + ([dequantize["file"]] if dequantize else [])
+        files = {name: describe_file(staging / name) for name in names}
+        entries = {name: FileEntry(**entry) for name, entry in files.items()}
+        size_ratio = weights_size(entries) / fp32_path.stat().st_size
+        say(f"evaluating on {len(items)} items (size {size_ratio:.1%} of fp32)")
+        session = create_session(
+            model_path,
+            threads=2,
+            pre_optimized=pre_optimized,
+            config=chosen.session_config,
+            dequantize=DequantizeAtLoad.from_dict(dequantize, entries) if dequantize else None,
+        )
+        fidelity = {k: round(v, 6) for k, v in task_fidelity.measure(session, tokenizer, plan, items, reference).items()}
+        failed = task_fidelity.gate_failure(plan, fidelity, gate)
+        if failed:
+            raise BuildGateError(model_id, *failed)
+        # Graphs the build did not write keep their position table fp32 (a Gather, not the writer's Slice):
+        # on a small model that weighs a few percent, hence the allowance; a recipe that quantized nothing still fails.
+        size_gate = None if gate.max_size_ratio is None else gate.max_size_ratio + PLANNED_SIZE_ALLOWANCE
+        if size_gate is not None and size_ratio > size_gate:
+            raise BuildGateError(model_id, "size_ratio_vs_fp32", size_ratio, size_gate, "<=")
+        opset = next(
+            o.version
+            for o in onnx.load(str(model_path), load_external_data=False).opset_import
+            if o.domain in ("", "ai.onnx")
+        )
+        vocab = len(json.loads(source.tokenizer.read_text(encoding="utf-8"))["model"]["vocab"])
+        manifest: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "model_id": model_id,
+            "task": plan.task,
+            "architecture": plan.architecture,
+            "source": source.record(),
+            "files": files,
+            "quantization": {
+                "recipe": recipe,
+                "description": chosen.description,
+                **chosen.details,
+                "vocabulary_pruned_rows": 0 if keep is None else vocab - len(keep),
+            },
+            "opset": opset,
+            "inputs": list(plan.inputs),
+            "output": plan.output,
+            "output_kind": plan.output_kind,
+            "tokenizer": tokenizer_facts(staging / "tokenizer.json"),
+            "dimensions": plan.dimensions,
+            "max_sequence_length": plan.max_length,
+            "session": {
+                "pre_optimized": pre_optimized,
+                "config": dict(chosen.session_config),
+                **({"dequantize_at_load": dequantize} if dequantize else {}),
+            },
+            "fidelity": {
+                **fidelity,
+                "reference": "the source's fp32 graph",
+                "corpus": "fidelity_corpus.txt",
+                "items": len(items),
+                "gate": task_fidelity.gate_record(plan, gate),
+            },
+            "build": {"export_path": plan.export_path, "head": plan.head},
+            "tools": _tool_versions(),
+            "size_ratio_vs_fp32": round(size_ratio, 4),
+            "deploy": deployment_fit(sum(entry["size"] for entry in files.values())),
+        }
+        if plan.task == "embed":
+            manifest.update(pooling=plan.pooling, normalize=plan.normalize)
+        else:
+            manifest.update(scoring=plan.scoring, pair=plan.pair)
+        if plan.labels:
+            manifest["labels"] = list(plan.labels)
+        if plan.prompts:
+            manifest["prompts"] = dict(plan.prompts)
+        Manifest.from_dict(manifest)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        final = out_dir / model_id
+        if final.exists():
+            final.rename(Path(tmp) / "replaced")
+        staging.rename(final)
+    say(f"published {final} in {time.perf_counter() - started:.0f} s: " + ", ".join(f"{k}={v}" for k, v in fidelity.items()))
+    return manifest
+
+
+def ids_only_looked_up(graph_path: Path) -> bool:
+    """Whether ``input_ids`` feeds only the word-embedding Gather and Shape nodes (ids can be renumbered)."""
+    import onnx
+
+    from quantfn.build.export import WORD_EMBEDDINGS
+
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    users = [n for n in graph.node if "input_ids" in n.input]
+    return all(n.op_type == "Shape" or (n.op_type == "Gather" and n.input[0] == WORD_EMBEDDINGS) for n in users)
+
+
+def _unpruned(source: Any, plan: Any) -> Any:
+    """The tokenizer before vocabulary pruning (the fp32 graph still has every row)."""
+    from tokenizers import Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(source.tokenizer, Path(tmp) / "tokenizer.json", False, plan.max_length)
+        return Tokenizer.from_file(str(Path(tmp) / "tokenizer.json"))
+
+
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "build_model",
+    "build_planned",
+    "check_gate",
+    "deployment_fit",
+    "fp32_graph",
+    "tokenizer_facts",
+    "write_tokenizer",
+]

@@ -267,7 +267,7 @@ def per_token_int8(
 def collect_hessians(fp32_path: str, feeds: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
     """``X^T X`` (float64 [K, K]) of every projection's input over real tokens of calibration batches.
 
-    ``feeds`` yields ``(input_ids, attention_mask)`` pairs; padded positions are left out.
+    ``feeds`` yields ``(input_ids, attention_mask[, token_type_ids])``; padded positions are left out.
     """
     import copy
 
@@ -284,10 +284,15 @@ def collect_hessians(fp32_path: str, feeds: Iterable[tuple[np.ndarray, np.ndarra
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     hessians: dict[str, np.ndarray] = {}
-    for ids, mask in feeds:
-        outputs = session.run(names, {"input_ids": ids, "attention_mask": mask})
+    for batch in feeds:
+        ids, mask = batch[0], batch[1]
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if len(batch) > 2:  # pair models: token_type_ids
+            feed["token_type_ids"] = batch[2]
+        outputs = session.run(names, feed)
         for name, value in zip(names, outputs, strict=True):
-            rows = value[mask.astype(bool)].astype(np.float64)
+            # Per-token activations keep real tokens only; a pooled [batch, hidden] input (a head) keeps every row.
+            rows = (value[mask.astype(bool)] if value.ndim == 3 else value).astype(np.float64)
             hessians[name] = hessians.get(name, 0) + rows.T @ rows
     return hessians
 
@@ -360,7 +365,9 @@ def position_table_int8(model: onnx.ModelProto, max_length: int, block_size: int
     """
     from onnx import TensorProto, helper
 
-    node = next(n for n in model.graph.node if n.op_type == "Slice" and n.input[0] == "position_table")
+    node = next((n for n in model.graph.node if n.op_type == "Slice" and n.input[0] == "position_table"), None)
+    if node is None:
+        return  # a graph not written by ``export`` (torch export, user ONNX): positions are a small fp32 Gather
     table = _pop_weight(model, "position_table")[:max_length]
     rows, cols = table.shape
     q, scale = quantize_rows_int8(table.reshape(rows * cols // block_size, block_size), axis=0)

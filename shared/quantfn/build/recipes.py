@@ -80,6 +80,12 @@ class Recipe:
     prune_vocab: bool = True
 
 
+def max_positions(model: Any) -> int:
+    """Position rows a graph needs: its ``quantfn.max_sequence_length`` metadata (a model brought by a user), else 256."""
+    declared = {p.key: p.value for p in model.metadata_props}.get("quantfn.max_sequence_length")
+    return int(declared) if declared else MAX_SEQUENCE_LENGTH
+
+
 def _rewrite(fp32_path: Path, out_path: Path, *steps: Callable[[Any], Any]) -> None:
     import onnx
 
@@ -108,7 +114,7 @@ def _int8_gptq(src: Path, dst: Path, calibration: Calibration) -> None:
         dst,
         lambda m: q.weights_int8_gptq(m, hessians),
         q.embedding_int8,
-        lambda m: q.position_table_int8(m, MAX_SEQUENCE_LENGTH),
+        lambda m: q.position_table_int8(m, max_positions(m)),
     )
 
 
@@ -121,7 +127,7 @@ def _int8_token(src: Path, dst: Path, calibration: Calibration) -> None:
         dst,
         lambda m: q.per_token_int8(m, hessians=hessians, alpha=0.5),
         q.embedding_int8,
-        lambda m: q.position_table_int8(m, MAX_SEQUENCE_LENGTH),
+        lambda m: q.position_table_int8(m, max_positions(m)),
     )
 
 
@@ -168,7 +174,7 @@ def _int8_mixed(src: Path, dst: Path, calibration: Calibration) -> None:
         # then every projection still in fp32 (the skipped ones) becomes weight-only int8
         lambda m: q.weights_int8_gptq(m, hessians),
         q.embedding_int8,
-        lambda m: q.position_table_int8(m, MAX_SEQUENCE_LENGTH),
+        lambda m: q.position_table_int8(m, max_positions(m)),
     )
 
 
@@ -179,7 +185,7 @@ def _int8_dynamic(src: Path, dst: Path, _: Calibration) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         mid = Path(tmp) / "embedding.onnx"
-        _rewrite(src, mid, q.embedding_int8, lambda m: q.position_table_int8(m, MAX_SEQUENCE_LENGTH))
+        _rewrite(src, mid, q.embedding_int8, lambda m: q.position_table_int8(m, max_positions(m)))
         q.dynamic_int8(str(mid), str(dst))
 
 
@@ -192,7 +198,7 @@ def _int4(src: Path, dst: Path, calibration: Calibration) -> None:
         dst,
         lambda m: q.weights_int4(m, hessians=hessians),
         q.embedding_int8,
-        lambda m: q.position_table_int8(m, MAX_SEQUENCE_LENGTH),
+        lambda m: q.position_table_int8(m, max_positions(m)),
     )
 
 

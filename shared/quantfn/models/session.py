@@ -65,7 +65,7 @@ def create_session(
     options.log_severity_level = 3
     # onnxruntime uses these buffers in place: each OrtValue (which holds its numpy array) must live
     # as long as the session, so the session keeps them.
-    weights = _dequantized(model_file.parent, dequantize) if dequantize else []
+    weights = dequantized_weights(model_file.parent, dequantize) if dequantize else []
     values = [ort.OrtValue.ortvalue_from_numpy(array) for _, array in weights]
     for (name, _), value in zip(weights, values, strict=True):
         options.add_initializer(name, value)
@@ -74,7 +74,7 @@ def create_session(
     return session
 
 
-def _dequantized(folder: Path, spec: DequantizeAtLoad) -> list[tuple[str, Any]]:
+def dequantized_weights(folder: Path, spec: DequantizeAtLoad) -> list[tuple[str, Any]]:
     """``[(initializer name, fp32 array)]`` from the weights file ``spec`` describes."""
     import numpy as np
 

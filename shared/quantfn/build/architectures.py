@@ -1,0 +1,217 @@
+"""What a source is and how the build exports it: the build plan.
+
+``plan_build`` reads a source's files (config.json, the sentence-transformers
+files, the ONNX graph's interface) plus the user's overrides and decides
+architecture, task, head, pooling, normalisation, max length, labels and the
+export path, or refuses with a BuildError naming what is unsupported.
+
+Export paths, and why:
+
+- ``bert``: the torch-free writer (``export``): fused onnxruntime kernels, one
+  QKV projection, no optimizer pass needed; encoders and sequence-classification
+  heads (classify, or a one-logit cross-encoder for rerank).
+- ``mpnet``: torch.onnx (TorchScript exporter) at build time: MPNet's relative
+  position buckets are easy to get subtly wrong by hand, and torch traces them exactly.
+- ``onnx``: pass-through: the user's graph, one output kept, tables renamed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantfn.build.errors import BuildError
+from quantfn.build.source import ModelSource
+
+SUPPORTED = "bert (encoders, sequence classification), mpnet (encoders), or an ONNX file (--onnx)"
+EXPORT_PATHS = {
+    "bert": "torch-free graph writer (quantfn.build.export)",
+    "mpnet": "torch.onnx.export (TorchScript exporter, build time only)",
+    "onnx": "pass-through (one output kept, embedding table renamed)",
+}
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything the build decided before it works; printed first, recorded in the manifest."""
+
+    model_id: str
+    architecture: str
+    task: str
+    head: str  # "none" | "sequence_classification" | "sklearn-linear"
+    inputs: tuple[str, ...]
+    output: str
+    output_kind: str
+    pooling: str
+    normalize: bool
+    max_length: int
+    dimensions: int
+    labels: tuple[str, ...] = ()
+    scoring: str = "none"
+    pair: bool = False
+    prompts: dict[str, str] = field(default_factory=dict)
+    head_file: str = ""
+    label_map_file: str = ""
+
+    @property
+    def export_path(self) -> str:
+        return EXPORT_PATHS[self.architecture]
+
+    def describe(self) -> list[str]:
+        """The lines ``quantfn build-model`` prints before it starts."""
+        lines = [
+            f"model id      {self.model_id}",
+            f"architecture  {self.architecture} -> export: {self.export_path}",
+            f"task          {self.task}" + (f" (head: {self.head})" if self.head != "none" else ""),
+            f"inputs        {', '.join(self.inputs)} -> output {self.output} ({self.output_kind})",
+        ]
+        if self.task == "embed":
+            lines.append(f"pooling       {self.pooling}, normalize {str(self.normalize).lower()}, {self.dimensions} dims")
+        else:
+            lines.append(f"scoring       {self.scoring}" + (", (query, document) pairs" if self.pair else ""))
+        if self.labels:
+            shown = ", ".join(self.labels[:8]) + (f", ... ({len(self.labels)} labels)" if len(self.labels) > 8 else "")
+            lines.append(f"labels        {shown}")
+        lines.append(f"max length    {self.max_length} tokens")
+        if self.prompts:
+            lines.append(f"prompts       {self.prompts}")
+        return lines
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _default_id(source: ModelSource) -> str:
+    name = source.upstream.rstrip("/").rsplit("/", 1)[-1]
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name.lower()) or "model"
+
+
+def _max_length(source: ModelSource, config: dict[str, Any], override: int | None) -> int:
+    limit = int(config.get("max_position_embeddings", 512))
+    if config.get("model_type") in ("mpnet", "roberta"):
+        limit -= 2  # positions start after the padding index
+    length = override or source.st.max_length or min(limit, 512)
+    if length > limit:
+        raise BuildError(f"max length {length} exceeds the model's {limit} positions")
+    return int(length)
+
+
+def plan_build(
+    source: ModelSource,
+    *,
+    model_id: str | None = None,
+    task: str | None = None,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    max_length: int | None = None,
+    output: str | None = None,
+    sklearn_head: Path | None = None,
+    label_map: Path | None = None,
+) -> BuildPlan:
+    """Decide the build from the source's files and the overrides; BuildError when unsupported."""
+    if task not in (None, "embed", "classify", "rerank"):
+        raise BuildError(f"task {task!r} is unsupported: choose embed, classify or rerank")
+    if pooling not in (None, "mean", "cls"):
+        raise BuildError(f"pooling {pooling!r} is unsupported: choose mean or cls")
+    model_id = model_id or _default_id(source)
+    if source.kind == "onnx":
+        return _plan_onnx(source, model_id, task, pooling, normalize, max_length, output)
+    config = source.config()
+    model_type = str(config.get("model_type", ""))
+    classes = [str(a) for a in config.get("architectures") or []]
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in classes)
+    unsupported_head = [
+        a for a in classes if a.endswith(("ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice"))
+    ]
+    if model_type not in ("bert", "mpnet"):
+        raise BuildError(
+            f"architecture {', '.join(classes) or '?'} (model_type {model_type or 'missing'}) is unsupported; "
+            f"supported: {SUPPORTED}"
+        )
+    if unsupported_head:
+        raise BuildError(f"head {unsupported_head[0]} is unsupported; supported: {SUPPORTED}")
+    length = _max_length(source, config, max_length)
+    hidden = int(config["hidden_size"])
+    st = source.st
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    if sklearn_head is not None:
+        from quantfn.build.heads import load_sklearn_linear
+
+        if is_classifier or task not in (None, "classify"):
+            raise BuildError("a scikit-learn head goes on an embedding model, with task classify")
+        coef, _, labels = load_sklearn_linear(Path(sklearn_head), Path(label_map) if label_map else None)
+        if coef.shape[1] != hidden:
+            raise BuildError(f"{Path(sklearn_head).name} expects {coef.shape[1]}-d embeddings; the model gives {hidden}")
+        return BuildPlan(
+            model_id, model_type, "classify", "sklearn-linear", inputs, "logits", "logits",
+            pooling or st.pooling or "mean", bool(st.normalize) if normalize is None else normalize, length, len(labels),
+            tuple(labels), "softmax", head_file=str(sklearn_head), label_map_file=str(label_map or ""),
+        )  # fmt: skip
+    if is_classifier:
+        if model_type != "bert":
+            raise BuildError(f"{classes[0]} is unsupported: sequence classification is exported for BERT only")
+        id2label = config.get("id2label") or {}
+        count = int(config.get("num_labels", len(id2label) or 2))
+        rerank = task == "rerank" or (task is None and count == 1)
+        if rerank:
+            if count != 1:
+                raise BuildError(f"a cross-encoder for rerank has one logit; this head has {count}")
+            return BuildPlan(
+                model_id, "bert", "rerank", "sequence_classification", (*inputs, "token_type_ids"), "logits",
+                "logits", "none", False, length, 1, (), "sigmoid", pair=True,
+            )  # fmt: skip
+        if task not in (None, "classify"):
+            raise BuildError(f"a {count}-label classification head cannot serve task {task}")
+        labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count))
+        scoring = "sigmoid" if config.get("problem_type") == "multi_label_classification" else "softmax"
+        return BuildPlan(
+            model_id, "bert", "classify", "sequence_classification", inputs, "logits", "logits", "none", False,
+            length, count, labels, scoring,
+        )  # fmt: skip
+    if task not in (None, "embed"):
+        raise BuildError(f"{model_type} encoder without a head serves task embed, not {task}")
+    return BuildPlan(
+        model_id, model_type, "embed", "none", inputs, "last_hidden_state", "token_embeddings",
+        pooling or st.pooling or "mean", bool(st.normalize) if normalize is None else normalize, length, hidden,
+        prompts=dict(st.prompts),
+    )  # fmt: skip
+
+
+def _plan_onnx(
+    source: ModelSource,
+    model_id: str,
+    task: str | None,
+    pooling: str | None,
+    normalize: bool | None,
+    max_length: int | None,
+    output: str | None,
+) -> BuildPlan:
+    from quantfn.build.onnx_graph import load_conformed
+
+    model, output, rank = load_conformed(source.weights, output, source.tokenizer)
+    inputs = tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    width = int(dims[-1].dim_value) if dims and dims[-1].dim_value else 0
+    length = int(max_length or 256)
+    task = task or "embed"
+    if task == "embed":
+        if rank not in (2, 3):
+            raise BuildError(f"output {output!r} has rank {rank}: an embedder gives [batch, dim] or [batch, seq, dim]")
+        kind = "sentence_embedding" if rank == 2 else "token_embeddings"
+        if rank == 2 and pooling:
+            raise BuildError(f"output {output!r} is already pooled ([batch, dim]): drop --pooling")
+        return BuildPlan(
+            model_id, "onnx", "embed", "none", inputs, output, kind, "none" if rank == 2 else pooling or "mean",
+            bool(normalize), length, width,
+        )  # fmt: skip
+    if rank != 2:
+        raise BuildError(f"a {task} model's output is logits [batch, n]; {output!r} has rank {rank}")
+    if task == "rerank":
+        if width != 1 or "token_type_ids" not in inputs:
+            raise BuildError("an ONNX cross-encoder needs one logit and a token_type_ids input")
+        return BuildPlan(
+            model_id, "onnx", "rerank", "none", inputs, output, "logits", "none", False, length, 1, (), "sigmoid",
+            pair=True,
+        )  # fmt: skip
+    raise BuildError("classify from an ONNX file needs labels this build cannot read from it: use a HF folder")
