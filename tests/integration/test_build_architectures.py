@@ -59,12 +59,16 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             root, "classifier", transformers.BertForSequenceClassification(transformers.BertConfig(**TINY, **labels))
         ),
         "cross-encoder": _hf_folder(
-            root, "cross-encoder", transformers.BertForSequenceClassification(transformers.BertConfig(**TINY, num_labels=1))
+            root,
+            "cross-encoder",
+            transformers.BertForSequenceClassification(transformers.BertConfig(**TINY, num_labels=1)),
         ),
         "mpnet": _hf_folder(
             root,
             "mpnet",
-            transformers.MPNetModel(transformers.MPNetConfig(**{**TINY, "max_position_embeddings": 514}), add_pooling_layer=False),
+            transformers.MPNetModel(
+                transformers.MPNetConfig(**{**TINY, "max_position_embeddings": 514}), add_pooling_layer=False
+            ),
         ),
     }
 
@@ -167,7 +171,9 @@ def test_given_a_one_logit_cross_encoder_when_built_then_pair_scores_equal_torch
 def test_given_an_mpnet_folder_when_built_then_embeddings_equal_torch(checkpoints, out) -> None:
     built, manifest = _build(out, checkpoints["mpnet"], pooling="cls")
     assert manifest.architecture == "mpnet" and manifest.pooling == "cls"
-    assert manifest.raw["tokenizer"]["pad_id"] == json.loads((built / "tokenizer.json").read_text())["padding"]["pad_id"]
+    assert (
+        manifest.raw["tokenizer"]["pad_id"] == json.loads((built / "tokenizer.json").read_text())["padding"]["pad_id"]
+    )
     hidden, arrays = _run(built, manifest, TEXTS)
     arrays.pop("token_type_ids")
     want = _torch(transformers.MPNetModel, checkpoints["mpnet"], arrays, add_pooling_layer=False).last_hidden_state
@@ -234,14 +240,14 @@ def test_given_an_unsupported_architecture_when_planned_then_the_refusal_names_i
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     (folder / "model.safetensors").write_bytes(b"")
     shutil.copy(locate_source().tokenizer, folder / "tokenizer.json")
-    with pytest.raises(BuildError, match="GPT2LMHeadModel.*gpt2.*unsupported"):
+    with pytest.raises(BuildError, match=r"GPT2LMHeadModel.*gpt2.*unsupported"):
         plan_build(read_hf_folder(folder))
 
 
 def test_given_a_folder_without_tokenizer_json_when_read_then_the_refusal_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(BuildError, match="no tokenizer.json"):
+    with pytest.raises(BuildError, match=r"no tokenizer\.json"):
         read_hf_folder(tmp_path)
 
 

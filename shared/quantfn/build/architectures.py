@@ -67,7 +67,9 @@ class BuildPlan:
             f"inputs        {', '.join(self.inputs)} -> output {self.output} ({self.output_kind})",
         ]
         if self.task == "embed":
-            lines.append(f"pooling       {self.pooling}, normalize {str(self.normalize).lower()}, {self.dimensions} dims")
+            lines.append(
+                f"pooling       {self.pooling}, normalize {str(self.normalize).lower()}, {self.dimensions} dims"
+            )
         else:
             lines.append(f"scoring       {self.scoring}" + (", (query, document) pairs" if self.pair else ""))
         if self.labels:
@@ -142,11 +144,13 @@ def plan_build(
             raise BuildError("a scikit-learn head goes on an embedding model, with task classify")
         coef, _, labels = load_sklearn_linear(Path(sklearn_head), Path(label_map) if label_map else None)
         if coef.shape[1] != hidden:
-            raise BuildError(f"{Path(sklearn_head).name} expects {coef.shape[1]}-d embeddings; the model gives {hidden}")
+            raise BuildError(
+                f"{Path(sklearn_head).name} expects {coef.shape[1]}-d embeddings; the model gives {hidden}"
+            )
         return BuildPlan(
             model_id, model_type, "classify", "sklearn-linear", inputs, "logits", "logits",
-            pooling or st.pooling or "mean", bool(st.normalize) if normalize is None else normalize, length, len(labels),
-            tuple(labels), "softmax", head_file=str(sklearn_head), label_map_file=str(label_map or ""),
+            pooling or st.pooling or "mean", bool(st.normalize) if normalize is None else normalize, length,
+            len(labels), tuple(labels), "softmax", head_file=str(sklearn_head), label_map_file=str(label_map or ""),
         )  # fmt: skip
     if is_classifier:
         if model_type != "bert":

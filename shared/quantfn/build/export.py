@@ -191,7 +191,9 @@ def build_fp32_graph(
         inits.append(numpy_helper.from_array(np.array(0, np.int64), "cls_index"))
         cls = node("Gather", [x, "cls_index"], "cls_vector", axis=1)
         dense = node("MatMul", [cls, const("pooler.weight", w("pooler.dense.weight").T)], "pooler")
-        pooled = node("Tanh", [node("Add", [dense, const("pooler.bias", w("pooler.dense.bias"))], "pooler_biased")], "pooled")
+        pooled = node(
+            "Tanh", [node("Add", [dense, const("pooler.bias", w("pooler.dense.bias"))], "pooler_biased")], "pooled"
+        )
         scores = node("MatMul", [pooled, const("classifier.weight", w("classifier.weight").T)], "classifier")
         node("Add", [scores, const("classifier.bias", w("classifier.bias"))], LOGITS)
         labels = int(weights["classifier.weight"].shape[0])

@@ -34,8 +34,14 @@ def append_mean_pool(model: onnx.ModelProto, hidden: str, normalize: bool) -> st
 
     n = model.graph.node
     n.append(helper.make_node("Cast", ["attention_mask"], ["pool.mask"], name="pool.mask", to=TensorProto.FLOAT))
-    n.append(helper.make_node("Unsqueeze", ["pool.mask", _add(model, "pool.axis2", np.array([2], np.int64))],
-                              ["pool.mask3"], name="pool.mask3"))
+    n.append(
+        helper.make_node(
+            "Unsqueeze",
+            ["pool.mask", _add(model, "pool.axis2", np.array([2], np.int64))],
+            ["pool.mask3"],
+            name="pool.mask3",
+        )
+    )
     n.append(helper.make_node("Mul", [hidden, "pool.mask3"], ["pool.masked"], name="pool.masked"))
     axis1 = _add(model, "pool.axis1", np.array([1], np.int64))
     n.append(helper.make_node("ReduceSum", ["pool.masked", axis1], ["pool.sum"], name="pool.sum", keepdims=0))
@@ -58,10 +64,16 @@ def append_linear(model: onnx.ModelProto, x: str, coef: np.ndarray, intercept: n
     from onnx import TensorProto, helper
 
     n = model.graph.node
-    n.append(helper.make_node("MatMul", [x, _add(model, "head.weight", coef.T.astype(np.float32))], ["head.scores"],
-                              name="head.scores"))
-    n.append(helper.make_node("Add", ["head.scores", _add(model, "head.bias", intercept.astype(np.float32))],
-                              [LOGITS], name=LOGITS))
+    n.append(
+        helper.make_node(
+            "MatMul", [x, _add(model, "head.weight", coef.T.astype(np.float32))], ["head.scores"], name="head.scores"
+        )
+    )
+    n.append(
+        helper.make_node(
+            "Add", ["head.scores", _add(model, "head.bias", intercept.astype(np.float32))], [LOGITS], name=LOGITS
+        )
+    )
     del model.graph.output[:]
     model.graph.output.append(helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", coef.shape[0]]))
     return LOGITS
@@ -91,7 +103,9 @@ def load_sklearn_linear(head: Path, label_map: Path | None = None) -> tuple[np.n
         raise BuildError(f"{head.name} holds a {type(model).__name__}, not a linear classifier (no coef_/classes_)")
     coef = np.asarray(coef, dtype=np.float64)
     if coef.ndim != 2 or coef.shape[0] != len(classes):
-        raise BuildError(f"{head.name}: {len(classes)} classes but coef_ of shape {coef.shape} (binary heads unsupported)")
+        raise BuildError(
+            f"{head.name}: {len(classes)} classes but coef_ of shape {coef.shape} (binary heads unsupported)"
+        )
     labels = [str(names.get(str(c), names.get(c, c))) if names else str(c) for c in classes]
     if len(set(labels)) != len(labels):
         raise BuildError(f"{head.name}: labels are not distinct after the label map")

@@ -101,7 +101,9 @@ def conform(model: onnx.ModelProto, output: str | None, vocab_size: int) -> tupl
     _prune_dead_nodes(model)
 
     inits = {t.name: t for t in model.graph.initializer}
-    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids" and n.input[0] in inits]
+    gathers = [
+        n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids" and n.input[0] in inits
+    ]
     if len(gathers) != 1:
         raise BuildError("no single embedding table is gathered by input_ids: cannot find the word embeddings")
     table = inits[gathers[0].input[0]]

@@ -399,7 +399,9 @@ def planned_fp32_graph(source: Any, plan: Any, work_dir: Path, say: Callable[[st
         model, _, _ = onnx_graph.load_conformed(source.weights, plan.output, source.tokenizer)
     else:
         onnx_graph.export_with_torch(source.folder, plan.architecture, tmp)
-        model, _, _ = onnx_graph.conform(onnx.load(str(tmp)), export.OUTPUT, onnx_graph.vocabulary_size(source.tokenizer))
+        model, _, _ = onnx_graph.conform(
+            onnx.load(str(tmp)), export.OUTPUT, onnx_graph.vocabulary_size(source.tokenizer)
+        )
     if plan.head == "sklearn-linear":
         coef, intercept, _ = heads.load_sklearn_linear(Path(plan.head_file), Path(plan.label_map_file or "") or None)
         pooled = heads.append_mean_pool(model, export.OUTPUT, plan.normalize)
@@ -435,8 +437,15 @@ def build_planned(
 
     from quantfn.build import dequantize_at_load, task_fidelity
     from quantfn.build.reference import load_corpus
-    from quantfn.models.manifest import MANIFEST_NAME, SCHEMA_VERSION, DequantizeAtLoad, FileEntry, Manifest
-    from quantfn.models.manifest import describe_file, weights_size
+    from quantfn.models.manifest import (
+        MANIFEST_NAME,
+        SCHEMA_VERSION,
+        DequantizeAtLoad,
+        FileEntry,
+        Manifest,
+        describe_file,
+        weights_size,
+    )
     from quantfn.models.session import create_session
 
     if recipe not in RECIPES:
@@ -492,7 +501,9 @@ def build_planned(
             config=chosen.session_config,
             dequantize=DequantizeAtLoad.from_dict(dequantize, entries) if dequantize else None,
         )
-        fidelity = {k: round(v, 6) for k, v in task_fidelity.measure(session, tokenizer, plan, items, reference).items()}
+        fidelity = {
+            k: round(v, 6) for k, v in task_fidelity.measure(session, tokenizer, plan, items, reference).items()
+        }
         failed = task_fidelity.gate_failure(plan, fidelity, gate)
         if failed:
             raise BuildGateError(model_id, *failed)
@@ -558,7 +569,10 @@ def build_planned(
         if final.exists():
             final.rename(Path(tmp) / "replaced")
         staging.rename(final)
-    say(f"published {final} in {time.perf_counter() - started:.0f} s: " + ", ".join(f"{k}={v}" for k, v in fidelity.items()))
+    say(
+        f"published {final} in {time.perf_counter() - started:.0f} s: "
+        + ", ".join(f"{k}={v}" for k, v in fidelity.items())
+    )
     return manifest
 
 

@@ -81,7 +81,7 @@ class Recipe:
 
 
 def max_positions(model: Any) -> int:
-    """Position rows a graph needs: its ``quantfn.max_sequence_length`` metadata (a model brought by a user), else 256."""
+    """Position rows a graph needs: its ``quantfn.max_sequence_length`` metadata (a brought model), else 256."""
     declared = {p.key: p.value for p in model.metadata_props}.get("quantfn.max_sequence_length")
     return int(declared) if declared else MAX_SEQUENCE_LENGTH
 
