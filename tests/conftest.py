@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = ROOT / "events"
 DEFAULT_MODEL_ID = "all-minilm-l6-v2"
+INTENT_MODEL_ID = "intent-minilm-l6-v2"  # `make test` builds it beside the default (Makefile: INTENT)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Never let a test reach real AWS: fixed fake credentials, a region, no IMDS.
@@ -69,10 +70,12 @@ def lambda_context() -> FakeLambdaContext:
 
 @pytest.fixture
 def service_env(monkeypatch: pytest.MonkeyPatch, models_root: Path, tmp_path: Path) -> Iterator[None]:
-    """Point quantfn at the built model through the environment, as Lambda would."""
+    """Point quantfn at the built models through the environment, as Lambda would: the default embedder and,
+    where it was built, the intent classifier (the template's default list)."""
     from quantfn.registry import reset_registry
 
-    monkeypatch.setenv("QUANTFN_MODEL", f"layer:{DEFAULT_MODEL_ID}")
+    models = [DEFAULT_MODEL_ID] + ([INTENT_MODEL_ID] if (models_root / INTENT_MODEL_ID).is_dir() else [])
+    monkeypatch.setenv("QUANTFN_MODELS", ",".join(f"{m}=layer:{m}" for m in models))
     monkeypatch.setenv("QUANTFN_MODELS_ROOT", str(models_root))
     monkeypatch.setenv("QUANTFN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("QUANTFN_THREADS", "2")

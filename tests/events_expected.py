@@ -17,13 +17,14 @@ API_EVENTS: dict[str, tuple[int, str | None]] = {
     "api-bad-non-string-item.json": (400, "invalid_request"),
     "api-bad-token-array.json": (400, "token_arrays_unsupported"),
     "api-rerank.json": (200, None),
+    "api-classify.json": (200, None),  # needs the intent classifier (`make test` builds it)
     "api-rerank-v2.json": (200, None),
     "api-bad-rerank-no-documents.json": (400, "invalid_request"),
     "api-bad-lone-surrogate.json": (400, "invalid_text"),
     "api-bad-deep-json.json": (400, "too_deep"),
     "api-bad-not-utf8.json": (400, "invalid_request"),
     "api-bad-nothing-to-read.json": (400, "empty_text"),
-    # The default deployment serves the embedder alone: a classify request naming it is the wrong task.
+    # A classify request naming the embedder: the wrong task for the route.
     "api-bad-classify-wrong-task.json": (400, "wrong_model_task"),
     "api-bad-encoding-format.json": (400, "invalid_request"),
     "api-bad-dimensions.json": (400, "invalid_request"),

@@ -223,7 +223,8 @@ def test_api_function_handler_environment_and_layers(template):
     config = (ROOT / "shared" / "quantfn" / "config.py").read_text()
     for name in (n for n in env if n.startswith("QUANTFN_")):
         assert f'"{name}"' in config, name
-    assert template["Parameters"]["Models"]["Default"] == "all-minilm-l6-v2=layer:all-minilm-l6-v2"
+    default = "all-minilm-l6-v2=layer:all-minilm-l6-v2,intent-minilm-l6-v2=layer:intent-minilm-l6-v2"
+    assert template["Parameters"]["Models"]["Default"] == default
     pattern = re.compile(template["Parameters"]["Models"]["AllowedPattern"])
     assert pattern.match("a=layer:x,b=s3://bucket-name/models/y/,layer:z")
     assert not pattern.match("a=http://x") and not pattern.match("a=layer:x,")
