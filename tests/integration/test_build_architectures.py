@@ -260,3 +260,32 @@ def test_given_a_tokenizer_of_another_vocabulary_when_an_onnx_file_is_planned_th
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(BuildError, match="30522 rows but the tokenizer has 30000 tokens"):
         plan_build(read_onnx_file(built / "model.onnx", tmp_path / "tokenizer.json"))
+
+
+def test_given_a_built_cross_encoder_when_served_then_rerank_scores_are_torchs_sigmoid(
+    checkpoints, out, monkeypatch: pytest.MonkeyPatch, lambda_context
+) -> None:
+    from functions.api.app import lambda_handler
+    from quantfn.registry import reset_registry
+    from tests.conftest import load_event
+
+    built, _ = _build(out, checkpoints["cross-encoder"])
+    monkeypatch.setenv("QUANTFN_MODELS", f"reranker=layer:{built.name}")
+    monkeypatch.setenv("QUANTFN_MODELS_ROOT", str(built.parent))
+    reset_registry()
+    query, documents = "what is a fox", ["the quick brown fox", "a long text about dogs and cats", "b", "fox"]
+    event = load_event("api-rerank.json")
+    event["body"] = json.dumps({"model": "reranker", "query": query, "documents": documents})
+    try:
+        reply = lambda_handler(event, lambda_context)
+    finally:
+        reset_registry()
+    body = json.loads(reply["body"])
+    assert reply["statusCode"] == 200, body
+    _, arrays = _run(built, Manifest.read(built), [(query, d) for d in documents])
+    ids = _torch_ids(arrays, checkpoints["cross-encoder"], built)
+    logits = _torch(transformers.BertForSequenceClassification, checkpoints["cross-encoder"], ids).logits.numpy()
+    want = 1 / (1 + np.exp(-logits[:, 0]))
+    got = {item["index"]: item["relevance_score"] for item in body["results"]}
+    np.testing.assert_allclose([got[i] for i in range(len(documents))], want, atol=1e-4)
+    assert [item["index"] for item in body["results"]] == sorted(range(len(documents)), key=lambda i: -want[i])
