@@ -1,4 +1,4 @@
-"""Batch function: SQS job messages -> embeddings in S3, reporting partial batch failures."""
+"""Batch function: SQS job and shard messages -> results in S3, reporting partial batch failures."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from quantfn.batch.jobs import parse_job_message
-from quantfn.batch.runner import JobRunner
+from quantfn.batch.runner import Delivery, JobRunner
 from quantfn.registry import get_registry
 from quantfn.tracing import capture_lambda_handler
 from quantfn.warmup import prepare_init
 
 logger = Logger(service="quantfn-batch")
 metrics = Metrics(namespace="quantfn", service="quantfn-batch")
-processor = BatchProcessor(event_type=EventType.SQS)
+# A batch whose every record failed is still a partial-batch reply (batchItemFailures), not an exception:
+# with one message per invocation, raising would hide which message failed and skip the metrics.
+processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 prepare_init()  # loads the model now only with QUANTFN_PRELOAD or under SnapStart
 
 
@@ -31,7 +33,7 @@ def get_runner() -> JobRunner:
 
 
 def queue_url_of(record: SQSRecord) -> str:
-    """The queue for follow-ups: the configured URL, else the one this record came from."""
+    """The queue for shards and follow-ups: the configured URL, else the one this record came from."""
     configured = get_registry().settings.batch_queue_url
     if configured:
         return configured
@@ -42,13 +44,15 @@ def queue_url_of(record: SQSRecord) -> str:
 def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     runner = get_runner()
     job = parse_job_message(record.body, runner.settings.max_inputs)
-    logger.append_keys(job_id=job.job_id, chunk=job.checkpoint.chunk)
+    logger.append_keys(job_id=job.job_id, shard=job.shard.index if job.shard else None, chunk=job.checkpoint.chunk)
     where = {"function": lambda_context.function_name, "memory_mb": int(lambda_context.memory_limit_in_mb)}
     where |= {"request_id": lambda_context.aws_request_id, "threads": runner.settings.threads}
-    outcome = runner.run(job, lambda_context.get_remaining_time_in_millis, queue_url_of(record), where)
+    receives = int(record.attributes.approximate_receive_count or 1)
+    delivery = Delivery(queue_url_of(record), record.message_id, receives, where)
+    outcome = runner.run(job, lambda_context.get_remaining_time_in_millis, delivery)
     logger.info("job step done", extra={"status": outcome.status, "chunks": outcome.chunks_done})
-    metrics.add_metric(name="Embeddings", unit=MetricUnit.Count, value=outcome.embeddings)
-    metrics.add_metric(name=f"Jobs{outcome.status.title()}", unit=MetricUnit.Count, value=1)
+    metrics.add_metric(name="Results", unit=MetricUnit.Count, value=outcome.results)
+    metrics.add_metric(name="Jobs" + outcome.status.title().replace("_", ""), unit=MetricUnit.Count, value=1)
 
 
 @capture_lambda_handler  # X-Ray in Lambda with Tracing: Active; a no-op locally

@@ -180,6 +180,11 @@ class Settings:
     batch_chunk_lines: int = 1000
     batch_safety_ms: int = 20_000
     batch_max_line_bytes: int = 1024 * 1024
+    # Batch jobs that fan out (quantfn.batch.planner): when a job is cut into shards, how big, how many.
+    batch_shard_threshold_bytes: int = 8 * 1024 * 1024
+    batch_shard_bytes: int = 4 * 1024 * 1024
+    batch_max_shards: int = 1000
+    batch_max_receives: int = 3
     # The GPU route (routing.py, endpoint.py): where oversized requests go and how local time is predicted.
     endpoint_name: str = ""
     endpoint_url: str = ""
@@ -245,6 +250,11 @@ class Settings:
             batch_chunk_lines=_int(env, "QUANTFN_BATCH_CHUNK_LINES", 1000, minimum=1),
             batch_safety_ms=_int(env, "QUANTFN_BATCH_SAFETY_MS", 20_000),
             batch_max_line_bytes=_int(env, "QUANTFN_BATCH_MAX_LINE_BYTES", 1024 * 1024, minimum=64),
+            # Batch jobs that fan out
+            batch_shard_threshold_bytes=_int(env, "QUANTFN_BATCH_SHARD_THRESHOLD_BYTES", 8 * 1024 * 1024),
+            batch_shard_bytes=_int(env, "QUANTFN_BATCH_SHARD_BYTES", 4 * 1024 * 1024, minimum=1024),
+            batch_max_shards=_int(env, "QUANTFN_BATCH_MAX_SHARDS", 1000, minimum=1),
+            batch_max_receives=_int(env, "QUANTFN_BATCH_MAX_RECEIVES", 3, minimum=1),
             endpoint_name=env.get("QUANTFN_ENDPOINT_NAME", "").strip(),
             endpoint_url=env.get("QUANTFN_ENDPOINT_URL", "").strip().rstrip("/"),
             endpoint_timeout_ms=_int(env, "QUANTFN_ENDPOINT_TIMEOUT_MS", 25_000, minimum=1),

@@ -89,9 +89,9 @@ def read_outputs(s3, bucket: str, prefix: str) -> tuple[list[dict], list[dict], 
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
             body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().decode()
-            if item["Key"].endswith("manifest.json"):
+            if item["Key"].endswith("/manifest.json"):
                 manifest = json.loads(body)
-            else:
+            elif "/results/" in item["Key"] or "/errors/" in item["Key"]:
                 target = results if "/results/" in item["Key"] else errors
                 target += [json.loads(line) for line in body.splitlines()]
     return results, errors, manifest
@@ -207,15 +207,17 @@ def test_redelivery_and_reruns_never_duplicate_or_rewrite_results(batch_env, que
     # A re-delivery that finds some chunks done (the manifest not yet written) redoes only the rest,
     # and a chunk written twice has the same bytes: deterministic keys, deterministic content.
     s3.delete_object(Bucket="out-bucket", Key="embeddings/again/manifest.json")
-    s3.delete_object(Bucket="out-bucket", Key="embeddings/again/results/part-000001.jsonl")
+    s3.delete_object(Bucket="out-bucket", Key="embeddings/again/results/shard-00000/part-000001.jsonl")
+    s3.delete_object(Bucket="out-bucket", Key="embeddings/again/shards/shard-00000.json")  # died before its marker
     sqs.send_message(QueueUrl=url, MessageBody=body)
     mapping.drain(timeout_s=60)
     after = {
         i["Key"]: i["ETag"] for i in s3.list_objects_v2(Bucket="out-bucket", Prefix="embeddings/again/")["Contents"]
     }
-    assert {k: v for k, v in after.items() if "manifest" not in k} == {
-        k: v for k, v in etags.items() if "manifest" not in k
-    }
+    def outputs(listing: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in listing.items() if "/results/" in k or "/errors/" in k}
+
+    assert outputs(after) == outputs(etags) and len(outputs(after)) == 3
     results, errors, manifest = read_outputs(s3, "out-bucket", "embeddings/again/")
     assert len(results) == len({r["line"] for r in results}) == 2 * CHUNK + 10 and not errors
     assert manifest["counts"]["results"] == 2 * CHUNK + 10

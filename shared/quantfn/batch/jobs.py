@@ -1,15 +1,22 @@
-"""The job message: what a team puts on the queue, and the checkpoint a follow-up carries.
+"""The job message: what a team puts on the queue, and the shard and checkpoint quantfn adds.
 
 Body (JSON)::
 
-    {"job_id": "corpus-2026-11-22", "model": "all-MiniLM-L6-v2", "task": "embedding",
-     "input": {"s3_uri": "s3://bucket/in/corpus.jsonl"}        # or {"texts": [{"id": 1, "text": "..."}]}
+    {"job_id": "corpus-2026-11-22", "model": "all-MiniLM-L6-v2", "task": "embed",   # or classify, rerank
+     "input": {"s3_uri": "s3://bucket/in/corpus.jsonl"},       # or {"texts": [{"id": 1, "text": "..."}]}
      "output": "s3://bucket/out/",                              # results go under <output><job_id>/
-     "checkpoint": {...}}                                        # set by quantfn on follow-up messages only
+     "shard_bytes": 4194304, "max_shards": 100,                 # optional: this job's shard size and cap
+     "shard": {...},                                            # set by the planner on shard messages only
+     "checkpoint": {...}}                                       # set by quantfn on follow-up messages only
+
+A message without ``shard`` is a job: the planner cuts it into shards. A message
+with ``shard`` is one byte range of the input, pinned to the input's ETag (and
+version id), processed chunk by chunk from its checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -18,7 +25,9 @@ from typing import Any
 from quantfn.errors import BadRequest
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-TASKS = ("embedding",)
+TASKS = ("embed", "classify", "rerank")
+_TASK_ALIASES = {"embedding": "embed"}  # the task name before classify and rerank
+MIN_SHARD_BYTES = 1024
 
 
 class BadJob(BadRequest):
@@ -49,8 +58,24 @@ class S3Location:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """Bytes ``[start, end)`` of the input (record indexes for inline input), pinned to one object version."""
+
+    index: int
+    count: int
+    start: int
+    end: int
+    etag: str = ""
+    version_id: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}"
+
+
+@dataclass(frozen=True)
 class Checkpoint:
-    """Where a job resumes: chunk index, byte offset of its first line, totals of the chunks before it."""
+    """Where a shard resumes: chunk index, byte offset of its next line, totals of the chunks before it."""
 
     chunk: int = 0
     offset: int = 0
@@ -77,30 +102,66 @@ class JobMessage:
     job_id: str
     model: str
     output: S3Location
-    task: str = "embedding"
+    task: str = "embed"
     input_uri: S3Location | None = None
-    inline: tuple[dict[str, Any], ...] = ()
+    inline: tuple[Any, ...] = ()
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    shard: Shard | None = None
+    shard_bytes: int | None = None
+    max_shards: int | None = None
 
     @property
     def prefix(self) -> str:
         """Key prefix that holds everything this job writes."""
         return f"{self.output.key}{self.job_id}/"
 
-    def follow_up(self, checkpoint: Checkpoint) -> str:
-        """The body of the message that continues this job from ``checkpoint``."""
+    @property
+    def input_name(self) -> str:
+        """What identifies the input in job.json: its URI, or a digest of the inline records."""
+        if self.input_uri:
+            return self.input_uri.uri
+        digest = hashlib.sha256(json.dumps(list(self.inline), sort_keys=True).encode("utf-8", "replace"))
+        return f"inline:sha256:{digest.hexdigest()}"
+
+    def _body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"job_id": self.job_id, "model": self.model, "task": self.task}
         body["input"] = {"s3_uri": self.input_uri.uri} if self.input_uri else {"texts": list(self.inline)}
         body["output"] = self.output.uri
-        body["checkpoint"] = asdict(checkpoint)
+        return body
+
+    def for_shard(self, shard: Shard) -> str:
+        """The body of the message that processes ``shard`` from its start."""
+        return json.dumps(self._body() | {"shard": asdict(shard), "checkpoint": asdict(Checkpoint(offset=shard.start))})
+
+    def follow_up(self, checkpoint: Checkpoint) -> str:
+        """The body of the message that continues this shard from ``checkpoint``."""
+        body = self._body() | {"checkpoint": asdict(checkpoint)}
+        if self.shard is not None:
+            body["shard"] = asdict(self.shard)
         return json.dumps(body)
+
+
+def _positive_int(data: dict[str, Any], name: str, minimum: int) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise BadJob(f"'{name}' must be an integer >= {minimum}.", param=name)
+    return value
+
+
+def _dataclass_field(cls: type, data: Any, name: str) -> Any:
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise BadJob(f"'{name}' is malformed.", param=name) from exc
 
 
 def parse_job_message(body: str, max_inline: int) -> JobMessage:
     """Validate a message body; raises BadJob naming the field."""
     try:
         data = json.loads(body)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise BadJob("The message body is not valid JSON.") from exc
     if not isinstance(data, dict):
         raise BadJob("The message body must be a JSON object.")
@@ -108,9 +169,10 @@ def parse_job_message(body: str, max_inline: int) -> JobMessage:
     if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
         raise BadJob("'job_id' must be 1-128 characters of letters, digits, '.', '_' or '-'.", param="job_id")
     model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadJob("'model' is required.", param="model")
-    task = data.get("task", "embedding")
+    if not isinstance(model, str) or not model or len(model) > 256:
+        raise BadJob("'model' is required (at most 256 characters).", param="model")
+    task = data.get("task", "embed")
+    task = _TASK_ALIASES.get(task, task) if isinstance(task, str) else task
     if task not in TASKS:
         raise BadJob(f"'task' must be one of {', '.join(TASKS)}.", param="task")
     output = S3Location.parse(data.get("output"), "output", prefix=True)
@@ -125,10 +187,21 @@ def parse_job_message(body: str, max_inline: int) -> JobMessage:
         if not isinstance(texts, list) or not texts or len(texts) > max_inline:
             raise BadJob(f"'input.texts' must be a list of 1 to {max_inline} records.", param="input.texts")
         inline = tuple(texts)
-    checkpoint = Checkpoint()
-    if "checkpoint" in data:
-        try:
-            checkpoint = Checkpoint(**data["checkpoint"])
-        except TypeError as exc:
-            raise BadJob("'checkpoint' is malformed.", param="checkpoint") from exc
-    return JobMessage(job_id, model, output, task, input_uri, inline, checkpoint)
+    shard = _dataclass_field(Shard, data["shard"], "shard") if "shard" in data else None
+    if shard is not None and not (0 <= shard.index < shard.count and 0 <= shard.start <= shard.end):
+        raise BadJob("'shard' is malformed.", param="shard")
+    checkpoint = _dataclass_field(Checkpoint, data["checkpoint"], "checkpoint") if "checkpoint" in data else None
+    if checkpoint is None:
+        checkpoint = Checkpoint(offset=shard.start if shard else 0)
+    return JobMessage(
+        job_id,
+        model,
+        output,
+        task,
+        input_uri,
+        inline,
+        checkpoint,
+        shard,
+        _positive_int(data, "shard_bytes", MIN_SHARD_BYTES),
+        _positive_int(data, "max_shards", 1),
+    )

@@ -1,12 +1,14 @@
-"""Run one job message: embed chunk after chunk, write each chunk's results, continue or finish.
+"""Run one job message: plan a job into shards, or process one shard chunk after chunk and maybe finish the job.
 
-Idempotence: chunk k always covers the same lines (``chunk_lines`` of them), is
-embedded in the same batches and so gives the same bytes; its results object
-``results/part-<k>.jsonl`` is written last and marks the chunk done (an S3 PUT
-is atomic: a reader sees all of it or nothing). A re-delivered message skips
-done chunks; a finished job (``manifest.json`` present) is skipped whole.
-When the remaining time will not fit another chunk, the runner sends a
-follow-up message with a checkpoint and returns: no line is lost or repeated.
+Idempotence: chunk k of shard s always covers the same lines (``chunk_lines`` of
+them, from the shard's start), is run in the same batches and so gives the same
+bytes; its results object ``results/shard-s/part-k.jsonl`` is written last, once
+(``If-None-Match: *``), and marks the chunk done. A redelivered or concurrently
+delivered shard skips done chunks and rewrites nothing. A finished shard writes
+its completion marker once; the shard that sees every marker writes
+``manifest.json`` once (shards.py says why that is exactly once). When the
+remaining time will not fit another chunk, the runner sends a follow-up message
+with a checkpoint and returns: no line is lost or repeated.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
 
-from quantfn import inference
-from quantfn.batch.jobs import Checkpoint, JobMessage
-from quantfn.batch.sources import Record, iter_records
-from quantfn.registry import Registry
+from quantfn.batch import shards as store
+from quantfn.batch.compute import infer_chunk, model_record
+from quantfn.batch.jobs import BadJob, Checkpoint, JobMessage, Shard
+from quantfn.batch.planner import plan_shards, send_shards, shards_as_dicts
+from quantfn.batch.records import Item, check_record, error_line
+from quantfn.batch.sources import InputChanged, Record, iter_records
 from quantfn.serialize import dumps
 
 logger = logging.getLogger(__name__)
@@ -31,12 +35,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """``status``: "complete", "continued" (a follow-up was sent) or "skipped" (already complete)."""
+    """``status``: planned, continued, shard_done, complete (this call wrote the manifest), skipped, failed."""
 
     status: str
     checkpoint: Checkpoint
     chunks_done: int = 0
-    embeddings: int = 0
+    results: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,156 +51,220 @@ class ChunkResult:
     end_offset: int
 
 
-class JobRunner:
-    """Processes job messages with the model registry and boto3 S3/SQS clients."""
+@dataclass(frozen=True)
+class Delivery:
+    """What the trigger knows about the message: its queue, id and receive count, and where this runs."""
 
-    def __init__(self, registry: Registry, s3: Any, sqs: Any) -> None:
-        self.registry = registry
-        self.settings = registry.settings
+    queue_url: str
+    message_id: str = ""
+    receive_count: int = 1
+    where: dict[str, Any] | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class JobRunner:
+    """Processes job messages with one inference service and boto3 S3/SQS clients."""
+
+    def __init__(self, service: Any, s3: Any, sqs: Any) -> None:
+        self.service = service
+        self.settings = service.settings
         self.s3 = s3
         self.sqs = sqs
 
-    def run(
-        self, job: JobMessage, remaining_ms: Callable[[], int], queue_url: str, where: dict[str, Any]
-    ) -> JobOutcome:
-        """Process ``job`` from its checkpoint. Raises on failures the message should be retried for."""
-        bucket = job.output.bucket
-        if self._exists(bucket, job.prefix + "manifest.json"):
+    def run(self, job: JobMessage, remaining_ms: Callable[[], int], delivery: Delivery) -> JobOutcome:
+        """Plan ``job`` or process its shard. Raises on failures the message should be retried for."""
+        try:
+            if job.shard is None:
+                return self._plan(job, remaining_ms, delivery)
+            return self._run_shard(job, remaining_ms, delivery)
+        except Exception as exc:
+            if job.shard is not None and delivery.receive_count >= self.settings.batch_max_receives:
+                # Its last allowed receive: the message goes to the dead-letter queue, the job stays incomplete.
+                record = {"shard": job.shard.index, "code": getattr(exc, "code", "shard_failed"), "at": _now()}
+                record |= {"message": f"failed {delivery.receive_count} receives ({type(exc).__name__}); the "
+                           "shard message is in the dead-letter queue: redrive it to finish the job"}
+                store.put(self.s3, job.output.bucket, f"{job.prefix}failed/{job.shard.name}.json", json.dumps(record))
+            raise
+
+    # -- planning ----------------------------------------------------------------
+    def _plan(self, job: JobMessage, remaining_ms: Callable[[], int], delivery: Delivery) -> JobOutcome:
+        bucket, prefix = job.output.bucket, job.prefix
+        if store.exists(self.s3, bucket, prefix + "manifest.json"):
             logger.info("job %s is already complete; skipping", job.job_id)
             return JobOutcome("skipped", job.checkpoint)
-        manifest = self.registry.manifest(self.registry.resolve(job.model, "embed"))
+        self.service.check_model(job.model)  # a wrong model name fails before anything is written
+        record = store.read_json(self.s3, bucket, prefix + "job.json")
+        if record is None:
+            plan = plan_shards(self.s3, job, self.settings)
+            record = {"job_id": job.job_id, "task": job.task, "model": job.model, "message_id": delivery.message_id}
+            record |= plan | {"shards": shards_as_dicts(plan["shards"]), "created_at": _now()}
+            if not store.put_once(self.s3, bucket, prefix + "job.json", json.dumps(record, indent=1)):
+                record = store.read_json(self.s3, bucket, prefix + "job.json") or record  # a duplicate planned first
+        self._refuse_reuse(job, record, delivery)
+        shards = [Shard(**s) for s in record["shards"]]
+        if len(shards) == 1:  # a small job runs here and now, as one shard
+            return self._run_shard(replace(job, shard=shards[0], checkpoint=Checkpoint(offset=shards[0].start)),
+                                   remaining_ms, delivery)
+        if store.exists(self.s3, bucket, prefix + "dispatched.json"):
+            return JobOutcome("skipped", job.checkpoint)
+        send_shards(self.sqs, delivery.queue_url, job, shards)
+        store.put_once(self.s3, bucket, prefix + "dispatched.json", json.dumps({"shards": len(shards), "at": _now()}))
+        logger.info("job %s planned into %d shards", job.job_id, len(shards))
+        return JobOutcome("planned", job.checkpoint)
+
+    def _refuse_reuse(self, job: JobMessage, record: dict[str, Any], delivery: Delivery) -> None:
+        """A job_id names one input: another input, task or model under it is refused, never acknowledged."""
+        same = (record["input"], record["task"], record["model"]) == (job.input_name, job.task, job.model)
+        if same and job.input_uri is not None and record.get("message_id") != delivery.message_id:
+            # Not a redelivery of the planned message: the same URI must still hold the same object.
+            head = self.s3.head_object(Bucket=job.input_uri.bucket, Key=job.input_uri.key)
+            same = head["ETag"] == record["etag"]
+        if not same:
+            raise BadJob(
+                f"'job_id' {job.job_id!r} already names a job with another input, task or model "
+                f"(planned {record['created_at']}); choose a new job_id.",
+                param="job_id",
+            )
+
+    # -- one shard ---------------------------------------------------------------
+    def _run_shard(self, job: JobMessage, remaining_ms: Callable[[], int], delivery: Delivery) -> JobOutcome:
+        shard, bucket, prefix = job.shard, job.output.bucket, job.prefix
+        assert shard is not None
+        if store.exists(self.s3, bucket, f"{prefix}shards/{shard.name}.json"):
+            self._finish_if_last(job, delivery)  # the marker may have been written just before a crash
+            return JobOutcome("skipped", job.checkpoint)
+        if store.exists(self.s3, bucket, prefix + "failed/input.json"):
+            return JobOutcome("failed", job.checkpoint)
         checkpoint = replace(job.checkpoint, invocations=job.checkpoint.invocations + 1)
         records = _Peekable(iter_records(job, self.s3, self.settings.batch_max_line_bytes))
-        chunks_done = embeddings = 0
+        chunks_done = results = 0
         slowest_ms = 0.0
-        while True:
-            chunk = records.take(self.settings.batch_chunk_lines)
-            if not chunk:
-                self._finish(job, checkpoint, manifest, where)
-                return JobOutcome("complete", checkpoint, chunks_done, embeddings)
-            started = time.perf_counter()
-            done = self._chunk_done(job, checkpoint.chunk)
-            result = done or self._process_chunk(job, checkpoint, chunk, remaining_ms)
-            elapsed = (time.perf_counter() - started) * 1000
-            checkpoint = checkpoint.advance(
-                result.lines, result.results, result.errors, result.end_offset, 0.0 if done else elapsed
-            )
-            if not done:
-                chunks_done += 1
-                embeddings += result.results
-                slowest_ms = max(slowest_ms, elapsed)
-            # Continue only if the next chunk, as slow as the slowest so far, ends before the safety margin.
-            if records.has_more() and remaining_ms() - slowest_ms < self.settings.batch_safety_ms:
-                self.sqs.send_message(QueueUrl=queue_url, MessageBody=job.follow_up(checkpoint))
-                logger.info("job %s continues at chunk %d (line %d)", job.job_id, checkpoint.chunk, checkpoint.line)
-                return JobOutcome("continued", checkpoint, chunks_done, embeddings)
+        try:
+            while True:
+                chunk = records.take(self.settings.batch_chunk_lines)
+                if not chunk:
+                    break
+                started = time.perf_counter()
+                done = self._chunk_done(job, checkpoint.chunk)
+                result = done or self._process_chunk(job, checkpoint, chunk)
+                elapsed = (time.perf_counter() - started) * 1000
+                checkpoint = checkpoint.advance(
+                    result.lines, result.results, result.errors, result.end_offset, 0.0 if done else elapsed
+                )
+                if not done:
+                    chunks_done += 1
+                    results += result.results
+                    slowest_ms = max(slowest_ms, elapsed)
+                    store.put(self.s3, bucket, f"{prefix}progress/{shard.name}.json", json.dumps(asdict(checkpoint)))
+                # Continue only if the next chunk, as slow as the slowest so far, ends before the safety margin.
+                if records.has_more() and remaining_ms() - slowest_ms < self.settings.batch_safety_ms:
+                    self.sqs.send_message(QueueUrl=delivery.queue_url, MessageBody=job.follow_up(checkpoint))
+                    logger.info("job %s %s continues at chunk %d", job.job_id, shard.name, checkpoint.chunk)
+                    return JobOutcome("continued", checkpoint, chunks_done, results)
+        except InputChanged as exc:
+            failure = {"code": exc.code, "message": exc.message, "shard": shard.index, "at": _now()}
+            store.put_once(self.s3, bucket, prefix + "failed/input.json", json.dumps(failure))
+            logger.error("job %s failed: its input changed under it (%s)", job.job_id, shard.name)
+            return JobOutcome("failed", checkpoint, chunks_done, results)
+        marker = asdict(shard) | {"lines": checkpoint.line, "results": checkpoint.results, "errors": checkpoint.errors}
+        marker |= {"parts": checkpoint.chunk, "compute_ms": round(checkpoint.compute_ms, 1), "finished_at": _now()}
+        marker |= {"invocations": checkpoint.invocations, "model": model_record(self.service)}
+        store.put_once(self.s3, bucket, f"{prefix}shards/{shard.name}.json", json.dumps(marker))
+        wrote = self._finish_if_last(job, delivery)
+        return JobOutcome("complete" if wrote else "shard_done", checkpoint, chunks_done, results)
 
-    # -- chunks ----------------------------------------------------------------
-    def _process_chunk(
-        self, job: JobMessage, checkpoint: Checkpoint, chunk: list[Record], remaining_ms: Callable[[], int]
-    ) -> ChunkResult:
-        errors: list[dict[str, Any]] = []
-        texts: list[tuple[Record, Any, str]] = []
-        for record in chunk:
-            problem_or_text = self._validate(record)
-            record_id = record.value.get("id") if isinstance(record.value, dict) else None
-            if isinstance(problem_or_text, str):
-                texts.append((record, record_id, problem_or_text))
-            else:
-                errors.append(_error(record, record_id, *problem_or_text))
-        good: list[tuple[Record, Any]] = []
-        vectors: Any = []
-        if texts:
-            request = inference.EmbedRequest([text for _, _, text in texts], job.model)
-            budget = inference.Budget(remaining_ms(), allow_endpoint=False, per_input_errors=True)
-            result = inference.run(request, budget, self.registry)
-            for index, (code, message) in result.errors.items():
-                record, record_id, _ = texts[index]
-                errors.append(_error(record, record_id, code, message))
-            good = [texts[index][:2] for index in result.ok]
-            vectors = result.output
-        errors.sort(key=lambda error: error["line"])
-        lines = (
-            dumps({"id": record_id, "line": record.line, "embedding": vector})
-            for (record, record_id), vector in zip(good, vectors, strict=True)
-        )
-        part = f"part-{checkpoint.chunk:06d}.jsonl"
+    def _process_chunk(self, job: JobMessage, checkpoint: Checkpoint, chunk: list[Record]) -> ChunkResult:
+        errors: list[str] = []
+        checked = [check_record(record, job.task) for record in chunk]
+        items = [c for c in checked if isinstance(c, Item)]
+        errors += [error_line(record, *c) for record, c in zip(chunk, checked, strict=True) if isinstance(c, tuple)]
+        lines = []
+        for item, output in zip(items, infer_chunk(self.service, job.task, job.model, items), strict=True):
+            if isinstance(output, tuple):
+                errors.append(error_line(item.record, *output))
+                continue
+            try:
+                lines.append(dumps({"id": item.id, "line": item.record.line, **output}))
+            except (TypeError, ValueError):  # orjson: what the checks let through must still not fail the chunk
+                errors.append(error_line(item.record, "bad_record", "the line's id cannot be written as JSON"))
+        part = self._part(job, checkpoint.chunk)
+        bucket = job.output.bucket
         if errors:
-            self._put(job.output.bucket, job.prefix + "errors/" + part, "\n".join(map(json.dumps, errors)) + "\n")
-        metadata = {"lines": str(len(chunk)), "results": str(len(good)), "errors": str(len(errors))}
-        metadata["end-offset"] = str(chunk[-1].end_offset)
+            errors.sort(key=lambda text: json.loads(text)["line"])
+            store.put_once(self.s3, bucket, job.prefix + "errors/" + part, "\n".join(errors) + "\n")
+        end = chunk[-1].end_offset
+        metadata = {"lines": str(len(chunk)), "results": str(len(lines)), "errors": str(len(errors))}
+        metadata["end-offset"] = str(end)
         body = "".join(line + "\n" for line in lines)
-        self._put(job.output.bucket, job.prefix + "results/" + part, body, metadata)  # last: marks the chunk done
-        return ChunkResult(len(chunk), len(good), len(errors), chunk[-1].end_offset)
+        # Last, and once: the results object marks the chunk done.
+        if not store.put_once(self.s3, bucket, job.prefix + "results/" + part, body, metadata):
+            return self._chunk_done(job, checkpoint.chunk) or ChunkResult(len(chunk), len(lines), len(errors), end)
+        return ChunkResult(len(chunk), len(lines), len(errors), end)
 
-    def _validate(self, record: Record) -> str | tuple[str, str]:
-        if record.problem:
-            return record.problem
-        value = record.value
-        if not isinstance(value, dict):
-            return ("bad_record", "each line must be a JSON object with 'id' and 'text'")
-        if "id" not in value or not isinstance(value["id"], (str, int)) or isinstance(value["id"], bool):
-            return ("missing_id", "'id' must be a string or an integer")
-        text = value.get("text")
-        if not isinstance(text, str):
-            return ("missing_text", "'text' must be a string")
-        if not text.strip():
-            return ("empty_text", "'text' is empty")
-        return text
+    @staticmethod
+    def _part(job: JobMessage, chunk: int) -> str:
+        assert job.shard is not None
+        return f"{job.shard.name}/part-{chunk:06d}.jsonl"
 
     def _chunk_done(self, job: JobMessage, chunk: int) -> ChunkResult | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            head = self.s3.head_object(Bucket=job.output.bucket, Key=f"{job.prefix}results/part-{chunk:06d}.jsonl")
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                return None
-            raise
-        meta = head["Metadata"]
+        meta = store.head_metadata(self.s3, job.output.bucket, job.prefix + "results/" + self._part(job, chunk))
+        if meta is None:
+            return None
         return ChunkResult(int(meta["lines"]), int(meta["results"]), int(meta["errors"]), int(meta["end-offset"]))
 
-    # -- output ------------------------------------------------------------------
-    def _finish(self, job: JobMessage, checkpoint: Checkpoint, manifest: Any, where: dict[str, Any]) -> None:
-        summary = {
-            "job_id": job.job_id,
-            "status": "complete",
-            "task": job.task,
-            "model": {
-                "id": manifest.model_id,
-                "sha256": manifest.files["model.onnx"].sha256,
-                "recipe": manifest.raw.get("quantization", {}).get("recipe"),
-            },
-            "input": job.input_uri.uri if job.input_uri else "inline",
-            "output": f"s3://{job.output.bucket}/{job.prefix}",
-            "counts": {"lines": checkpoint.line, "results": checkpoint.results, "errors": checkpoint.errors},
-            "parts": checkpoint.chunk,
-            "chunk_lines": self.settings.batch_chunk_lines,
-            "timings": {"compute_ms": round(checkpoint.compute_ms, 1), "invocations": checkpoint.invocations},
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "ran_on": where,
-        }
-        self._put(job.output.bucket, job.prefix + "manifest.json", json.dumps(summary, indent=2) + "\n")
+    # -- the job's end -------------------------------------------------------------
+    def _finish_if_last(self, job: JobMessage, delivery: Delivery) -> bool:
+        """Write manifest.json if every shard's marker exists; True if this call wrote it."""
+        assert job.shard is not None
+        bucket, prefix = job.output.bucket, job.prefix
+        keys = list(store.list_keys(self.s3, bucket, prefix + "shards/"))
+        if len(keys) < job.shard.count or store.exists(self.s3, bucket, prefix + "manifest.json"):
+            return False
+        if store.exists(self.s3, bucket, prefix + "failed/input.json"):
+            return False
+        markers = store.read_markers(self.s3, bucket, prefix)
+        record = store.read_json(self.s3, bucket, prefix + "job.json") or {}
+        summary = build_manifest(job, record, markers, self.settings.batch_chunk_lines, delivery.where or {})
+        wrote = store.put_once(self.s3, bucket, prefix + "manifest.json", json.dumps(summary, indent=2) + "\n")
+        if wrote:
+            logger.info("job %s complete: %s", job.job_id, summary["counts"])
+        return wrote
 
-    def _put(self, bucket: str, key: str, body: str, metadata: dict[str, str] | None = None) -> None:
-        self.s3.put_object(
-            Bucket=bucket,
-            Key=key,
-            Body=body.encode("utf-8"),
-            ContentType="application/x-ndjson",
-            Metadata=metadata or {},
-        )
 
-    def _exists(self, bucket: str, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.s3.head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                return False
-            raise
+def build_manifest(
+    job: JobMessage, record: dict[str, Any], markers: dict[int, dict[str, Any]], chunk_lines: int, where: dict
+) -> dict[str, Any]:
+    """The job's manifest from its shards' markers; ``first_line`` maps a shard's line numbers to the input's."""
+    shards, first_line = [], 1
+    for index in sorted(markers):
+        marker = markers[index]
+        shards.append({k: marker[k] for k in ("index", "start", "end", "lines", "results", "errors", "parts")})
+        shards[-1]["first_line"] = first_line
+        first_line += marker["lines"]
+    counts = {name: sum(m[name] for m in markers.values()) for name in ("lines", "results", "errors")}
+    return {
+        "job_id": job.job_id,
+        "status": "complete",
+        "task": job.task,
+        "model": markers[min(markers)]["model"],
+        "input": job.input_uri.uri if job.input_uri else "inline",
+        "input_version": {"etag": record.get("etag", ""), "version_id": record.get("version_id", "")},
+        "output": f"s3://{job.output.bucket}/{job.prefix}",
+        "counts": counts,
+        "parts": sum(m["parts"] for m in markers.values()),
+        "chunk_lines": chunk_lines,
+        "shards": shards,
+        "timings": {
+            "compute_ms": round(sum(m["compute_ms"] for m in markers.values()), 1),
+            "invocations": sum(m["invocations"] for m in markers.values()),
+        },
+        "created_at": record.get("created_at"),
+        "finished_at": _now(),
+        "ran_on": where,
+    }
 
 
 class _Peekable:
@@ -214,7 +282,3 @@ class _Peekable:
     def take(self, count: int) -> list[Record]:
         taken, self._next = self._next, []
         return taken + list(islice(self._records, count - len(taken)))
-
-
-def _error(record: Record, record_id: Any, code: str, message: str) -> dict[str, Any]:
-    return {"line": record.line, "id": record_id, "error": {"code": code, "message": message}}
