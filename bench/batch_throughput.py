@@ -1,16 +1,22 @@
-"""Batch mode, end to end: one SQS job of 10,000 JSON lines through the real batch handler -> bench/batch.json.
+"""Batch fan-out, end to end: one 100,000-line job drained by 1, then 2 concurrent pollers -> bench/batch.json.
 
-moto (a real process on 127.0.0.1) holds the input and the results; the handler streams the file,
-embeds it in chunks and writes results as it would in Lambda. Threads = vCPUs, 1 and 2.
+Each poller is a separate process running the real batch handler at one thread
+(tests/integration/sqs_poller.py, what one Lambda execution environment does);
+moto (a real process on 127.0.0.1) holds the queue, the input and the results.
+The job is planned into shards, the pollers drain them, the last shard writes the
+manifest. From the measured poller-seconds per line the script projects the wall
+time and cost of 1M and 10M lines at concurrency 10, 100 and 1,000.
 
-    PYTHONPATH=shared:. .venv/bin/python bench/batch_throughput.py [--lines 10000]
+    PYTHONPATH=shared:. .venv/bin/python bench/batch_throughput.py [--lines 100000] [--shards 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,20 +26,110 @@ sys.path[:0] = [str(ROOT / "shared"), str(ROOT)]
 
 from bench.measure import start_moto  # noqa: E402
 
-USD_PER_GB_S = 0.0000166667
+MB_1_VCPU = 1769
+USD_PER_GB_S = 0.0000166667  # Lambda x86_64, us-east-1
+USD_PER_INVOCATION = 0.20 / 1e6
+USD_PER_SQS_REQUEST = 0.40 / 1e6  # standard queue, after the free tier
+USD_PER_S3_PUT = 0.005 / 1000  # PUT, LIST
+USD_PER_S3_GET = 0.0004 / 1000  # GET, HEAD
+LAMBDA_TIMEOUT_S = 900
+SQS_SCALE_PER_MIN = 300  # Lambda adds up to about 300 concurrent SQS pollers a minute (AWS docs)
+COLD_START_S = 0.6  # bench/REPORT.md, cold start of the batch function with the default model
 
 
-class Context:
-    function_name, memory_limit_in_mb, aws_request_id = "bench-batch", 1769, "bench"
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:bench-batch"
+def _client(name: str):
+    import boto3
 
-    def get_remaining_time_in_millis(self) -> int:
-        return 900_000
+    return boto3.client(name)
+
+
+def run_job(lines: int, pollers: int, shards: int, queue: tuple[str, str], size: int, logs: Path) -> dict:
+    s3, sqs = _client("s3"), _client("sqs")
+    url, arn = queue
+    job_id = f"bench-{pollers}p"
+    body = {"job_id": job_id, "model": "all-MiniLM-L6-v2", "task": "embed"}
+    body |= {"input": {"s3_uri": "s3://bench-jobs/in/lines.jsonl"}, "output": "s3://bench-jobs/out/"}
+    body["shard_bytes"] = max(1024, math.ceil(size / shards))
+    env = os.environ | {"QUANTFN_THREADS": "1", "OMP_NUM_THREADS": "1", "POWERTOOLS_LOG_LEVEL": "ERROR"}
+    started = time.perf_counter()
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps(body))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.sqs_poller", "--queue-url", url, "--queue-arn", arn,
+             "--budget-ms", str(LAMBDA_TIMEOUT_S * 1000), "--idle-s", "2"],
+            cwd=ROOT, env=env, stdout=open(logs / f"{job_id}-{i}.log", "w"), stderr=subprocess.STDOUT,
+        )
+        for i in range(pollers)
+    ]
+    key = f"out/{job_id}/manifest.json"
+    while True:
+        try:
+            manifest = json.loads(s3.get_object(Bucket="bench-jobs", Key=key)["Body"].read())
+            break
+        except s3.exceptions.NoSuchKey:
+            if any(p.poll() not in (None, 0) for p in procs):
+                raise RuntimeError(f"a poller died; see {logs}") from None
+            time.sleep(0.25)
+    wall = time.perf_counter() - started
+    for p in procs:
+        p.wait(timeout=60)
+    assert manifest["counts"] == {"lines": lines, "results": lines, "errors": 0}, manifest["counts"]
+    markers = [json.loads(s3.get_object(Bucket="bench-jobs", Key=k["Key"])["Body"].read())
+               for k in s3.list_objects_v2(Bucket="bench-jobs", Prefix=f"out/{job_id}/shards/")["Contents"]]
+    compute = sorted(m["compute_ms"] / 1000 for m in markers)
+    return {
+        "pollers": pollers,
+        "threads_per_poller": 1,
+        "lines": lines,
+        "shards": len(markers),
+        "wall_s": round(wall, 2),
+        "lines_per_s": round(lines / wall, 1),
+        "poller_s_per_line": wall * pollers / lines,
+        "shard_compute_s": {"median": round(compute[len(compute) // 2], 2), "max": round(compute[-1], 2)},
+        "shard_wall_s": round(wall * pollers / len(markers), 2),
+        "invocations": manifest["timings"]["invocations"],
+    }
+
+
+def project(lines: int, concurrency: int, s_per_line: float, bytes_per_line: float, chunk_lines: int) -> dict:
+    """Wall time and cost of ``lines`` at ``concurrency``: shards sized so each poller gets at least one."""
+    size = lines * bytes_per_line
+    default_shard = 4 * 2**20
+    shards = min(1000, max(concurrency, math.ceil(size / default_shard)))
+    lines_per_shard = lines / shards
+    shard_s = lines_per_shard * s_per_line
+    waves = math.ceil(shards / concurrency)
+    ramp_s = concurrency / SQS_SCALE_PER_MIN * 60  # pollers reach `concurrency` only after this long
+    work_s = waves * shard_s
+    wall = COLD_START_S + (work_s + ramp_s / 2 if work_s > ramp_s else math.sqrt(2 * work_s * ramp_s))
+    invocations = shards * math.ceil(shard_s / (LAMBDA_TIMEOUT_S - 20)) + 1  # follow-ups past 15 min, the plan
+    gb_s = (lines * s_per_line + min(concurrency, shards) * COLD_START_S) * MB_1_VCPU / 1024
+    chunks = shards * math.ceil(lines_per_shard / chunk_lines)
+    sqs_requests = math.ceil(shards / 10) + 2 * invocations  # SendMessageBatch; receive + delete per message
+    s3_puts = 2 * chunks + 2 * shards + 3  # results + progress per chunk; marker + LIST per shard; plan, manifest
+    s3_gets = 2 * chunks + 3 * shards + shards  # HEAD per chunk, GET per shard, marker checks; planner cuts
+    usd = {
+        "lambda_compute": gb_s * USD_PER_GB_S,
+        "lambda_requests": invocations * USD_PER_INVOCATION,
+        "sqs": sqs_requests * USD_PER_SQS_REQUEST,
+        "s3": s3_puts * USD_PER_S3_PUT + s3_gets * USD_PER_S3_GET,
+    }
+    return {
+        "lines": lines,
+        "concurrency": concurrency,
+        "shards": shards,
+        "shard_s": round(shard_s, 1),
+        "wall_s": round(wall, 1),
+        "usd": {k: round(v, 4) for k, v in usd.items()} | {"total": round(sum(usd.values()), 4)},
+        "requests": {"sqs": sqs_requests, "s3_put_list": s3_puts, "s3_get_head": s3_gets, "invocations": invocations},
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lines", type=int, default=10_000)
+    parser.add_argument("--lines", type=int, default=100_000)
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--pollers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     moto, url = start_moto()
     os.environ.update(
@@ -42,80 +138,52 @@ def main() -> int:
         AWS_SECRET_ACCESS_KEY="bench",
         AWS_DEFAULT_REGION="us-east-1",
         QUANTFN_MODEL="layer:all-minilm-l6-v2",
-        QUANTFN_MODELS_ROOT=str(ROOT / "build" / "models"),
-        POWERTOOLS_LOG_LEVEL="ERROR",
-        QUANTFN_BATCH_QUEUE_URL=f"{url}/123456789012/unused",
+        QUANTFN_MODELS_ROOT=os.environ.get("QUANTFN_MODELS_ROOT", str(ROOT / "build" / "models")),
+        PYTHONPATH=f"{ROOT / 'shared'}:{ROOT}",
     )
-    import boto3
-
     from quantfn.build.reference import load_corpus
 
-    s3 = boto3.client("s3")
+    s3, sqs = _client("s3"), _client("sqs")
     s3.create_bucket(Bucket="bench-jobs")
+    queue_url = sqs.create_queue(QueueName="bench-jobs", Attributes={"VisibilityTimeout": "5400"})["QueueUrl"]
+    os.environ["QUANTFN_BATCH_QUEUE_URL"] = queue_url
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     corpus = load_corpus()
-    body = "\n".join(json.dumps({"id": i, "text": corpus[i % len(corpus)]}) for i in range(args.lines)) + "\n"
-    s3.put_object(Bucket="bench-jobs", Key="in/lines.jsonl", Body=body.encode())
-    results = {}
+    body = ("\n".join(json.dumps({"id": i, "text": corpus[i % len(corpus)]}) for i in range(args.lines)) + "\n").encode()
+    s3.put_object(Bucket="bench-jobs", Key="in/lines.jsonl", Body=body)
+    logs = ROOT / "bench" / ".batch-logs"
+    logs.mkdir(exist_ok=True)
+    load_before = os.getloadavg()
+    runs = {}
     try:
-        for threads in (1, 2):
-            os.environ["QUANTFN_THREADS"] = str(threads)
-            from functions.batch import app
-            from quantfn.service import reset_service
-
-            reset_service()
-            app.get_runner.cache_clear()
-            app.get_service().model()  # a warm environment: the model load is measured elsewhere
-            job = {
-                "job_id": f"bench-{threads}",
-                "model": "all-MiniLM-L6-v2",
-                "task": "embedding",
-                "input": {"s3_uri": "s3://bench-jobs/in/lines.jsonl"},
-                "output": "s3://bench-jobs/out/",
-            }
-            event = {
-                "Records": [
-                    {
-                        "messageId": f"m{threads}",
-                        "receiptHandle": "r",
-                        "body": json.dumps(job),
-                        "attributes": {"ApproximateReceiveCount": "1"},
-                        "messageAttributes": {},
-                        "md5OfBody": "",
-                        "eventSource": "aws:sqs",
-                        "awsRegion": "us-east-1",
-                        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:jobs",
-                    }
-                ]
-            }
-            started = time.perf_counter()
-            with open(os.devnull, "w") as sink:
-                saved, sys.stdout = sys.stdout, sink
-                try:
-                    reply = app.lambda_handler(event, Context())
-                finally:
-                    sys.stdout = saved
-            seconds = time.perf_counter() - started
-            assert reply["batchItemFailures"] == [], reply
-            manifest = json.loads(
-                s3.get_object(Bucket="bench-jobs", Key=f"out/bench-{threads}/manifest.json")["Body"].read()
-            )
-            assert manifest["counts"]["results"] == args.lines, manifest["counts"]
-            per_s = args.lines / seconds
-            memory_gb = 1769 / 1024 * threads
-            results[threads] = {
-                "lines": args.lines,
-                "seconds": round(seconds, 2),
-                "embeddings_per_s": round(per_s, 1),
-                "embeddings_per_s_per_vcpu": round(per_s / threads, 1),
-                "usd_per_million_embeddings": round(1e6 / per_s * memory_gb * USD_PER_GB_S, 4),
-                "memory_mb": 1769 * threads,
-            }
-            print(threads, results[threads], flush=True)
+        for pollers in args.pollers:
+            runs[pollers] = run_job(args.lines, pollers, args.shards, (queue_url, arn), len(body), logs)
+            print(pollers, runs[pollers], flush=True)
     finally:
         moto.terminate()
+    base = runs[min(runs)]
+    speedups = {p: round(base["wall_s"] / r["wall_s"], 2) for p, r in runs.items()}
+    s_per_line = base["poller_s_per_line"]
+    projections = [
+        project(n, c, s_per_line, len(body) / args.lines, 1000) for n in (1_000_000, 10_000_000) for c in (10, 100, 1000)
+    ]
     out = {
-        "what": f"one SQS job of {args.lines} JSON lines, real batch handler, S3 in/out via moto on loopback",
-        "by_threads": results,
+        "what": f"one {args.lines}-line job ({len(body)} bytes) cut into {args.shards} shards, drained by 1 and 2 "
+        "poller processes (real batch handler, 1 thread each), SQS and S3 in moto on loopback",
+        "host": {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
+                 "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "by_pollers": {str(p): r | {"poller_s_per_line": round(r["poller_s_per_line"], 6)} for p, r in runs.items()},
+        "speedup": {str(p): s for p, s in speedups.items()},
+        "projection_assumptions": {
+            "poller_s_per_line": round(s_per_line, 6),
+            "memory_mb": MB_1_VCPU,
+            "shards": "max(concurrency, size / 4 MiB), at most 1000",
+            "ramp": f"Lambda adds about {SQS_SCALE_PER_MIN} SQS pollers a minute",
+            "cold_start_s": COLD_START_S,
+            "prices": "us-east-1 list prices: Lambda $0.0000166667/GB-s and $0.20/M, SQS $0.40/M, "
+            "S3 PUT/LIST $0.005/1000, GET/HEAD $0.0004/1000",
+        },
+        "projections": projections,
     }
     (ROOT / "bench" / "batch.json").write_text(json.dumps(out, indent=2) + "\n")
     return 0

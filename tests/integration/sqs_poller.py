@@ -8,9 +8,13 @@ dead-letter queue).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
+import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -71,3 +75,110 @@ class EventSourceMapping:
             "eventSourceARN": self.queue_arn,
             "awsRegion": "us-east-1",
         }
+
+
+# -- a poller process: what one Lambda execution environment is, for the fan-out tests and bench ------------
+@dataclass
+class TimedContext:
+    """A Lambda context whose remaining time really runs down from ``budget_ms``."""
+
+    budget_ms: int
+    function_name: str = "quantfn-batch"
+    memory_limit_in_mb: int = 1769
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:quantfn-batch"
+    aws_request_id: str = "poller"
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.budget_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.deadline - time.monotonic()) * 1000))
+
+
+class _Faults:
+    """Faults injected at the one inference call per chunk, chosen by command-line flags."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.shard, self.receives, self.chunks = args, None, 0, 0
+
+    def on_message(self, body: str, receives: int) -> None:
+        self.shard = json.loads(body).get("shard", {}).get("index")
+        self.receives, self.chunks = receives, 0
+
+    def wrap(self, infer: Callable) -> Callable:
+        def faulty(*args: Any, **kwargs: Any) -> Any:
+            self.chunks += 1
+            a = self.args
+            if a.kill_at_chunk and self.shard is not None and self.chunks == a.kill_at_chunk:
+                os._exit(137)  # SIGKILL-like: no cleanup, the message stays in flight
+            if self.shard == a.fail_shard and self.receives <= a.fail_times and self.chunks == 2:
+                raise RuntimeError(f"injected failure of shard {self.shard}, receive {self.receives}")
+            return infer(*args, **kwargs)
+
+        return faulty
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Poll until the queue has nothing visible or in flight for ``--idle-s`` seconds."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--queue-url", required=True)
+    parser.add_argument("--queue-arn", required=True)
+    parser.add_argument("--budget-ms", type=int, default=60_000)
+    parser.add_argument("--idle-s", type=float, default=3.0)
+    parser.add_argument("--kill-at-chunk", type=int, default=0, help="die on this chunk of the first shard")
+    parser.add_argument("--fail-shard", type=int, default=-1, help="fail this shard on its 2nd chunk ...")
+    parser.add_argument("--fail-times", type=int, default=0, help="... on its first N receives")
+    parser.add_argument("--duplicate-shard", type=int, default=-1, help="send a copy of this shard's message ...")
+    parser.add_argument("--once-file", default="", help="... once in all pollers (created O_EXCL)")
+    parser.add_argument("--redeliver-plan", action="store_true", help="leave a job message undeleted once")
+    args = parser.parse_args(argv)
+
+    import boto3
+
+    from functions.batch import app
+    from quantfn.batch import runner
+
+    faults = _Faults(args)
+    runner.infer_chunk = faults.wrap(runner.infer_chunk)
+    sqs = boto3.client("sqs")
+    mapping = EventSourceMapping(sqs, args.queue_url, args.queue_arn, app.lambda_handler, None)
+    redelivered: set[str] = set()
+
+    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        (record,) = event["Records"]
+        body, receives = record["body"], int(record["attributes"].get("ApproximateReceiveCount", "1"))
+        faults.on_message(body, receives)
+        shard = json.loads(body).get("shard", {}).get("index")
+        if shard == args.duplicate_shard and args.once_file:
+            try:
+                os.close(os.open(args.once_file, os.O_CREAT | os.O_EXCL))
+                sqs.send_message(QueueUrl=args.queue_url, MessageBody=body)  # a second delivery, now
+            except FileExistsError:
+                pass
+        reply = app.lambda_handler(event, TimedContext(args.budget_ms))
+        if args.redeliver_plan and shard is None and record["messageId"] not in redelivered:
+            redelivered.add(record["messageId"])  # as if the invocation timed out after planning
+            return {"batchItemFailures": [{"itemIdentifier": record["messageId"]}]}
+        return reply
+
+    mapping.handler = handler
+    mapping.context_factory = lambda: None
+    idle_since = None
+    while True:
+        if mapping.poll_once(batch_size=1):
+            idle_since = None
+            continue
+        attributes = sqs.get_queue_attributes(
+            QueueUrl=args.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        if attributes["ApproximateNumberOfMessages"] == "0" == attributes["ApproximateNumberOfMessagesNotVisible"]:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > args.idle_s:
+                return 0
+        else:
+            idle_since = None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,12 +22,15 @@ def job_status(s3: Any, bucket: str, prefix: str) -> dict[str, Any]:
     total = len(record["shards"])
     done = store.read_markers(s3, bucket, prefix)
     counts = {name: sum(m[name] for m in done.values()) for name in ("lines", "results", "errors")}
+    starts = {s["index"]: s["start"] for s in record["shards"]}
+    bytes_done = sum(m["end"] - m["start"] for m in done.values())
     running = []
     for key in store.list_keys(s3, bucket, prefix + "progress/"):
         index = store.index_of(key)
         progress = store.read_json(s3, bucket, key) if index not in done else None
         if progress:
             running.append(index)
+            bytes_done += progress["offset"] - starts.get(index, progress["offset"])
             for name, field in (("lines", "line"), ("results", "results"), ("errors", "errors")):
                 counts[name] += progress[field]
     dead = []
@@ -50,6 +53,7 @@ def job_status(s3: Any, bucket: str, prefix: str) -> dict[str, Any]:
         "shards": {"total": total, "done": len(done), "running": sorted(running), "dead_lettered": dead},
         "counts": manifest["counts"] if manifest else counts,
         "input_size": record.get("size"),
+        "bytes_done": bytes_done,
         "created_at": record.get("created_at"),
     }
     if failed:
