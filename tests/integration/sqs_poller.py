@@ -96,26 +96,40 @@ class TimedContext:
 
 
 class _Faults:
-    """Faults injected at the one inference call per chunk, chosen by command-line flags."""
+    """Faults injected into the real runner, chosen by command-line flags."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.shard, self.receives, self.chunks = args, None, 0, 0
 
     def on_message(self, body: str, receives: int) -> None:
         self.shard = json.loads(body).get("shard", {}).get("index")
-        self.receives, self.chunks = receives, 0
+        self.receives = receives
 
-    def wrap(self, infer: Callable) -> Callable:
-        def faulty(*args: Any, **kwargs: Any) -> Any:
+    def _failing(self) -> bool:
+        return self.shard == self.args.fail_shard and self.receives <= self.args.fail_times
+
+    def kill_on_chunk(self, infer: Callable) -> Callable:
+        """Die on this process's Nth chunk, as a crashed environment does (no cleanup); or fail before a chunk."""
+
+        def dying(*args: Any, **kwargs: Any) -> Any:
             self.chunks += 1
-            a = self.args
-            if a.kill_at_chunk and self.shard is not None and self.chunks == a.kill_at_chunk:
-                os._exit(137)  # SIGKILL-like: no cleanup, the message stays in flight
-            if self.shard == a.fail_shard and self.receives <= a.fail_times and self.chunks == 2:
+            if self.args.kill_at_chunk and self.shard is not None and self.chunks == self.args.kill_at_chunk:
+                os._exit(137)
+            if self.args.fail_before_chunk and self._failing():
                 raise RuntimeError(f"injected failure of shard {self.shard}, receive {self.receives}")
             return infer(*args, **kwargs)
 
-        return faulty
+        return dying
+
+    def fail_after_a_chunk(self, put: Callable) -> Callable:
+        """Raise just after the shard wrote a chunk (at its progress write), on the message's first N receives."""
+
+        def failing(s3: Any, bucket: str, key: str, body: str) -> None:
+            if "/progress/" in key and not self.args.fail_before_chunk and self._failing():
+                raise RuntimeError(f"injected failure of shard {self.shard}, receive {self.receives}")
+            put(s3, bucket, key, body)
+
+        return failing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-arn", required=True)
     parser.add_argument("--budget-ms", type=int, default=60_000)
     parser.add_argument("--idle-s", type=float, default=3.0)
-    parser.add_argument("--kill-at-chunk", type=int, default=0, help="die on this chunk of the first shard")
-    parser.add_argument("--fail-shard", type=int, default=-1, help="fail this shard on its 2nd chunk ...")
+    parser.add_argument("--kill-at-chunk", type=int, default=0, help="die on this process's Nth chunk")
+    parser.add_argument("--fail-shard", type=int, default=-1, help="fail this shard after a chunk ...")
     parser.add_argument("--fail-times", type=int, default=0, help="... on its first N receives")
+    parser.add_argument("--fail-before-chunk", action="store_true", help="... before its first chunk instead")
     parser.add_argument("--duplicate-shard", type=int, default=-1, help="send a copy of this shard's message ...")
     parser.add_argument("--once-file", default="", help="... once in all pollers (created O_EXCL)")
     parser.add_argument("--redeliver-plan", action="store_true", help="leave a job message undeleted once")
@@ -136,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     import boto3
 
     from functions.batch import app
-    from quantfn.batch import runner
+    from quantfn.batch import runner, shards
 
     faults = _Faults(args)
-    runner.infer_chunk = faults.wrap(runner.infer_chunk)
+    runner.infer_chunk = faults.kill_on_chunk(runner.infer_chunk)
+    shards.put = faults.fail_after_a_chunk(shards.put)
     sqs = boto3.client("sqs")
     mapping = EventSourceMapping(sqs, args.queue_url, args.queue_arn, app.lambda_handler, None)
     redelivered: set[str] = set()

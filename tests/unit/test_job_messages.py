@@ -52,3 +52,20 @@ def test_unusable_messages_are_refused_naming_the_field(body: str, param: str | 
     with pytest.raises(BadJob) as caught:
         parse_job_message(body, max_inline=10)
     assert caught.value.param == param
+
+
+def test_given_a_shard_message_when_it_continues_then_shard_and_checkpoint_round_trip() -> None:
+    from quantfn.batch.jobs import Shard
+
+    job = parse_job_message(json.dumps(GOOD | {"shard_bytes": 4096, "max_shards": 8}), max_inline=10)
+    assert (job.shard_bytes, job.max_shards, job.shard) == (4096, 8, None)
+    shard = Shard(index=2, count=5, start=1000, end=2000, etag='"abc"', version_id="v1")
+    first = parse_job_message(job.for_shard(shard), max_inline=10)
+    assert first.shard == shard and first.checkpoint == Checkpoint(offset=1000)
+    later = first.checkpoint.advance(lines=3, results=3, errors=0, offset=1200, compute_ms=1.0)
+    again = parse_job_message(first.follow_up(later), max_inline=10)
+    assert (again.shard, again.checkpoint) == (shard, later)
+
+
+def test_the_old_task_name_still_reads_as_embed() -> None:
+    assert parse_job_message(json.dumps(GOOD | {"task": "embedding"}), max_inline=10).task == "embed"

@@ -92,18 +92,20 @@ class JobRunner:
     # -- planning ----------------------------------------------------------------
     def _plan(self, job: JobMessage, remaining_ms: Callable[[], int], delivery: Delivery) -> JobOutcome:
         bucket, prefix = job.output.bucket, job.prefix
+        record = store.read_json(self.s3, bucket, prefix + "job.json")
+        if record is not None:
+            self._refuse_reuse(job, record, delivery)  # before anything else: a reused job_id is never acknowledged
         if store.exists(self.s3, bucket, prefix + "manifest.json"):
             logger.info("job %s is already complete; skipping", job.job_id)
             return JobOutcome("skipped", job.checkpoint)
         self.service.check_model(job.model)  # a wrong model name fails before anything is written
-        record = store.read_json(self.s3, bucket, prefix + "job.json")
         if record is None:
             plan = plan_shards(self.s3, job, self.settings)
             record = {"job_id": job.job_id, "task": job.task, "model": job.model, "message_id": delivery.message_id}
             record |= plan | {"shards": shards_as_dicts(plan["shards"]), "created_at": _now()}
             if not store.put_once(self.s3, bucket, prefix + "job.json", json.dumps(record, indent=1)):
                 record = store.read_json(self.s3, bucket, prefix + "job.json") or record  # a duplicate planned first
-        self._refuse_reuse(job, record, delivery)
+                self._refuse_reuse(job, record, delivery)
         shards = [Shard(**s) for s in record["shards"]]
         if len(shards) == 1:  # a small job runs here and now, as one shard
             return self._run_shard(replace(job, shard=shards[0], checkpoint=Checkpoint(offset=shards[0].start)),
