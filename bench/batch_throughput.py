@@ -53,14 +53,12 @@ def run_job(lines: int, pollers: int, shards: int, queue: tuple[str, str], size:
     env = os.environ | {"QUANTFN_THREADS": "1", "OMP_NUM_THREADS": "1", "POWERTOOLS_LOG_LEVEL": "ERROR"}
     started = time.perf_counter()
     sqs.send_message(QueueUrl=url, MessageBody=json.dumps(body))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.sqs_poller", "--queue-url", url, "--queue-arn", arn,
-             "--budget-ms", str(LAMBDA_TIMEOUT_S * 1000), "--idle-s", "2"],
-            cwd=ROOT, env=env, stdout=open(logs / f"{job_id}-{i}.log", "w"), stderr=subprocess.STDOUT,
-        )
-        for i in range(pollers)
-    ]
+    command = [sys.executable, "-m", "tests.integration.sqs_poller", "--queue-url", url, "--queue-arn", arn]
+    command += ["--budget-ms", str(LAMBDA_TIMEOUT_S * 1000), "--idle-s", "2"]
+    procs = []
+    for i in range(pollers):
+        with open(logs / f"{job_id}-{i}.log", "w") as log:  # the child keeps its copy of the file
+            procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     key = f"out/{job_id}/manifest.json"
     while True:
         try:
@@ -74,8 +72,10 @@ def run_job(lines: int, pollers: int, shards: int, queue: tuple[str, str], size:
     for p in procs:
         p.wait(timeout=60)
     assert manifest["counts"] == {"lines": lines, "results": lines, "errors": 0}, manifest["counts"]
-    markers = [json.loads(s3.get_object(Bucket="bench-jobs", Key=k["Key"])["Body"].read())
-               for k in s3.list_objects_v2(Bucket="bench-jobs", Prefix=f"out/{job_id}/shards/")["Contents"]]
+    markers = [
+        json.loads(s3.get_object(Bucket="bench-jobs", Key=k["Key"])["Body"].read())
+        for k in s3.list_objects_v2(Bucket="bench-jobs", Prefix=f"out/{job_id}/shards/")["Contents"]
+    ]
     compute = sorted(m["compute_ms"] / 1000 for m in markers)
     return {
         "pollers": pollers,
@@ -149,7 +149,9 @@ def main() -> int:
     os.environ["QUANTFN_BATCH_QUEUE_URL"] = queue_url
     arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     corpus = load_corpus()
-    body = ("\n".join(json.dumps({"id": i, "text": corpus[i % len(corpus)]}) for i in range(args.lines)) + "\n").encode()
+    body = (
+        "\n".join(json.dumps({"id": i, "text": corpus[i % len(corpus)]}) for i in range(args.lines)) + "\n"
+    ).encode()
     s3.put_object(Bucket="bench-jobs", Key="in/lines.jsonl", Body=body)
     logs = ROOT / "bench" / ".batch-logs"
     logs.mkdir(exist_ok=True)
@@ -165,13 +167,18 @@ def main() -> int:
     speedups = {p: round(base["wall_s"] / r["wall_s"], 2) for p, r in runs.items()}
     s_per_line = base["poller_s_per_line"]
     projections = [
-        project(n, c, s_per_line, len(body) / args.lines, 1000) for n in (1_000_000, 10_000_000) for c in (10, 100, 1000)
+        project(n, c, s_per_line, len(body) / args.lines, 1000)
+        for n in (1_000_000, 10_000_000)
+        for c in (10, 100, 1000)
     ]
     out = {
         "what": f"one {args.lines}-line job ({len(body)} bytes) cut into {args.shards} shards, drained by 1 and 2 "
         "poller processes (real batch handler, 1 thread each), SQS and S3 in moto on loopback",
-        "host": {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
-                 "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "host": {
+            "cpus": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "by_pollers": {str(p): r | {"poller_s_per_line": round(r["poller_s_per_line"], 6)} for p, r in runs.items()},
         "speedup": {str(p): s for p, s in speedups.items()},
         "projection_assumptions": {

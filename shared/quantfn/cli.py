@@ -127,6 +127,14 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.models_root).resolve(), Path(args.repo).resolve())
 
 
+def _serve(args: argparse.Namespace) -> int:
+    repo = Path(args.repo).resolve()
+    sys.path[:0] = [str(repo), str(repo / "local")]
+    from api_server import serve  # local/api_server.py: the real API handler behind HTTP
+
+    return serve(args.host, args.port)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quantfn", description="quantized ONNX text models on AWS Lambda")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--models-root", default="build/models")
     demo.add_argument("--repo", default=".", help="the quantfn checkout (for events/ and functions/)")
     demo.set_defaults(run=_demo)
+
+    serve = commands.add_parser("serve", help="the API handler on a local HTTP server (openai/cohere clients, curl)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--repo", default=".", help="the quantfn checkout (for functions/)")
+    serve.set_defaults(run=_serve)
 
     from quantfn.batch.cli import add_job_commands  # light: no boto3 until a job command runs
 

@@ -70,31 +70,63 @@ def fanout(aws, models_root: Path, tmp_path: Path):
 
 class Fanout:
     def __init__(self, s3, sqs, url, arn, dlq_url, env, tmp_path) -> None:
-        self.s3, self.sqs, self.url, self.arn, self.dlq_url, self.env, self.tmp = s3, sqs, url, arn, dlq_url, env, tmp_path
+        self.s3, self.sqs, self.url, self.arn, self.dlq_url, self.env, self.tmp = (
+            s3,
+            sqs,
+            url,
+            arn,
+            dlq_url,
+            env,
+            tmp_path,
+        )
         self.started: list[subprocess.Popen] = []
 
-    def write_input(self, count: int, poison: bool = False, key: str = "in.jsonl", bucket: str = "in-bucket",
-                    id_prefix: str = "doc") -> int:
-        lines = [json.dumps({"id": f"{id_prefix}-{n}", "text": f"passage {n} on topic {n % 13}"}).encode()
-                 for n in range(1, count + 1)]
-        for line, (raw, _) in (POISON.items() if poison else ()):
+    def write_input(
+        self, count: int, poison: bool = False, key: str = "in.jsonl", bucket: str = "in-bucket", id_prefix: str = "doc"
+    ) -> int:
+        lines = [
+            json.dumps({"id": f"{id_prefix}-{n}", "text": f"passage {n} on topic {n % 13}"}).encode()
+            for n in range(1, count + 1)
+        ]
+        for line, (raw, _) in POISON.items() if poison else ():
             lines[line - 1] = raw
         body = b"\n".join(lines) + b"\n"
         self.s3.put_object(Bucket=bucket, Key=key, Body=body)
         return len(body)
 
     def submit(self, job_id: str, shard_bytes: int, key: str = "in.jsonl", bucket: str = "in-bucket") -> str:
-        body = json.dumps({"job_id": job_id, "model": MODEL, "task": "embed", "input": {"s3_uri": f"s3://{bucket}/{key}"},
-                           "output": "s3://out-bucket/jobs/", "shard_bytes": shard_bytes})
+        body = json.dumps(
+            {
+                "job_id": job_id,
+                "model": MODEL,
+                "task": "embed",
+                "input": {"s3_uri": f"s3://{bucket}/{key}"},
+                "output": "s3://out-bucket/jobs/",
+                "shard_bytes": shard_bytes,
+            }
+        )
         self.sqs.send_message(QueueUrl=self.url, MessageBody=body)
         return body
 
     def pollers(self, count: int, *flags: str) -> list[subprocess.Popen]:
-        command = [sys.executable, "-m", "tests.integration.sqs_poller", "--queue-url", self.url,
-                   "--queue-arn", self.arn, "--budget-ms", "4000", "--idle-s", "2", *flags]
-        procs = [subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
-                                  stderr=open(self.tmp / f"poller-{len(self.started) + i}.log", "w"))
-                 for i in range(count)]
+        command = [
+            sys.executable,
+            "-m",
+            "tests.integration.sqs_poller",
+            "--queue-url",
+            self.url,
+            "--queue-arn",
+            self.arn,
+            "--budget-ms",
+            "4000",
+            "--idle-s",
+            "2",
+            *flags,
+        ]
+        procs = []
+        for i in range(count):
+            with open(self.tmp / f"poller-{len(self.started) + i}.log", "w") as log:  # the child keeps its copy
+                procs.append(subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=log))
         self.started += procs
         return procs
 
@@ -106,7 +138,9 @@ class Fanout:
             except subprocess.TimeoutExpired:
                 for p in procs:
                     p.kill()
-                raise AssertionError(f"pollers did not drain the queue within {timeout_s}s; logs in {self.tmp}")
+                raise AssertionError(
+                    f"pollers did not drain the queue within {timeout_s}s; logs in {self.tmp}"
+                ) from None
         return [p.returncode for p in procs]
 
     def status(self, job_id: str) -> dict:
@@ -129,14 +163,18 @@ class Fanout:
     def rewritten(self, job_id: str) -> dict[str, int]:
         """Keys of the job written more than once (versions), except the advisory progress objects."""
         versions = Counter()
-        for page in self.s3.get_paginator("list_object_versions").paginate(Bucket="out-bucket", Prefix=f"jobs/{job_id}/"):
+        for page in self.s3.get_paginator("list_object_versions").paginate(
+            Bucket="out-bucket", Prefix=f"jobs/{job_id}/"
+        ):
             for version in page.get("Versions", []):
                 versions[version["Key"]] += 1
         return {k: n for k, n in versions.items() if n > 1 and "/progress/" not in k and "/failed/" not in k}
 
     def manifest(self, job_id: str) -> dict | None:
         try:
-            return json.loads(self.s3.get_object(Bucket="out-bucket", Key=f"jobs/{job_id}/manifest.json")["Body"].read())
+            return json.loads(
+                self.s3.get_object(Bucket="out-bucket", Key=f"jobs/{job_id}/manifest.json")["Body"].read()
+            )
         except self.s3.exceptions.NoSuchKey:
             return None
 
@@ -150,10 +188,16 @@ class Fanout:
         assert all(r["id"] == f"doc-{first_line[s] + line - 1}" for s, line, r in results)
         expected_errors = {line: code for line, (_, code) in POISON.items()} if poison else {}
         assert {first_line[s] + line - 1: r["error"]["code"] for s, line, r in errors} == expected_errors
-        assert manifest["counts"] == {"lines": total, "results": total - len(expected_errors),
-                                      "errors": len(expected_errors)}
-        assert len(manifest["shards"]) == len(self.s3.list_objects_v2(
-            Bucket="out-bucket", Prefix=f"jobs/{job_id}/shards/")["Contents"]) > 1
+        assert manifest["counts"] == {
+            "lines": total,
+            "results": total - len(expected_errors),
+            "errors": len(expected_errors),
+        }
+        assert (
+            len(manifest["shards"])
+            == len(self.s3.list_objects_v2(Bucket="out-bucket", Prefix=f"jobs/{job_id}/shards/")["Contents"])
+            > 1
+        )
         assert self.rewritten(job_id) == {}  # manifest, markers, chunk objects: each written exactly once
         assert self.status(job_id)["state"] == "complete"
         return manifest
@@ -179,7 +223,9 @@ def test_given_a_shard_that_fails_twice_when_it_is_retried_then_the_job_complete
     fanout.submit("flaky", SHARD_BYTES)
     assert fanout.wait(fanout.pollers(2, "--fail-shard", "2", "--fail-times", "2")) == [0, 0]
     manifest = fanout.assert_complete_exactly_once("flaky", TOTAL)
-    marker = json.loads(fanout.s3.get_object(Bucket="out-bucket", Key="jobs/flaky/shards/shard-00002.json")["Body"].read())
+    marker = json.loads(
+        fanout.s3.get_object(Bucket="out-bucket", Key="jobs/flaky/shards/shard-00002.json")["Body"].read()
+    )
     assert marker["finished_at"] <= manifest["finished_at"]
 
 
@@ -270,8 +316,20 @@ def test_given_the_cli_when_a_job_is_submitted_and_followed_then_status_shows_it
     from quantfn.cli import main
 
     fanout.write_input(TOTAL)
-    args = ["job", "submit", "--input", "s3://in-bucket/in.jsonl", "--output", "s3://out-bucket/jobs/",
-            "--queue", fanout.url, "--job-id", "cli", "--shard-bytes", str(SHARD_BYTES)]
+    args = [
+        "job",
+        "submit",
+        "--input",
+        "s3://in-bucket/in.jsonl",
+        "--output",
+        "s3://out-bucket/jobs/",
+        "--queue",
+        fanout.url,
+        "--job-id",
+        "cli",
+        "--shard-bytes",
+        str(SHARD_BYTES),
+    ]
     assert main(args) == 0
     assert "quantfn job status s3://out-bucket/jobs/cli/ --watch" in capsys.readouterr().out
     assert fanout.wait(fanout.pollers(2)) == [0, 0]

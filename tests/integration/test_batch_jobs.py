@@ -55,7 +55,7 @@ def queues(aws):
 @pytest.fixture
 def batch_env(monkeypatch: pytest.MonkeyPatch, models_root: Path, tmp_path: Path, queues):
     from functions.batch import app
-    from quantfn.service import reset_service
+    from quantfn.registry import reset_registry
 
     _, url, _, _ = queues
     monkeypatch.setenv("QUANTFN_MODEL", f"layer:{DEFAULT_MODEL_ID}")
@@ -66,11 +66,11 @@ def batch_env(monkeypatch: pytest.MonkeyPatch, models_root: Path, tmp_path: Path
     monkeypatch.setenv("QUANTFN_BATCH_SAFETY_MS", "1500")
     monkeypatch.setenv("QUANTFN_MAX_INPUT_TOKENS", "300")
     monkeypatch.setenv("QUANTFN_THREADS", "2")
-    reset_service()
+    reset_registry()
     app.get_runner.cache_clear()
     yield app
     app.get_runner.cache_clear()
-    reset_service()
+    reset_registry()
 
 
 def write_jsonl(s3, bucket: str, key: str, count: int, bad: dict[int, bytes]) -> None:
@@ -167,9 +167,9 @@ def test_a_missing_model_fails_the_message_and_the_retry_succeeds_once_it_is_pub
     sqs, url, arn, dlq_url = queues
     monkeypatch.setenv("QUANTFN_MODELS_ROOT", str(tmp_path / "layer"))  # nothing there yet
     batch_env.get_runner.cache_clear()
-    from quantfn.service import reset_service
+    from quantfn.registry import reset_registry
 
-    reset_service()
+    reset_registry()
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="out-bucket")
     sqs.send_message(QueueUrl=url, MessageBody=job_message("m", {"texts": [{"id": 1, "text": "hello"}]}))
@@ -214,6 +214,7 @@ def test_redelivery_and_reruns_never_duplicate_or_rewrite_results(batch_env, que
     after = {
         i["Key"]: i["ETag"] for i in s3.list_objects_v2(Bucket="out-bucket", Prefix="embeddings/again/")["Contents"]
     }
+
     def outputs(listing: dict[str, str]) -> dict[str, str]:
         return {k: v for k, v in listing.items() if "/results/" in k or "/errors/" in k}
 

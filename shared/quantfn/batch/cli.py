@@ -88,7 +88,7 @@ def progress_line(status: dict[str, Any], width: int = 30) -> str:
     shards, counts = status.get("shards", {}), status["counts"]
     size = status.get("input_size") or 0
     fraction = 1.0 if status["state"] == "complete" else (status.get("bytes_done", 0) / size if size else 0.0)
-    filled = int(round(fraction * width))
+    filled = round(fraction * width)
     bar = "#" * filled + "." * (width - filled)
     line = (
         f"[{bar}] {fraction * 100:5.1f}%  shards {shards.get('done', '?')}/{shards.get('total', '?')}  "

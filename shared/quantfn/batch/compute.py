@@ -4,40 +4,63 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantfn.batch.jobs import BadJob
+from quantfn import inference
 from quantfn.batch.records import Item, Problem
-from quantfn.tasks.embedding import Tokenized
+from quantfn.errors import QuantfnError
+
+# The runner keeps its own time (a chunk that will not fit goes to a follow-up), so inference gets no deadline
+# here: a prediction that a chunk may run long must not fail it. No GPU endpoint for batch: a shard is sized to
+# fit the function.
+_BUDGET = inference.Budget(None, allow_endpoint=False, per_input_errors=True)
 
 
-def infer_chunk(service: Any, task: str, model: str, items: list[Item]) -> list[dict[str, Any] | Problem]:
-    """Run ``items`` through ``model`` for ``task``; an over-long input is its own error, never the chunk's.
+def infer_chunk(registry: Any, task: str, model: str, items: list[Item]) -> list[dict[str, Any] | Problem]:
+    """Run ``items`` through ``model`` for ``task``; an input the model refuses is its own error, never the chunk's.
 
-    embed -> {"embedding": [...]}; classify -> {"labels": [{"label", "score"}]};
-    rerank -> {"results": [{"index", "relevance_score"}]}.
+    embed -> {"embedding": [...]}; classify -> {"labels": [{"label", "score"}]} (best first);
+    rerank -> {"results": [{"index", "relevance_score"}]} (best first). Raises for what a retry may fix.
     """
-    if task != "embed":
-        raise BadJob(f"'task' {task!r} is not served by this deployment's model (embed).", param="task")
-    service.check_model(model)
-    encoder = service.model()
     if not items:
         return []
-    tokens = encoder.tokenize([item.text for item in items])
-    limit = service.settings.max_input_tokens
-    outputs: list[dict[str, Any] | Problem] = []
-    keep = []
-    for ids in tokens.ids:
-        if len(ids) > limit:
-            outputs.append(("text_too_long", f"{len(ids)} tokens, limit {limit} (QUANTFN_MAX_INPUT_TOKENS)"))
-        else:
-            outputs.append({})
-            keep.append(ids)
-    vectors = iter(encoder.embed(Tokenized(keep)) if keep else [])
-    return [output if isinstance(output, tuple) else {"embedding": next(vectors)} for output in outputs]
+    if task == "rerank":
+        return [_rerank(registry, model, item) for item in items]
+    texts = [item.text for item in items]
+    request = inference.EmbedRequest(texts, model) if task == "embed" else inference.ClassifyRequest(texts, model)
+    result = inference.run(request, _BUDGET, registry)
+    rows = dict(zip(result.ok, result.output, strict=True))
+    if task == "embed":
+        return [result.errors.get(i) or {"embedding": rows[i]} for i in range(len(items))]
+    labels = result.manifest.labels
+    return [result.errors.get(i) or {"labels": _ranked(labels, rows[i])} for i in range(len(items))]
 
 
-def model_record(service: Any) -> dict[str, Any]:
+def _ranked(labels: list[str], scores: Any) -> list[dict[str, Any]]:
+    order = sorted(range(len(labels)), key=lambda i: -float(scores[i]))
+    return [{"label": labels[i], "score": float(scores[i])} for i in order]
+
+
+def _rerank(registry: Any, model: str, item: Item) -> dict[str, Any] | Problem:
+    try:
+        result = inference.run(inference.RerankRequest(item.query, list(item.documents), model), _BUDGET, registry)
+    except QuantfnError as error:
+        if error.status >= 500:
+            raise
+        return (error.code, error.message)
+    if result.errors:
+        index, (code, message) = min(result.errors.items())
+        return (code, f"documents[{index}]: {message}")
+    order = sorted(range(len(result.ok)), key=lambda i: -float(result.output[i]))
+    return {"results": [{"index": result.ok[i], "relevance_score": float(result.output[i])} for i in order]}
+
+
+def check_model(registry: Any, model: str, task: str) -> None:
+    """404 for a model not served here, 400 for one that cannot do ``task``: from the manifest, no session."""
+    registry.resolve(model, task)
+
+
+def model_record(registry: Any, model: str, task: str) -> dict[str, Any]:
     """What the manifest says about the model that produced the results."""
-    manifest = service.manifest()
+    manifest = registry.manifest(registry.resolve(model, task))
     return {
         "id": manifest.model_id,
         "sha256": manifest.files["model.onnx"].sha256,

@@ -10,6 +10,7 @@ while it is planned fails the plan instead of cutting a mix of two files.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict
 from typing import Any
@@ -55,8 +56,8 @@ def plan_shards(s3: Any, job: JobMessage, settings: Settings) -> dict[str, Any]:
     pinned = Shard(0, 1, 0, size, etag, version)
     count = shard_count(size, job, settings)
     cuts = [0] + [next_boundary(s3, location, pinned, round(i * size / count), size) for i in range(1, count)]
-    cuts = sorted(set(cuts + [size]))  # a line longer than a shard makes two cuts meet
-    ranges = list(zip(cuts, cuts[1:], strict=False)) or [(0, 0)]
+    cuts = sorted(set([*cuts, size]))  # a line longer than a shard makes two cuts meet
+    ranges = list(itertools.pairwise(cuts)) or [(0, 0)]
     shards = [Shard(i, len(ranges), a, b, etag, version) for i, (a, b) in enumerate(ranges)]
     return {"input": location.uri, "etag": etag, "version_id": version, "size": size, "shards": shards}
 

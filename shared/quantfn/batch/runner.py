@@ -23,11 +23,12 @@ from itertools import islice
 from typing import Any
 
 from quantfn.batch import shards as store
-from quantfn.batch.compute import infer_chunk, model_record
+from quantfn.batch.compute import check_model, infer_chunk, model_record
 from quantfn.batch.jobs import BadJob, Checkpoint, JobMessage, Shard
 from quantfn.batch.planner import plan_shards, send_shards, shards_as_dicts
 from quantfn.batch.records import Item, check_record, error_line
 from quantfn.batch.sources import InputChanged, Record, iter_records
+from quantfn.registry import Registry
 from quantfn.serialize import dumps
 
 logger = logging.getLogger(__name__)
@@ -66,11 +67,11 @@ def _now() -> str:
 
 
 class JobRunner:
-    """Processes job messages with one inference service and boto3 S3/SQS clients."""
+    """Processes job messages with the model registry and boto3 S3/SQS clients."""
 
-    def __init__(self, service: Any, s3: Any, sqs: Any) -> None:
-        self.service = service
-        self.settings = service.settings
+    def __init__(self, registry: Registry, s3: Any, sqs: Any) -> None:
+        self.registry = registry
+        self.settings = registry.settings
         self.s3 = s3
         self.sqs = sqs
 
@@ -84,8 +85,10 @@ class JobRunner:
             if job.shard is not None and delivery.receive_count >= self.settings.batch_max_receives:
                 # Its last allowed receive: the message goes to the dead-letter queue, the job stays incomplete.
                 record = {"shard": job.shard.index, "code": getattr(exc, "code", "shard_failed"), "at": _now()}
-                record |= {"message": f"failed {delivery.receive_count} receives ({type(exc).__name__}); the "
-                           "shard message is in the dead-letter queue: redrive it to finish the job"}
+                record |= {
+                    "message": f"failed {delivery.receive_count} receives ({type(exc).__name__}); the "
+                    "shard message is in the dead-letter queue: redrive it to finish the job"
+                }
                 store.put(self.s3, job.output.bucket, f"{job.prefix}failed/{job.shard.name}.json", json.dumps(record))
             raise
 
@@ -98,7 +101,7 @@ class JobRunner:
         if store.exists(self.s3, bucket, prefix + "manifest.json"):
             logger.info("job %s is already complete; skipping", job.job_id)
             return JobOutcome("skipped", job.checkpoint)
-        self.service.check_model(job.model)  # a wrong model name fails before anything is written
+        check_model(self.registry, job.model, job.task)  # a wrong model or task fails before anything is written
         if record is None:
             plan = plan_shards(self.s3, job, self.settings)
             record = {"job_id": job.job_id, "task": job.task, "model": job.model, "message_id": delivery.message_id}
@@ -108,8 +111,9 @@ class JobRunner:
                 self._refuse_reuse(job, record, delivery)
         shards = [Shard(**s) for s in record["shards"]]
         if len(shards) == 1:  # a small job runs here and now, as one shard
-            return self._run_shard(replace(job, shard=shards[0], checkpoint=Checkpoint(offset=shards[0].start)),
-                                   remaining_ms, delivery)
+            return self._run_shard(
+                replace(job, shard=shards[0], checkpoint=Checkpoint(offset=shards[0].start)), remaining_ms, delivery
+            )
         if store.exists(self.s3, bucket, prefix + "dispatched.json"):
             return JobOutcome("skipped", job.checkpoint)
         send_shards(self.sqs, delivery.queue_url, job, shards)
@@ -173,7 +177,7 @@ class JobRunner:
             return JobOutcome("failed", checkpoint, chunks_done, results)
         marker = asdict(shard) | {"lines": checkpoint.line, "results": checkpoint.results, "errors": checkpoint.errors}
         marker |= {"parts": checkpoint.chunk, "compute_ms": round(checkpoint.compute_ms, 1), "finished_at": _now()}
-        marker |= {"invocations": checkpoint.invocations, "model": model_record(self.service)}
+        marker |= {"invocations": checkpoint.invocations, "model": model_record(self.registry, job.model, job.task)}
         store.put_once(self.s3, bucket, f"{prefix}shards/{shard.name}.json", json.dumps(marker))
         wrote = self._finish_if_last(job, delivery)
         return JobOutcome("complete" if wrote else "shard_done", checkpoint, chunks_done, results)
@@ -184,7 +188,7 @@ class JobRunner:
         items = [c for c in checked if isinstance(c, Item)]
         errors += [error_line(record, *c) for record, c in zip(chunk, checked, strict=True) if isinstance(c, tuple)]
         lines = []
-        for item, output in zip(items, infer_chunk(self.service, job.task, job.model, items), strict=True):
+        for item, output in zip(items, infer_chunk(self.registry, job.task, job.model, items), strict=True):
             if isinstance(output, tuple):
                 errors.append(error_line(item.record, *output))
                 continue
