@@ -125,6 +125,65 @@ def project(lines: int, concurrency: int, s_per_line: float, bytes_per_line: flo
     }
 
 
+def batch_section(measured: dict) -> str:
+    """The batch section of bench/REPORT.md, from bench/batch.json."""
+    runs = [
+        {
+            "pollers": p,
+            "lines": r["lines"],
+            "shards": r["shards"],
+            "wall s": r["wall_s"],
+            "lines/s": r["lines_per_s"],
+            "speed-up": measured["speedup"][p],
+            "poller-s per shard": r["shard_wall_s"],
+            "shard compute s (median / max)": f"{r['shard_compute_s']['median']} / {r['shard_compute_s']['max']}",
+        }
+        for p, r in measured["by_pollers"].items()
+    ]
+    projections = [
+        {
+            "lines": f"{p['lines']:,}",
+            "concurrency": p["concurrency"],
+            "shards": p["shards"],
+            "shard s": p["shard_s"],
+            "wall": f"{p['wall_s'] / 60:.1f} min",
+            "Lambda $": p["usd"]["lambda_compute"] + p["usd"]["lambda_requests"],
+            "SQS $": p["usd"]["sqs"],
+            "S3 $": p["usd"]["s3"],
+            "total $": p["usd"]["total"],
+        }
+        for p in measured["projections"]
+    ]
+    host = measured["host"]
+    assumptions = measured["projection_assumptions"]
+
+    def table(rows: list[dict]) -> str:
+        head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+        return head + "".join("| " + " | ".join(str(v) for v in row.values()) + " |\n" for row in rows)
+
+    return (
+        "## Batch fan-out (bench/batch_throughput.py)\n\n"
+        f"{measured['what']}. Host: {host['cpus']} cores shared with other work, load average "
+        f"{host['loadavg_before'][0]} before and {host['loadavg_after'][0]} after (1-minute): the absolute "
+        "speed is the host's, not Lambda's; the projection uses the measured poller-seconds per line.\n\n"
+        f"{table(runs)}\n"
+        f"Projection at {assumptions['memory_mb']} MB (1 vCPU), {assumptions['poller_s_per_line'] * 1000:.2f} ms "
+        f"per line as measured with one poller; shards: {assumptions['shards']}; {assumptions['ramp']}; "
+        f"{assumptions['prices']}.\n\n{table(projections)}"
+    )
+
+
+def write_report_section(measured: dict) -> None:
+    """Replace the batch section of bench/REPORT.md (up to the next ## heading) with this run's."""
+    report = ROOT / "bench" / "REPORT.md"
+    text = report.read_text()
+    start = next((text.index(h) for h in ("## Batch fan-out", "## Batch mode") if h in text), -1)
+    if start < 0:
+        return
+    end = text.find("\n## ", start + 3)
+    report.write_text(text[:start] + batch_section(measured) + (text[end:] if end >= 0 else ""))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=100_000)
@@ -193,6 +252,7 @@ def main() -> int:
         "projections": projections,
     }
     (ROOT / "bench" / "batch.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_report_section(out)
     return 0
 
 

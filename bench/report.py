@@ -239,9 +239,9 @@ def write(results: dict[str, Any], out: Path) -> None:
     notes = (out / "NOTES.md").read_text() if (out / "NOTES.md").exists() else ""
     batch = ""
     if (out / "batch.json").exists():
-        measured = json.loads((out / "batch.json").read_text())
-        rows = [{"threads": t, **v} for t, v in measured["by_threads"].items()]
-        batch = f"## Batch mode (bench/batch_throughput.py)\n\n{measured['what']}.\n\n{_table(rows, list(rows[0]))}\n"
+        from bench.batch_throughput import batch_section
+
+        batch = batch_section(json.loads((out / "batch.json").read_text())) + "\n"
     sam_local = ""
     if (out / "sam_local.json").exists():
         timing = json.loads((out / "sam_local.json").read_text())

@@ -285,3 +285,11 @@ def test_sample_sqs_events_give_their_partial_batch_response(name: str, batch_en
             job = parse_job_message(record["body"], max_inline=256)
             manifest = read_outputs(s3, job.output.bucket, job.prefix)[2]
             assert manifest["status"] == "complete" and manifest["counts"]["errors"] == 0
+
+
+def test_given_one_message_per_invocation_when_it_fails_then_the_reply_names_it_instead_of_raising(batch_env) -> None:
+    # issue 14, item 10: with BatchSize 1 every record of the batch failing is the normal case, not an exception
+    event = json.loads((EVENTS / "sqs-batch-job.json").read_text())
+    event["Records"][0]["body"] = json.dumps({"job_id": "x", "model": MODEL})  # no input, no output
+    reply = batch_env.lambda_handler(event, TimedContext(budget_ms=10_000))
+    assert reply == {"batchItemFailures": [{"itemIdentifier": event["Records"][0]["messageId"]}]}
