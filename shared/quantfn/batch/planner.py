@@ -62,10 +62,6 @@ def plan_shards(s3: Any, job: JobMessage, settings: Settings) -> dict[str, Any]:
     return {"input": location.uri, "etag": etag, "version_id": version, "size": size, "shards": shards}
 
 
-def shard_messages(job: JobMessage, shards: list[Shard]) -> list[str]:
-    return [job.for_shard(shard) for shard in shards]
-
-
 def send_shards(sqs: Any, queue_url: str, job: JobMessage, shards: list[Shard]) -> None:
     """One message per shard, ten per SendMessageBatch call; entries SQS reports failed are sent again."""
     pending = [(str(s.index), job.for_shard(s)) for s in shards]
