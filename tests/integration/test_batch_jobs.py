@@ -293,3 +293,21 @@ def test_given_one_message_per_invocation_when_it_fails_then_the_reply_names_it_
     event["Records"][0]["body"] = json.dumps({"job_id": "x", "model": MODEL})  # no input, no output
     reply = batch_env.lambda_handler(event, TimedContext(budget_ms=10_000))
     assert reply == {"batchItemFailures": [{"itemIdentifier": event["Records"][0]["messageId"]}]}
+
+
+def test_given_a_rerank_job_then_each_line_gets_its_documents_ranked_or_an_error(batch_env) -> None:
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="out-bucket")
+    lines = [
+        {"id": "q1", "query": "a cat on a mat", "documents": ["stock prices fell", "the cat sat on the mat"]},
+        {"id": "q2", "query": "no documents", "documents": []},
+    ]
+    body = json.dumps({"job_id": "rr", "model": MODEL, "task": "rerank", "input": {"texts": lines}})
+    event = json.loads((EVENTS / "sqs-batch-job.json").read_text())
+    event["Records"][0]["body"] = body[:-1] + ', "output": "s3://out-bucket/embeddings/"}'
+    assert batch_env.lambda_handler(event, TimedContext(budget_ms=60_000)) == {"batchItemFailures": []}
+    results, errors, manifest = read_outputs(s3, "out-bucket", "embeddings/rr/")
+    (result,) = results
+    assert result["id"] == "q1" and [r["index"] for r in result["results"]] == [1, 0]  # best first
+    assert [(e["line"], e["error"]["code"]) for e in errors] == [(2, "missing_documents")]
+    assert manifest["task"] == "rerank" and manifest["counts"] == {"lines": 2, "results": 1, "errors": 1}
