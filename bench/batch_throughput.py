@@ -95,7 +95,8 @@ def project(lines: int, concurrency: int, s_per_line: float, bytes_per_line: flo
     """Wall time and cost of ``lines`` at ``concurrency``: shards sized so each poller gets at least one."""
     size = lines * bytes_per_line
     default_shard = 4 * 2**20
-    shards = min(1000, max(concurrency, math.ceil(size / default_shard)))
+    # whole waves: a multiple of the concurrency, at least the count the default shard size gives, at most 1000
+    shards = min(1000, concurrency * math.ceil(math.ceil(size / default_shard) / concurrency))
     lines_per_shard = lines / shards
     shard_s = lines_per_shard * s_per_line
     waves = math.ceil(shards / concurrency)
@@ -189,7 +190,23 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=100_000)
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--pollers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--reproject", action="store_true", help="only redo the projection from bench/batch.json")
     args = parser.parse_args()
+    if args.reproject:
+        out = json.loads((ROOT / "bench" / "batch.json").read_text())
+        out["projection_assumptions"]["shards"] = (
+            "size / 4 MiB rounded up to whole waves of the concurrency, at most 1000"
+        )
+        base = out["by_pollers"][min(out["by_pollers"], key=int)]
+        per_line = out["input_bytes"] / base["lines"]
+        out["projections"] = [
+            project(n, c, base["poller_s_per_line"], per_line, 1000)
+            for n in (1_000_000, 10_000_000)
+            for c in (10, 100, 1000)
+        ]
+        (ROOT / "bench" / "batch.json").write_text(json.dumps(out, indent=2) + "\n")
+        write_report_section(out)
+        return 0
     moto, url = start_moto()
     os.environ.update(
         AWS_ENDPOINT_URL=url,
@@ -243,7 +260,7 @@ def main() -> int:
         "projection_assumptions": {
             "poller_s_per_line": round(s_per_line, 6),
             "memory_mb": MB_1_VCPU,
-            "shards": "max(concurrency, size / 4 MiB), at most 1000",
+            "shards": "size / 4 MiB rounded up to whole waves of the concurrency, at most 1000",
             "ramp": f"Lambda adds about {SQS_SCALE_PER_MIN} SQS pollers a minute",
             "cold_start_s": COLD_START_S,
             "prices": "us-east-1 list prices: Lambda $0.0000166667/GB-s and $0.20/M, SQS $0.40/M, "
