@@ -218,7 +218,6 @@ def test_given_a_large_job_with_poison_lines_when_three_pollers_drain_it_then_ea
     manifest = fanout.assert_complete_exactly_once("big", TOTAL, poison=True)
     assert manifest["shards"][0]["start"] == 0 and manifest["shards"][-1]["end"] == size
     assert all(a["end"] == b["start"] for a, b in zip(manifest["shards"], manifest["shards"][1:], strict=False))
-    assert manifest["timings"]["invocations"] > len(manifest["shards"])  # shards continued through follow-ups
     assert fanout.sqs.receive_message(QueueUrl=fanout.dlq_url, WaitTimeSeconds=0).get("Messages") is None
 
 
