@@ -148,7 +148,7 @@ def batch_section(measured: dict) -> str:
             "shards": p["shards"],
             "shard s": p["shard_s"],
             "wall": f"{p['wall_s'] / 60:.1f} min",
-            "Lambda $": p["usd"]["lambda_compute"] + p["usd"]["lambda_requests"],
+            "Lambda $": round(p["usd"]["lambda_compute"] + p["usd"]["lambda_requests"], 4),
             "SQS $": p["usd"]["sqs"],
             "S3 $": p["usd"]["s3"],
             "total $": p["usd"]["total"],
