@@ -83,11 +83,20 @@ def _param(value: Any, template: dict[str, Any], params: dict[str, str]) -> Any:
 
 
 def handler_routes() -> dict[str, str]:
-    """The ROUTES dict of functions/api/app.py, read without importing the handler."""
+    """The ROUTES table of functions/api/app.py (path -> (method, handler)) as path -> method, read without
+    importing the handler."""
     tree = ast.parse((ROOT / "functions" / "api" / "app.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "ROUTES" for t in node.targets):
-            return ast.literal_eval(node.value)
+        target = (
+            node.target
+            if isinstance(node, ast.AnnAssign)
+            else (node.targets[0] if isinstance(node, ast.Assign) else None)
+        )
+        if getattr(target, "id", "") == "ROUTES" and isinstance(node.value, ast.Dict):
+            return {
+                ast.literal_eval(key): ast.literal_eval(value.elts[0])
+                for key, value in zip(node.value.keys, node.value.values, strict=True)
+            }
     raise AssertionError("functions/api/app.py defines no ROUTES")
 
 
