@@ -111,7 +111,7 @@ def test_backoff_is_full_jitter_exponential_and_capped() -> None:
     reply = call(client, clock)
     # Then the pauses are base * 2^n, capped at the maximum, and the fourth attempt answers
     assert pauses == pytest.approx([0.1, 0.2, 0.25])
-    assert reply.attempts == 4 and reply.vectors.shape == (2, 4)
+    assert reply.attempts == 4 and reply.output.shape == (2, 4)
 
 
 def test_jitter_draws_anywhere_below_the_cap() -> None:

@@ -30,7 +30,7 @@ Schema 3, the fields the runtime reads (everything else is kept in ``raw``)::
     session              {"pre_optimized", "config", "dequantize_at_load"?}
     quantization, fidelity, quality, tools, deploy, size_ratio_vs_fp32   build records (reported, not used)
 
-Schema 2 folders (the embedder built before schema 3) still load: their
+Schema 1 and 2 folders (the embedder built before schema 3) still load: their
 ``task: "embedding"`` reads as ``embed``, BERT, mean pooling, pad id 0.
 """
 
@@ -177,8 +177,8 @@ class Manifest:
             schema = int(data.get("schema", 1))
             if schema > SCHEMA_VERSION:
                 raise ValueError(f"schema {schema} is newer than this quantfn reads ({SCHEMA_VERSION}): upgrade it")
-            if schema < 2:
-                raise ValueError(f"schema {schema} is too old to serve: rebuild it with `quantfn build-model`")
+            if schema < 1:
+                raise ValueError(f"schema {schema} is unknown: rebuild the model with `quantfn build-model`")
             files = {
                 name: FileEntry(sha256=str(entry["sha256"]), size=_size(entry["size"]))
                 for name, entry in data["files"].items()
@@ -275,7 +275,7 @@ def _schema3_fields(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _schema2_fields(data: dict[str, Any]) -> dict[str, Any]:
-    """Schema 2 knew one task, the mean-pooled BERT embedder."""
+    """Schemas 1 and 2 knew one task, the mean-pooled BERT embedder."""
     if data.get("task") != "embedding":
         raise ValueError(f"schema 2 task {data.get('task')!r} is unknown: rebuild the model with `quantfn build-model`")
     return {
