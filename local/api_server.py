@@ -78,7 +78,11 @@ class _Handler(BaseHTTPRequestHandler):
         raw = base64.b64decode(data) if reply.get("isBase64Encoded") else data.encode("utf-8")
         self._send(reply["statusCode"], raw, reply.get("headers") or {})
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+    def __getattr__(self, name: str) -> Any:
+        # Every method (QUERY, TRACE, ...) goes to the handler, which answers 405 on a known path, 404 elsewhere.
+        if name.startswith("do_"):
+            return self._handle
+        raise AttributeError(name)
 
     def _send(self, status: int, body: bytes | dict[str, Any], headers: dict[str, str]) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -88,7 +92,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a reply to HEAD has the headers alone
+            self.wfile.write(data)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

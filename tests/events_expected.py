@@ -10,6 +10,7 @@ API_EVENTS: dict[str, tuple[int, str | None]] = {
     "api-embeddings-base64-body.json": (200, None),
     "api-models.json": (200, None),
     "api-health.json": (200, None),
+    "api-openapi.json": (200, None),
     "api-bad-json.json": (400, "invalid_request"),
     "api-bad-missing-input.json": (400, "invalid_request"),
     "api-bad-empty-input.json": (400, "invalid_request"),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from functools import cache
+from importlib.resources import files
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics
@@ -79,6 +82,16 @@ def health(event: dict, context: Any) -> Reply:
     return (200 if healthy else 503), {"status": "ok" if healthy else "degraded", "models": models}, {}
 
 
+def openapi_document(event: dict, context: Any) -> Reply:
+    return 200, _openapi(), {}
+
+
+@cache
+def _openapi() -> dict[str, Any]:
+    """The API's OpenAPI 3.1 description (package data beside the wire formats), read once, on first use."""
+    return json.loads(files("quantfn.wire").joinpath("openapi.json").read_text(encoding="utf-8"))
+
+
 # A dict, not Powertools' resolver: importing aws_lambda_powertools.event_handler cost about 100 ms of every
 # cold start (it pulls in asyncio and every other resolver) for routing this table does.
 ROUTES: dict[str, tuple[str, Callable[[dict, Any], Reply]]] = {
@@ -88,6 +101,7 @@ ROUTES: dict[str, tuple[str, Callable[[dict, Any], Reply]]] = {
     "/v1/classify": ("POST", classify_texts),
     "/v1/models": ("GET", list_models),
     "/health": ("GET", health),
+    "/openapi.json": ("GET", openapi_document),
 }
 
 
