@@ -27,7 +27,7 @@ export PYTHONPATH := $(CURDIR)/shared:$(CURDIR)
 export SAM_CLI_TELEMETRY := 0
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: help setup demo test test-unit test-integration e2e local-env arm64-env lint format model build runtime-layer models \
+.PHONY: help setup demo test test-unit fuzz test-integration e2e local-env arm64-env lint format model build runtime-layer models \
 	bench clean
 
 help:
@@ -35,6 +35,7 @@ help:
 	@echo "make test   set up and run every test"
 	@echo "make build  sam build (layers and functions, offline); ARCH=arm64 for Graviton"
 	@echo "make e2e    the sam local tier alone (sam build, then sam local invoke/start-lambda/start-api)"
+	@echo "make fuzz   the fuzz tier alone (hostile events, schemathesis from the OpenAPI file); FUZZ=4 for more"
 	@echo "make local-env  Docker, the Lambda base image and the proxy sam local needs offline"
 	@echo "make arm64-env  qemu-aarch64 and an arm64 python3.13 root: the arm64 layer runs here (tests, smoke import)"
 	@echo "make lint   ruff and sam validate --lint"
@@ -93,6 +94,11 @@ test: $(MODEL) $(INTENT) $(SAM_VENV)/.installed
 
 test-unit: setup
 	$(BIN)/pytest tests/unit
+
+# The fuzz tier alone (`make test` runs it too; about half a minute): hostile events into the API handler and
+# schemathesis from shared/quantfn/wire/openapi.json against `quantfn serve`. FUZZ=4 runs four times the examples.
+fuzz: $(MODEL)
+	QUANTFN_FUZZ_EXAMPLES=$(or $(FUZZ),1) $(BIN)/pytest -m fuzz tests/fuzz
 
 # Docker engine, the offline Lambda base image and the host-network proxy for `sam local`
 # (README: Local development with SAM). Idempotent; prints the variables to export.

@@ -33,6 +33,8 @@ def fuzz_api(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "QUANTFN_PRELOAD": "true",
         "POWERTOOLS_LOG_LEVEL": "DEBUG",
         "PYTHONUNBUFFERED": "1",
+        # This checkout's quantfn, as pytest's pythonpath gives the tests (not an installed copy elsewhere)
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "shared"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
