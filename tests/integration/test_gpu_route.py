@@ -64,7 +64,14 @@ def gpu_server(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 @pytest.fixture(scope="module")
 def here(models_root: Path) -> Registry:
     """The in-Lambda answer: the same model in this process (with room for the 300 inputs)."""
-    return Registry(Settings(model=f"layer:{DEFAULT_MODEL_ID}", models_root=models_root, threads=2, max_inputs=2048))
+    return Registry(
+        Settings(
+            models=((DEFAULT_MODEL_ID, f"layer:{DEFAULT_MODEL_ID}"),),
+            models_root=models_root,
+            threads=2,
+            max_inputs=2048,
+        )
+    )
 
 
 def embed_here(registry: Registry, texts: list[str]) -> Result:

@@ -23,7 +23,14 @@ MODEL = "all-MiniLM-L6-v2"
 @pytest.fixture(scope="module")
 def service(models_root: Path) -> Registry:
     # max_inputs: the fidelity gate embeds the whole 600-text corpus in one call
-    return Registry(Settings(model=f"layer:{DEFAULT_MODEL_ID}", models_root=models_root, threads=2, max_inputs=1000))
+    return Registry(
+        Settings(
+            models=((DEFAULT_MODEL_ID, f"layer:{DEFAULT_MODEL_ID}"),),
+            models_root=models_root,
+            threads=2,
+            max_inputs=1000,
+        )
+    )
 
 
 def embed(registry: Registry, texts: list[str], model: str = MODEL) -> Result:
@@ -62,8 +69,8 @@ def test_long_inputs_are_truncated_to_the_models_maximum(service: Registry) -> N
 
 
 def test_paraphrases_are_closer_than_unrelated_sentences(service: Registry) -> None:
-    a, b, c = embed(service, 
-        ["A man plays the guitar.", "Someone is playing a guitar.", "Stocks fell today."], MODEL
+    a, b, c = embed(
+        service, ["A man plays the guitar.", "Someone is playing a guitar.", "Stocks fell today."], MODEL
     ).output
     assert a @ b > 0.6 > a @ c
 
