@@ -93,7 +93,15 @@ def choose_model(settings: Settings, available: list[str]) -> ModelChoice:
     return ModelChoice(models, (CPU,), f"{why}: the models as configured, on CPU")
 
 
-_EMPTY_STATS = ("requests", "texts", "batches", "multi_request_batches", "max_batch_requests", "rejected_busy", "queued")
+_EMPTY_STATS = (
+    "requests",
+    "texts",
+    "batches",
+    "multi_request_batches",
+    "max_batch_requests",
+    "rejected_busy",
+    "queued",
+)
 
 
 @dataclass

@@ -78,6 +78,10 @@ def test_base64_and_float_replies_carry_the_same_vectors(lambda_context) -> None
 
 def test_models_and_health(lambda_context) -> None:
     _, _, health = invoke(load_event("api-health.json"), lambda_context)
-    assert health["status"] == "ok" and health["model"] == "all-minilm-l6-v2"
+    assert health["status"] == "ok" and [m["name"] for m in health["models"]] == ["all-minilm-l6-v2"]
+    assert health["models"][0]["status"] == "ok" and health["models"][0]["task"] == "embed"
     _, _, models = invoke(load_event("api-models.json"), lambda_context)
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["all-minilm-l6-v2"]
+    entry = models["data"][0]
+    assert (entry["task"], entry["dimensions"], entry["status"]) == ("embed", 384, "ok")
+    assert isinstance(entry["loaded"], bool)
