@@ -26,7 +26,7 @@ def ms(since: float) -> float:
 def handler() -> dict:
     started = time.perf_counter()
     from functions.api.app import lambda_handler
-    from quantfn.service import get_service
+    from quantfn.registry import get_registry
 
     phases = {"import": ms(started)}
     with open(os.path.join(os.environ["QUANTFN_REPO"], "events", "api-embeddings-single.json")) as handle:
@@ -44,7 +44,7 @@ def handler() -> dict:
     reply = lambda_handler(event, Context())
     first = ms(started)
     assert reply["statusCode"] == 200, reply
-    load = get_service().load_phases_ms
+    load = get_registry().default.load_phases_ms
     phases |= {"model_fetch": load["fetch"], "session": load["session"] + load["tokenizer"]}
     phases["first_inference"] = round(first - sum(load.values()), 2)
     return phases

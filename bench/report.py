@@ -46,22 +46,23 @@ def machine() -> dict[str, Any]:
 def frontier(folders: list[Path], repeats: int) -> list[dict[str, Any]]:
     """Each recipe through the quantfn runtime (2 threads): size, fidelity, throughput, latency."""
     from quantfn.config import Settings
-    from quantfn.service import EmbeddingService
+    from quantfn.registry import Registry
 
     batches = corpus_batches(32, sort=True)
     count = sum(map(len, batches))
     rows = []
     for folder in folders:
         manifest = json.loads((folder / "manifest.json").read_text())
-        service = EmbeddingService(Settings(model=f"layer:{folder.name}", models_root=folder.parent, threads=2))
-        model = service.model()
+        served = ((folder.name, f"layer:{folder.name}"),)
+        registry = Registry(Settings(models=served, models_root=folder.parent, threads=2))
+        model = registry.pipeline(registry.default)
         seconds, latency = _speed(model, batches, repeats)
         fidelity = manifest["fidelity"]
         rows.append(
             {
                 "recipe": manifest["quantization"]["recipe"],
                 "model_id": manifest["model_id"],
-                "mb": round(service.manifest().weights_size / 2**20, 2),
+                "mb": round(model.manifest.weights_size / 2**20, 2),
                 "size_ratio_vs_fp32": manifest.get("size_ratio_vs_fp32"),
                 "cosine_mean": fidelity["cosine_mean"],
                 "cosine_min": fidelity["cosine_min"],
@@ -97,11 +98,11 @@ def quality(folders: list[Path], fp32: Path) -> list[dict[str, Any]]:
 
 def _speed(model: Any, batches: list[list[str]], repeats: int) -> tuple[float, dict[str, float]]:
     """Seconds to embed all ``batches`` (median) and batch-1 latency percentiles of a typical input."""
-    tokenized = [model.tokenize(batch) for batch in batches]
-    model.embed(tokenized[0])
-    seconds = median_of(repeats, lambda: timed(lambda: [model.embed(t) for t in tokenized]))
-    single = model.tokenize([TYPICAL])
-    return seconds, percentiles([timed(lambda: model.embed(single)) * 1000 for _ in range(200)])
+    tokenized = [model.encode(batch) for batch in batches]
+    model.forward(tokenized[0])
+    seconds = median_of(repeats, lambda: timed(lambda: [model.forward(t) for t in tokenized]))
+    single = model.encode([TYPICAL])
+    return seconds, percentiles([timed(lambda: model.forward(single)) * 1000 for _ in range(200)])
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:

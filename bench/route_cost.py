@@ -22,7 +22,7 @@ import numpy as np
 
 from quantfn.build.reference import load_corpus
 from quantfn.config import Settings
-from quantfn.service import EmbeddingService
+from quantfn.registry import Registry
 
 LENGTHS = {"short": 1, "medium": 4, "long": 16}  # sentences joined per text
 
@@ -34,19 +34,19 @@ def texts_of(length: int, count: int) -> list[str]:
 
 def measure(models_root: Path, model_id: str, threads: int, repeats: int) -> dict[str, float]:
     started = time.perf_counter()
-    service = EmbeddingService(Settings(model=f"layer:{model_id}", models_root=models_root, threads=threads))
-    encoder = service.model()
+    registry = Registry(Settings(models=((model_id, f"layer:{model_id}"),), models_root=models_root, threads=threads))
+    encoder = registry.pipeline(registry.default)
     load_ms = (time.perf_counter() - started) * 1000
     out = {"load_ms": load_ms}
     for name, length in LENGTHS.items():
         texts = texts_of(length, 64)
-        tokens = encoder.tokenize(texts)
+        tokens = encoder.encode(texts)
         run_tokens = sum(min(c, encoder.max_length) for c in tokens.counts)
-        encoder.embed(tokens)  # warm-up
+        encoder.forward(tokens)  # warm-up
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            encoder.embed(tokens)
+            encoder.forward(tokens)
             times.append((time.perf_counter() - t0) * 1000)
         out[name] = statistics.median(times) / run_tokens
         out[f"{name}_tokens_per_text"] = run_tokens / len(texts)

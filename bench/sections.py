@@ -103,14 +103,14 @@ class _Quantfn:
 
     def __init__(self, threads: int) -> None:
         from functions.api.app import lambda_handler
-        from quantfn.service import get_service, reset_service
+        from quantfn.registry import get_registry, reset_registry
 
         os.environ["QUANTFN_THREADS"] = str(threads)
-        reset_service()
-        self.handler, self.reset = lambda_handler, reset_service
+        reset_registry()
+        self.handler, self.reset = lambda_handler, reset_registry
         self.one = api_event(TYPICAL)
         self.handler(self.one, Context())
-        self.encoder = get_service().model()
+        self.encoder = get_registry().pipeline(get_registry().default)
         self.events = {label: [api_event(b) for b in corpus_batches(32, sort=sort)] for label, sort in ORDERS}
 
     def single(self) -> None:

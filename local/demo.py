@@ -34,8 +34,12 @@ def _post(base: dict, body: dict) -> dict:
 
 
 def run_demo(models_root: Path, repo: Path) -> int:
+    # Serve every built model in the layer (the default first), as QUANTFN_MODELS would in the template.
+    names = sorted(path.parent.name for path in models_root.glob("*/manifest.json"))
+    names = ["all-minilm-l6-v2"] + [name for name in names if name != "all-minilm-l6-v2"]
+    os.environ.pop("QUANTFN_MODEL", None)
     os.environ.update(
-        QUANTFN_MODEL="layer:all-minilm-l6-v2",
+        QUANTFN_MODELS=",".join(f"{name}=layer:{name}" for name in names),
         QUANTFN_MODELS_ROOT=str(models_root),
         POWERTOOLS_LOG_LEVEL="ERROR",
         POWERTOOLS_METRICS_DISABLED="true",
@@ -53,7 +57,7 @@ def run_demo(models_root: Path, repo: Path) -> int:
 
     started = time.perf_counter()
     from functions.api.app import lambda_handler
-    from quantfn.service import get_service
+    from quantfn.registry import get_registry
 
     imported = time.perf_counter()
     first = lambda_handler(events["api-embeddings.json"], _Context())
@@ -62,7 +66,7 @@ def run_demo(models_root: Path, repo: Path) -> int:
     print(
         f"\ncold start import {1000 * (imported - started):.0f} ms"
         f" + first request {1000 * (answered - imported):.0f} ms"
-        f" (model load {get_service().load_ms:.0f} ms) = {1000 * (answered - started):.0f} ms"
+        f" (model load {get_registry().load_ms(get_registry().default):.0f} ms) = {1000 * (answered - started):.0f} ms"
     )
     print(f"dimensions {len(body['data'][0]['embedding'])}, usage {body['usage']}\n")
 
@@ -107,6 +111,6 @@ def run_demo(models_root: Path, repo: Path) -> int:
     print(
         f"\nwarm       1 input: median {statistics.median(warm):.1f} ms   "
         f"32 inputs: median {statistics.median(warm32):.1f} ms "
-        f"({32000 / statistics.median(warm32):.0f} inputs/s, {get_service().settings.threads} threads)"
+        f"({32000 / statistics.median(warm32):.0f} inputs/s, {get_registry().settings.threads} threads)"
     )
     return 0

@@ -93,6 +93,17 @@ def choose_model(settings: Settings, available: list[str]) -> ModelChoice:
     return ModelChoice(models, (CPU,), f"{why}: the models as configured, on CPU")
 
 
+_EMPTY_STATS = (
+    "requests",
+    "texts",
+    "batches",
+    "multi_request_batches",
+    "max_batch_requests",
+    "rejected_busy",
+    "queued",
+)
+
+
 @dataclass
 class _Job:
     encoded: Encoded
@@ -364,7 +375,8 @@ class EndpointServer(HttpServer):
     def stats(self) -> dict[str, Any]:
         with self._batchers_lock:
             per_model = {name: batcher.snapshot() for name, batcher in self._batchers.items()}
-        totals = {key: sum(s[key] for s in per_model.values()) for key in next(iter(per_model.values()), {})}
+        keys = next(iter(per_model.values()), None) or _EMPTY_STATS  # zeros before the first request
+        totals = {key: sum(s[key] for s in per_model.values()) for key in keys}
         return {**totals, "models": per_model}
 
     def load(self) -> None:

@@ -157,9 +157,10 @@ def _run(request: Request, budget: Budget, registry: Registry, forward: Forward 
         token_counts=token_counts,
         response_advice=_advice(request, manifest, settings),
     )
-    if budget.per_input_errors:  # batch: each input is checked alone below, the time budget still applies
-        settings = _per_input_settings(settings)
-    route = plan(work, remaining_ms=budget.remaining_ms, cold=cold, settings=settings)
+    remaining_ms = budget.remaining_ms
+    if budget.per_input_errors:  # batch: each input is checked alone below; the runner keeps its own time
+        settings, remaining_ms = _per_input_settings(settings), None
+    route = plan(work, remaining_ms=remaining_ms, cold=cold, settings=settings)
     if route.route == ENDPOINT and not budget.allow_endpoint:
         route = RoutePlan(REFUSE, route.reason, route.inputs, route.tokens, limit=route.limit, message=route.message)
     try:
@@ -251,11 +252,24 @@ def _screen(
 
 
 def _per_input_settings(settings: Any) -> Any:
-    """Settings for a batch call: the per-input token limit is applied per input, not to the whole call."""
+    """Settings for a batch call: the per-input token limit is applied per input, not to the whole call.
+
+    A chunk writes its output to S3, not into a reply, and the runner checkpoints before its time runs out:
+    neither the reply's size nor the API's time limits apply (refusing a chunk would fail it on every retry).
+    """
     from dataclasses import replace
 
     big = 1 << 40
-    return replace(settings, max_inputs=big, max_input_tokens=big, max_total_tokens=big, max_body_bytes=big)
+    return replace(
+        settings,
+        max_inputs=big,
+        max_input_tokens=big,
+        max_total_tokens=big,
+        max_body_bytes=big,
+        max_response_bytes=big,
+        api_timeout_ms=big,
+        route_margin_ms=0,
+    )
 
 
 def _response_bytes(request: Request, manifest: Manifest) -> int:

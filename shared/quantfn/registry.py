@@ -123,6 +123,7 @@ class Registry:
             for model in self.models:
                 if self._readable(model) and self.manifest(model).task in accepted:
                     return model
+            self._raise_if_unreadable()
             raise BadRequest(f"No served model can do {task}; name one with 'model'.", param="model")
         model = next((m for m in self.models if m.name == name), None)
         unreadable: list[str] = []
@@ -136,6 +137,7 @@ class Registry:
             missing = ", ".join(unreadable)
             raise ModelUnavailable(f"cannot tell whether {echo(name)} is served: no manifest for {missing}")
         if model is None:
+            self._raise_if_unreadable()
             raise ModelNotFound(
                 f"The model {echo(name)} is not served here; available: {', '.join(m.name for m in self.models)}.",
                 param="model",
@@ -150,6 +152,12 @@ class Registry:
                 code="wrong_model_task",
             )
         return model
+
+    def _raise_if_unreadable(self) -> None:
+        """A model whose manifest cannot be read may be the one asked for: 503 (retry), not a false 404 or 400."""
+        unreadable = next((m for m in self.models if m.manifest is None and m.error), None)
+        if unreadable is not None:
+            raise ModelUnavailable(unreadable.error)
 
     def _readable(self, model: ServedModel) -> bool:
         """Whether the manifest can be read now; a model whose manifest cannot is skipped by name lookups."""

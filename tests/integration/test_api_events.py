@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import EVENTS, load_event
+from tests.conftest import DEFAULT_MODEL_ID, EVENTS, INTENT_MODEL_ID, load_event
 from tests.events_expected import API_EVENTS
 
 pytestmark = pytest.mark.usefixtures("service_env")
@@ -76,8 +76,15 @@ def test_base64_and_float_replies_carry_the_same_vectors(lambda_context) -> None
         np.testing.assert_array_equal(_vector(b64_item["embedding"]), _vector(float_item["embedding"]))
 
 
-def test_models_and_health(lambda_context) -> None:
+def test_models_and_health(lambda_context, models_root) -> None:
+    # service_env serves the default embedder and, where `make test` built it, the intent classifier.
+    served = [DEFAULT_MODEL_ID] + ([INTENT_MODEL_ID] if (models_root / INTENT_MODEL_ID).is_dir() else [])
+    tasks = {DEFAULT_MODEL_ID: "embed", INTENT_MODEL_ID: "classify"}
     _, _, health = invoke(load_event("api-health.json"), lambda_context)
-    assert health["status"] == "ok" and health["model"] == "all-minilm-l6-v2"
+    assert health["status"] == "ok" and [m["name"] for m in health["models"]] == served
+    assert [(m["status"], m["task"]) for m in health["models"]] == [("ok", tasks[name]) for name in served]
     _, _, models = invoke(load_event("api-models.json"), lambda_context)
-    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["all-minilm-l6-v2"]
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == served
+    entry = models["data"][0]
+    assert (entry["task"], entry["dimensions"], entry["status"]) == ("embed", 384, "ok")
+    assert all(isinstance(m["loaded"], bool) for m in models["data"])

@@ -143,14 +143,14 @@ def test_a_wrong_reply_is_refused_never_passed_on(reply: dict, complaint: str) -
 @pytest.mark.usefixtures("service_env")
 def test_the_api_answers_502_then_503_when_the_endpoint_is_down(monkeypatch, lambda_context) -> None:
     from functions.api.app import lambda_handler
-    from quantfn.service import reset_service
+    from quantfn.registry import reset_registry
 
     # Given an API function whose GPU endpoint does not answer
     monkeypatch.setenv("QUANTFN_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
     monkeypatch.setenv("QUANTFN_ENDPOINT_MAX_ATTEMPTS", "2")
     monkeypatch.setenv("QUANTFN_ENDPOINT_BACKOFF_BASE_MS", "10")
     monkeypatch.setenv("QUANTFN_ENDPOINT_BREAKER_FAILURES", "1")
-    reset_service()
+    reset_registry()
     event = load_event("api-embeddings-oversized.json")
     # When an oversized request comes, twice
     first = lambda_handler(event, lambda_context)

@@ -54,7 +54,7 @@ def test_a_moto_endpoint_result_is_parsed_into_vectors(aws) -> None:
     # When the client invokes the endpoint through boto3
     reply = embed(client())
     # Then the vectors are the ones in the reply, decoded as little-endian float32
-    np.testing.assert_array_equal(reply.vectors, unit_vectors(2))
+    np.testing.assert_array_equal(reply.output, unit_vectors(2))
     assert reply.attempts == 1
 
 
@@ -73,7 +73,7 @@ def test_the_request_is_an_invoke_endpoint_call_with_the_openai_body(monkeypatch
     assert sent["headers"]["Content-Type"] == "application/json"
     assert sent["headers"]["Authorization"].startswith("AWS4-HMAC-SHA256")
     assert json.loads(sent["body"]) == {"model": "all-MiniLM-L6-v2", "input": TEXTS, "encoding_format": "base64"}
-    np.testing.assert_allclose(reply.vectors, unit_vectors(2), atol=1e-7)
+    np.testing.assert_allclose(reply.output, unit_vectors(2), atol=1e-7)
 
 
 def test_a_missing_endpoint_is_503_endpoint_missing_and_not_retried(monkeypatch) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from quantfn.config import Settings
-from quantfn.service import EmbeddingService
+from quantfn.inference import EmbedRequest, Result, run
+from quantfn.registry import Registry
 from tests.conftest import DEFAULT_MODEL_ID, ROOT, _free_port, load_event, wait_until_serving
 
 MODEL = "all-MiniLM-L6-v2"
@@ -61,17 +62,28 @@ def gpu_server(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.fixture(scope="module")
-def here(models_root: Path) -> EmbeddingService:
-    """The in-Lambda answer: the same model in this process."""
-    return EmbeddingService(Settings(model=f"layer:{DEFAULT_MODEL_ID}", models_root=models_root, threads=2))
+def here(models_root: Path) -> Registry:
+    """The in-Lambda answer: the same model in this process (with room for the 300 inputs)."""
+    return Registry(
+        Settings(
+            models=((DEFAULT_MODEL_ID, f"layer:{DEFAULT_MODEL_ID}"),),
+            models_root=models_root,
+            threads=2,
+            max_inputs=2048,
+        )
+    )
+
+
+def embed_here(registry: Registry, texts: list[str]) -> Result:
+    return run(EmbedRequest(texts, MODEL), registry=registry)
 
 
 @pytest.fixture
 def routed(service_env: None, gpu_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    from quantfn.service import reset_service
+    from quantfn.registry import reset_registry
 
     monkeypatch.setenv("QUANTFN_ENDPOINT_URL", gpu_server)
-    reset_service()
+    reset_registry()
     return gpu_server
 
 
@@ -104,10 +116,10 @@ def test_an_oversized_request_is_answered_by_the_endpoint_as_it_would_be_here(ro
     # Then the endpoint answered, the caller is told so and why, and the answer is the local one
     assert status == 200, body
     assert headers["x-quantfn-route"] == "endpoint; reason=too_many_inputs"
-    local = here.embed(texts, MODEL)
-    cosines = np.sum(vectors_of(body) * local.vectors, axis=1)
+    local = embed_here(here, texts)
+    cosines = np.sum(vectors_of(body) * local.output, axis=1)
     assert len(cosines) == 300 and cosines.min() >= 0.999, cosines.min()
-    assert body["usage"]["prompt_tokens"] == local.prompt_tokens and body["model"] == local.model
+    assert body["usage"]["prompt_tokens"] == local.tokens and body["model"] == local.model
 
 
 def test_a_request_too_slow_for_the_time_left_goes_to_the_endpoint(routed, lambda_context, here) -> None:
@@ -120,7 +132,7 @@ def test_a_request_too_slow_for_the_time_left_goes_to_the_endpoint(routed, lambd
     # Then the cost model sent them to the endpoint, and the answer is the local one
     assert status == 200, body
     assert headers["x-quantfn-route"] == "endpoint; reason=estimated_time"
-    assert np.sum(vectors_of(body) * here.embed(texts, MODEL).vectors, axis=1).min() >= 0.999
+    assert np.sum(vectors_of(body) * embed_here(here, texts).output, axis=1).min() >= 0.999
 
 
 def test_small_requests_stay_local(routed, lambda_context) -> None:
@@ -143,11 +155,11 @@ def test_without_an_endpoint_an_oversized_request_is_a_413_naming_the_limit(lamb
 
 @pytest.mark.usefixtures("service_env")
 def test_an_answer_too_big_to_return_as_floats_is_a_413_pointing_to_base64(monkeypatch, lambda_context) -> None:
-    from quantfn.service import reset_service
+    from quantfn.registry import reset_registry
 
     # Given a function that may return at most 20,000 bytes
     monkeypatch.setenv("QUANTFN_MAX_RESPONSE_BYTES", "20000")
-    reset_service()
+    reset_registry()
     event = load_event("api-embeddings.json")
     # When 3 embeddings are asked for as floats (about 30 kB), then as base64 (about 8 kB)
     status, headers, body = invoke(event, lambda_context)
@@ -187,7 +199,7 @@ def test_concurrent_requests_are_micro_batched_without_changing_answers(gpu_serv
     assert after["multi_request_batches"] > before["multi_request_batches"]
     assert after["batches"] - before["batches"] < len(requests)
     for index, texts in enumerate(requests):
-        alone = np.stack([here.embed([text], MODEL).vectors[0] for text in texts])
+        alone = np.stack([embed_here(here, [text]).output[0] for text in texts])
         assert np.sum(answers[index] * alone, axis=1).min() >= 0.9999
 
 

@@ -13,9 +13,10 @@ import pytest
 
 from quantfn.config import Settings
 from quantfn.errors import IntegrityError, ModelUnavailable
+from quantfn.inference import EmbedRequest, run
 from quantfn.models.reference import parse_model_ref
 from quantfn.models.store import ModelStore
-from quantfn.service import EmbeddingService
+from quantfn.registry import Registry
 
 BUCKET = "quantfn-models-test"
 PREFIX = "models/all-minilm-l6-v2/"
@@ -119,6 +120,7 @@ def test_a_model_over_the_cache_budget_is_refused_with_the_setting_named(s3, tmp
 
 def test_the_s3_model_embeds_exactly_like_the_layer_model(s3, tmp_path: Path, models_root: Path) -> None:
     texts = ["Models can live in S3.", "Or in a Lambda layer."]
-    from_s3 = EmbeddingService(Settings(model=REF, cache_dir=tmp_path, threads=1)).embed(texts, "all-MiniLM-L6-v2")
-    from_layer = EmbeddingService(Settings(models_root=models_root, threads=1)).embed(texts, "all-MiniLM-L6-v2")
-    np.testing.assert_array_equal(from_s3.vectors, from_layer.vectors)
+    request = EmbedRequest(texts, "all-MiniLM-L6-v2")
+    from_s3 = run(request, registry=Registry(Settings(models=(("m", REF),), cache_dir=tmp_path, threads=1)))
+    from_layer = run(request, registry=Registry(Settings(models_root=models_root, threads=1)))
+    np.testing.assert_array_equal(from_s3.output, from_layer.output)

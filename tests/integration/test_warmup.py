@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from quantfn.service import get_service
+from quantfn.registry import get_registry
 from quantfn.warmup import prepare_init
 
 pytestmark = pytest.mark.usefixtures("service_env")
@@ -12,20 +12,20 @@ pytestmark = pytest.mark.usefixtures("service_env")
 
 def test_by_default_init_loads_nothing() -> None:
     assert prepare_init() is False
-    assert not get_service().loaded
+    assert not get_registry().default.loaded
 
 
 def test_preload_loads_the_model_during_init(monkeypatch: pytest.MonkeyPatch) -> None:
-    from quantfn.service import reset_service
+    from quantfn.registry import reset_registry
 
     monkeypatch.setenv("QUANTFN_PRELOAD", "true")
-    reset_service()
+    reset_registry()
     assert prepare_init() is True
-    service = get_service()
-    assert service.loaded and service.load_ms > 0
+    registry = get_registry()
+    assert registry.default.loaded and registry.load_ms(registry.default) > 0
 
 
 def test_snapstart_init_loads_the_model_before_the_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
     assert prepare_init() is True
-    assert get_service().loaded
+    assert get_registry().default.loaded

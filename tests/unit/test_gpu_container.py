@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from quantfn.config import ConfigError, Settings
-from quantfn.tasks.embedding import Tokenized
+from quantfn.tasks import Encoded
 from tests.conftest import ROOT
 
 
@@ -30,6 +30,11 @@ server = load_server()
 CUDA_ORT = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def encoded(*ids: list[int]) -> Encoded:
+    """One request's encodings: token ids per input, type ids all 0."""
+    return Encoded([list(seq) for seq in ids], [[0] * len(seq) for seq in ids])
+
+
 def models(tmp_path: Path, *ids: str) -> Settings:
     for model_id in ids:
         (tmp_path / model_id).mkdir()
@@ -39,19 +44,27 @@ def models(tmp_path: Path, *ids: str) -> Settings:
 
 def test_on_a_gpu_the_fp16_variant_runs_on_cuda(tmp_path: Path) -> None:
     choice = server.choose_model(models(tmp_path, "all-minilm-l6-v2", "all-minilm-l6-v2-fp16"), CUDA_ORT)
-    assert choice.model == "layer:all-minilm-l6-v2-fp16" and choice.providers[0] == "CUDAExecutionProvider"
+    assert (
+        choice.models == (("all-minilm-l6-v2", "layer:all-minilm-l6-v2-fp16"),)
+        and choice.providers[0] == "CUDAExecutionProvider"
+    )
 
 
 def test_on_a_gpu_without_the_fp16_variant_the_default_model_runs_on_cuda(tmp_path: Path) -> None:
     choice = server.choose_model(models(tmp_path, "all-minilm-l6-v2"), CUDA_ORT)
-    assert choice.model == "layer:all-minilm-l6-v2" and choice.providers[0] == "CUDAExecutionProvider"
+    assert (
+        choice.models == (("all-minilm-l6-v2", "layer:all-minilm-l6-v2"),)
+        and choice.providers[0] == "CUDAExecutionProvider"
+    )
     assert "no layer:all-minilm-l6-v2-fp16" in choice.reason
 
 
 def test_without_cuda_the_default_model_runs_on_cpu(tmp_path: Path) -> None:
     settings = models(tmp_path, "all-minilm-l6-v2", "all-minilm-l6-v2-fp16")
     choice = server.choose_model(settings, ["CPUExecutionProvider"])
-    assert choice.model == "layer:all-minilm-l6-v2" and choice.providers == ("CPUExecutionProvider",)
+    assert choice.models == (("all-minilm-l6-v2", "layer:all-minilm-l6-v2"),) and choice.providers == (
+        "CPUExecutionProvider",
+    )
     forced = server.choose_model(Settings(models_root=tmp_path, gpu_provider="cpu"), CUDA_ORT)
     assert forced.providers == ("CPUExecutionProvider",) and "QUANTFN_GPU_PROVIDER=cpu" in forced.reason
 
@@ -72,22 +85,22 @@ def test_a_full_queue_answers_busy_at_once_and_the_rest_complete() -> None:
     # Given an encoder held busy and a queue of one
     release, encoding = threading.Event(), threading.Event()
 
-    def encode(tokens: Tokenized) -> np.ndarray:
+    def forward(tokens: Encoded) -> np.ndarray:
         encoding.set()
         release.wait(5)
         return np.ones((len(tokens.ids), 2), np.float32)
 
-    batcher = server.MicroBatcher(encode, wait_s=0.0, max_texts=8, queue_max=1)
+    batcher = server.MicroBatcher(forward, wait_s=0.0, max_texts=8, queue_max=1)
     results: list[np.ndarray] = []
-    running = threading.Thread(target=lambda: results.append(batcher.submit(Tokenized([[1, 2]]))))
+    running = threading.Thread(target=lambda: results.append(batcher.submit(encoded([1, 2]))))
     running.start()
     assert encoding.wait(5)  # the worker took the first job and is encoding it
-    waiting = threading.Thread(target=lambda: results.append(batcher.submit(Tokenized([[3]]))))
+    waiting = threading.Thread(target=lambda: results.append(batcher.submit(encoded([3]))))
     waiting.start()
     wait_until(lambda: batcher.snapshot()["queued"] == 1)
     # When a third request comes
     with pytest.raises(server.ServerBusy) as busy:
-        batcher.submit(Tokenized([[4]]))
+        batcher.submit(encoded([4]))
     # Then it is refused with 503, and the two others still get their answers
     assert busy.value.status == 503 and batcher.snapshot()["rejected_busy"] == 1
     release.set()
@@ -97,9 +110,9 @@ def test_a_full_queue_answers_busy_at_once_and_the_rest_complete() -> None:
 
 
 def test_a_failing_batch_fails_every_request_in_it() -> None:
-    def encode(tokens: Tokenized) -> np.ndarray:
+    def forward(tokens: Encoded) -> np.ndarray:
         raise RuntimeError("device lost")
 
-    batcher = server.MicroBatcher(encode, wait_s=0.0, max_texts=8, queue_max=4)
+    batcher = server.MicroBatcher(forward, wait_s=0.0, max_texts=8, queue_max=4)
     with pytest.raises(RuntimeError, match="device lost"):
-        batcher.submit(Tokenized([[1]]))
+        batcher.submit(encoded([1]))

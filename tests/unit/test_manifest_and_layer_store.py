@@ -20,9 +20,9 @@ def make_model_folder(root: Path, model_id: str = "tiny") -> Path:
     (folder / "model.onnx").write_bytes(b"\x08\x07" + bytes(range(256)) * 40)
     (folder / "tokenizer.json").write_text('{"version": "1.0"}')
     manifest = {
-        "schema": 1,
+        "schema": 3,
         "model_id": model_id,
-        "task": "embedding",
+        "task": "embed",
         "files": {name: describe_file(folder / name) for name in ("model.onnx", "tokenizer.json")},
         "dimensions": 4,
         "max_sequence_length": 16,

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from quantfn.errors import BadRequest, QuantfnError, TooLarge
-from quantfn.openai_compat import embeddings_response, load_json_body, parse_embeddings_request
+from quantfn.inference import Result
+from quantfn.models.manifest import Manifest
+from quantfn.wire.body import load_json_body
+from quantfn.wire.openai import embeddings_response, parse_embeddings_request
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -54,19 +57,21 @@ def test_too_many_inputs_is_413_naming_the_limit() -> None:
 
 def test_body_over_the_byte_limit_is_413() -> None:
     with pytest.raises(TooLarge, match="QUANTFN_MAX_BODY_BYTES"):
-        load_json_body("x" * 11, max_bytes=10)
+        load_json_body(b"x" * 11, max_bytes=10)
 
 
-@pytest.mark.parametrize("raw", ["", "  ", "{", "[1,", b"\xff\xfe"])
-def test_malformed_bodies_are_400(raw: str | bytes) -> None:
+@pytest.mark.parametrize("raw", [b"", b"  ", b"{", b"[1,", b"\xff\xfe"])
+def test_malformed_bodies_are_400(raw: bytes) -> None:
     with pytest.raises(BadRequest):
         load_json_body(raw, max_bytes=100)
 
 
 def test_base64_is_little_endian_float32_of_the_same_vectors() -> None:
     vectors = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
-    as_float = embeddings_response(vectors, "m", 7)
-    as_b64 = embeddings_response(vectors, "m", 7, encoding_format="base64")
+    manifest = Manifest("m", "embed", {}, 5, 256, ("input_ids", "attention_mask"), "last_hidden_state")
+    result = Result("m", manifest, vectors, token_counts=[3, 4], ok=[0, 1])
+    as_float = embeddings_response(result)
+    as_b64 = embeddings_response(result, encoding_format="base64")
     for float_item, b64_item in zip(as_float["data"], as_b64["data"], strict=True):
         decoded = np.frombuffer(base64.b64decode(b64_item["embedding"]), dtype="<f4")
         assert decoded.tolist() == pytest.approx(float_item["embedding"], abs=0)

@@ -10,14 +10,29 @@ import pytest
 
 from quantfn.build.source import locate_source
 from quantfn.models.manifest import Manifest
-from quantfn.tasks.embedding import EmbeddingModel, load_tokenizer, mean_pool
+from quantfn.tasks import EmbedPipeline, load_tokenizer
+from quantfn.tasks.embed import mean_pool
+
+
+def embed_manifest(max_length: int = 16, normalize: bool = True) -> Manifest:
+    return Manifest(
+        model_id="t",
+        task="embed",
+        files={},
+        dimensions=4,
+        max_sequence_length=max_length,
+        inputs=("input_ids", "attention_mask"),
+        output="last_hidden_state",
+        normalize=normalize,
+    )
 
 
 def test_mean_pool_averages_only_unmasked_positions_and_normalises() -> None:
     rng = np.random.default_rng(1)
     hidden = rng.standard_normal((3, 5, 4)).astype(np.float32)
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    pooled = mean_pool(hidden, mask)
+    pooled = EmbedPipeline(session=None, tokenizer=None, manifest=embed_manifest()).postprocess(hidden, mask)
+    assert pooled.dtype == np.float32
     for row in range(3):
         expected = hidden[row, : mask[row].sum()].mean(axis=0)
         expected /= np.linalg.norm(expected)
@@ -28,7 +43,7 @@ def test_mean_pool_averages_only_unmasked_positions_and_normalises() -> None:
 def test_padding_values_do_not_leak_into_the_mean() -> None:
     hidden = np.ones((1, 4, 2), dtype=np.float32)
     hidden[0, 2:] = 1e6  # padding positions hold garbage
-    pooled = mean_pool(hidden, np.array([[1, 1, 0, 0]]), normalize=False)
+    pooled = mean_pool(hidden, np.array([[1, 1, 0, 0]]))
     np.testing.assert_allclose(pooled, [[1.0, 1.0]])
 
 
@@ -44,21 +59,14 @@ def test_truncation_matches_the_tokenizers_own(tokenizer_file: Path) -> None:
     reference = Tokenizer.from_file(str(tokenizer_file))
     reference.no_padding()
     reference.enable_truncation(max_length=16)
-    manifest = Manifest(
-        model_id="t",
-        task="embedding",
-        files={},
-        dimensions=4,
-        max_sequence_length=16,
-        inputs=("input_ids", "attention_mask"),
-        output="last_hidden_state",
-    )
-    model = EmbeddingModel(session=None, tokenizer=ours, manifest=manifest)
+    model = EmbedPipeline(session=None, tokenizer=ours, manifest=embed_manifest(max_length=16))
     text = "a long sentence " * 20
-    tokens = model.tokenize([text, "short one"])
+    tokens = model.encode([text, "short one"])
     assert tokens.counts[0] > 16  # counts are untruncated: they are what limits and usage report
-    assert model._truncate(tokens.ids[0]) == reference.encode(text).ids
-    assert model._truncate(tokens.ids[1]) == reference.encode("short one").ids
+    ids, type_ids = model._truncated(tokens)
+    assert ids[0] == reference.encode(text).ids
+    assert ids[1] == reference.encode("short one").ids
+    assert type_ids[0] == reference.encode(text).type_ids
 
 
 def test_the_shipped_tokenizer_file_forces_128_but_ours_does_not(tokenizer_file: Path) -> None:

@@ -1,18 +1,21 @@
-"""plan_route: one decision, with its reason and numbers, from sizes, tokens, time left and the cost model."""
+"""routing.plan: one decision, with its reason and numbers, from sizes, tokens, time left and the cost model."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import FrozenInstanceError, replace
 
 import numpy as np
 import pytest
 
 from quantfn.config import Settings
-from quantfn.openai_compat import embeddings_response
-from quantfn.routing import RoutePlan, estimate_local_ms, estimate_response_bytes, plan_route
+from quantfn.inference import Result
+from quantfn.models.manifest import Manifest
+from quantfn.routing import RoutePlan, Work, embedding_advice, estimate_embedding_bytes, estimate_local_ms
+from quantfn.routing import plan as plan_work
 from quantfn.serialize import dumps
+from quantfn.wire.openai import embeddings_response
 
 LOCAL = Settings(threads=1, vcpu_share=1.0)
 WITH_ENDPOINT = replace(LOCAL, endpoint_name="quantfn-gpu")
@@ -28,16 +31,31 @@ def plan(
     remaining_ms: float | None = 29_000,
     cold: bool = False,
 ) -> RoutePlan:
-    return plan_route(
-        inputs=inputs,
-        payload_bytes=payload_bytes,
-        encoding_format=encoding_format,
-        dimensions=384,
-        max_length=256,
-        token_counts=lambda: list(counts if counts is not None else [12] * inputs),
+    return plan_work(
+        embedding_work(
+            inputs,
+            payload_bytes,
+            encoding_format,
+            lambda: list(counts if counts is not None else [12] * inputs),
+            settings,
+        ),
         remaining_ms=remaining_ms,
         cold=cold,
         settings=settings,
+    )
+
+
+def embedding_work(
+    inputs: int, payload_bytes: int, encoding_format: str, token_counts: Callable[[], list[int]], settings: Settings
+) -> Work:
+    """The Work of an embeddings request to a 384-dimension model of 256 tokens, as quantfn.inference makes it."""
+    return Work(
+        inputs=inputs,
+        payload_bytes=payload_bytes,
+        response_bytes=estimate_embedding_bytes(inputs, 384, encoding_format),
+        max_length=256,
+        token_counts=token_counts,
+        response_advice=lambda: embedding_advice(inputs, 384, encoding_format, settings),
     )
 
 
@@ -52,17 +70,8 @@ def test_too_many_inputs_go_to_the_endpoint_without_tokenizing_first() -> None:
     def never() -> list[int]:
         raise AssertionError("the count alone decides")
 
-    decided = plan_route(
-        inputs=300,
-        payload_bytes=10_000,
-        encoding_format="float",
-        dimensions=384,
-        max_length=256,
-        token_counts=never,
-        remaining_ms=29_000,
-        cold=False,
-        settings=WITH_ENDPOINT,
-    )
+    work = embedding_work(300, 10_000, "float", never, WITH_ENDPOINT)
+    decided = plan_work(work, remaining_ms=29_000, cold=False, settings=WITH_ENDPOINT)
     assert decided.header == "endpoint; reason=too_many_inputs" and decided.limit == "QUANTFN_MAX_INPUTS"
 
 
@@ -149,11 +158,13 @@ def test_the_response_estimate_bounds_the_real_reply_closely(encoding_format: st
     vectors = rng.standard_normal((50, 384)).astype(np.float32)
     vectors[:, :20] *= 1e-6
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    body = dumps(embeddings_response(vectors, "all-minilm-l6-v2", 999, encoding_format))  # as the API writes it
+    manifest = Manifest("all-minilm-l6-v2", "embed", {}, 384, 256, ("input_ids",), "last_hidden_state")
+    result = Result("all-minilm-l6-v2", manifest, vectors, token_counts=[20] * 50, ok=list(range(50)))
+    body = dumps(embeddings_response(result, encoding_format))  # as the API writes it
     # When the reply is wrapped as Lambda's proxy reply is (the body is a JSON string)
     wrapped = len(json.dumps({"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": body}))
     # Then the estimate is an upper bound, and not a wasteful one
-    estimate = estimate_response_bytes(50, 384, encoding_format)
+    estimate = estimate_embedding_bytes(50, 384, encoding_format)
     assert wrapped <= estimate < 1.35 * wrapped
 
 

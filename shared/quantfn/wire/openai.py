@@ -50,6 +50,8 @@ def parse_texts(value: Any, present: bool, field: str, max_inputs: int | None) -
     if not present or value is None:
         raise BadRequest(f"'{field}' is required: a string or an array of strings.", param=field)
     if isinstance(value, str):
+        if not value.strip():
+            raise BadRequest(f"'{field}' is empty; it must contain text.", param=field)
         value = [value]
     elif not isinstance(value, list):
         raise BadRequest(f"'{field}' must be a string or an array of strings.", param=field)
