@@ -78,6 +78,14 @@ def run_demo(models_root: Path, repo: Path) -> int:
             summary = f"{payload['error']['code']}: {payload['error']['message'][:80]}"
         elif payload.get("object") == "list" and payload.get("data") and "embedding" in payload["data"][0]:
             summary = f"{len(payload['data'])} embeddings ({payload['usage']['prompt_tokens']} tokens)"
+        elif "results" in payload:  # rerank: the best document and its score
+            best = payload["results"][0]
+            summary = (
+                f"best document {best['index']} (score {best['relevance_score']:.3f}) of {len(payload['results'])}"
+            )
+        elif payload.get("data") and "labels" in payload["data"][0]:  # classify: each input's top label
+            tops = [f"{item['labels'][0]['label']} {item['labels'][0]['score']:.2f}" for item in payload["data"]]
+            summary = "top labels: " + ", ".join(tops)
         else:
             summary = json.dumps(payload)[:90]
         print(f"  {reply['statusCode']}  {name:36s} {summary}")

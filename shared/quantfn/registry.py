@@ -146,7 +146,7 @@ class Registry:
         if manifest.task not in accepted:
             able = [m.name for m in self.models if self._readable(m) and self.manifest(m).task in accepted]
             raise BadRequest(
-                f"The model {echo(name)} is a {manifest.task} model and cannot serve {task} requests; "
+                f"The model {echo(name)} is a model for {manifest.task}, not {task}; "
                 f"models that can: {', '.join(able) or 'none'}.",
                 param="model",
                 code="wrong_model_task",
