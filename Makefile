@@ -89,7 +89,9 @@ $(INTENT): $(BUILD_SOURCES) | $(VENV)/.installed
 demo: $(MODEL) $(INTENT)
 	$(BIN)/quantfn demo --models-root $(MODELS_DIR)
 
-test: $(MODEL) $(INTENT) $(SAM_VENV)/.installed
+# The reference extra (torch 2.13.0 CPU from local disk, transformers): the tiny random checkpoints that prove
+# each architecture path against torch are made at test time.
+test: $(MODEL) $(INTENT) $(SAM_VENV)/.installed $(VENV)/.reference
 	$(BIN)/pytest tests
 
 test-unit: setup
