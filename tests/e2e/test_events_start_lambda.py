@@ -55,7 +55,9 @@ def test_api_event_gives_its_status_and_body(name: str, lambda_client) -> None:
 def test_a_warm_container_loads_the_model_once(lambda_client) -> None:
     invoke(lambda_client, "ApiFunction", load_event("api-embeddings.json"))
     health = json.loads(invoke(lambda_client, "ApiFunction", load_event("api-health.json"))["body"])
-    assert health["loaded"] is True and health["source"] == "layer"
+    default = health["models"][0]
+    assert health["status"] == "ok" and default["loaded"] is True and default["source"] == "layer"
+    assert [m["name"] for m in health["models"]] == ["all-minilm-l6-v2", "intent-minilm-l6-v2"]
 
 
 @pytest.mark.parametrize("name", sorted(SQS_EVENTS))

@@ -46,7 +46,7 @@ def test_a_model_from_s3_gives_the_same_vectors_as_the_layer(
         s3.upload_file(str(path), "quantfn-e2e-models", prefix + path.name)
     overrides = {
         "ApiFunction": {
-            "QUANTFN_MODEL": f"s3://quantfn-e2e-models/{prefix}",
+            "QUANTFN_MODELS": f"all-minilm-l6-v2=s3://quantfn-e2e-models/{prefix}",
             "QUANTFN_MODELS_ROOT": "/nonexistent",
         }
     }

@@ -33,6 +33,10 @@ def routes(sam_template) -> set[tuple[str, str]]:
 
 @pytest.mark.parametrize("name", sorted(API_EVENTS))
 def test_event_as_an_http_request(name: str, api_endpoint: str, sam_template) -> None:
+    if name == "api-bad-not-utf8.json":
+        # SAM's local gateway decodes a JSON body as UTF-8 before the function sees it and answers 502 itself;
+        # API Gateway passes such bytes base64-encoded, which test_sam_local_invoke sends as they are.
+        pytest.skip("sam local start-api cannot pass a body that is not UTF-8")
     # Given the request the sample event describes
     event = load_event(name)
     method, path = event["requestContext"]["http"]["method"], event["rawPath"]
