@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,3 +153,34 @@ def load_gpu_server():
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
+
+
+@contextmanager
+def gpu_container(models_root: Path, log_dir: Path, **env: str) -> Iterator[str]:
+    """containers/gpu/serve as a separate process on 127.0.0.1 and a free port (CPU provider); its URL."""
+    port = _free_port()
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "shared"), str(ROOT)]),
+        "QUANTFN_MODELS": f"{DEFAULT_MODEL_ID}=layer:{DEFAULT_MODEL_ID}",
+        "QUANTFN_MODELS_ROOT": str(models_root),
+        "QUANTFN_GPU_PROVIDER": "cpu",
+        "QUANTFN_SERVER_HOST": "127.0.0.1",
+        "QUANTFN_SERVER_PORT": str(port),
+        "QUANTFN_THREADS": "1",
+        **env,
+    }
+    with (log_dir / "serve.log").open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "containers" / "gpu" / "serve"), "serve"], env=full_env, stdout=log, stderr=log
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(f"{url}/ping", process, timeout_s=60, what=f"GPU server (log: {log.name})")
+        try:
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()

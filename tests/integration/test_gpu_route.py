@@ -7,9 +7,6 @@ model file, so its answers must match the in-Lambda answers to cosine >= 0.999.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -22,7 +19,7 @@ import pytest
 from quantfn.config import Settings
 from quantfn.inference import EmbedRequest, Result, run
 from quantfn.registry import Registry
-from tests.conftest import DEFAULT_MODEL_ID, ROOT, _free_port, load_event, wait_until_serving
+from tests.conftest import DEFAULT_MODEL_ID, gpu_container, load_event
 
 MODEL = "all-MiniLM-L6-v2"
 LONG = "Quantized encoders answer from small functions while large requests go elsewhere. " * 24
@@ -31,34 +28,9 @@ LONG = "Quantized encoders answer from small functions while large requests go e
 @pytest.fixture(scope="module")
 def gpu_server(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """containers/gpu/serve as a separate process on 127.0.0.1 and a free port; its URL."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "shared"), str(ROOT)]),
-        "QUANTFN_MODEL": f"layer:{DEFAULT_MODEL_ID}",
-        "QUANTFN_MODELS_ROOT": str(models_root),
-        "QUANTFN_GPU_PROVIDER": "cpu",
-        "QUANTFN_SERVER_HOST": "127.0.0.1",
-        "QUANTFN_SERVER_PORT": str(port),
-        "QUANTFN_THREADS": "1",
-        "QUANTFN_MAX_INPUTS": "2048",
-        "QUANTFN_SERVER_BATCH_WAIT_MS": "20",
-    }
-    log = (tmp_path_factory.mktemp("gpu") / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "containers" / "gpu" / "serve"), "serve"], env=env, stdout=log, stderr=log
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(f"{url}/ping", process, timeout_s=60, what=f"GPU server (log: {log.name})")
-    try:
+    env = {"QUANTFN_MAX_INPUTS": "2048", "QUANTFN_SERVER_BATCH_WAIT_MS": "20"}
+    with gpu_container(models_root, tmp_path_factory.mktemp("gpu"), **env) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +15,7 @@ import pytest
 from quantfn.config import Settings
 from quantfn.models.manifest import Manifest
 from quantfn.tasks import open_pipeline
-from tests.conftest import DEFAULT_MODEL_ID, ROOT, _free_port, load_event, load_gpu_server, wait_until_serving
+from tests.conftest import DEFAULT_MODEL_ID, gpu_container, load_event, load_gpu_server
 
 TEXTS = ["The GPU endpoint answers what Lambda cannot.", "A second sentence."]
 QUERY = "What is the capital of France?"
@@ -76,29 +73,8 @@ def test_on_cuda_the_container_serves_the_gpu_model_it_chose(gpu_variant: Path) 
 @pytest.fixture(scope="module")
 def container(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """containers/gpu/serve as a process on 127.0.0.1 serving the default model on the CPU provider."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "shared"), str(ROOT)]),
-        "QUANTFN_MODELS": f"{DEFAULT_MODEL_ID}=layer:{DEFAULT_MODEL_ID}",
-        "QUANTFN_MODELS_ROOT": str(models_root),
-        "QUANTFN_GPU_PROVIDER": "cpu",
-        "QUANTFN_SERVER_HOST": "127.0.0.1",
-        "QUANTFN_SERVER_PORT": str(port),
-        "QUANTFN_THREADS": "1",
-    }
-    log = (tmp_path_factory.mktemp("gpu") / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "containers" / "gpu" / "serve"), "serve"], env=env, stdout=log, stderr=log
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(f"{url}/ping", process, timeout_s=60, what=f"GPU server (log: {log.name})")
-    try:
+    with gpu_container(models_root, tmp_path_factory.mktemp("gpu")) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
 
 
 def test_a_rerank_over_the_local_limit_is_answered_by_the_endpoint_as_here(

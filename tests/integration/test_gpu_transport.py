@@ -6,10 +6,8 @@ malformed headers, bodies too large, too slow, nested too deep or holding lone s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -18,19 +16,9 @@ from pathlib import Path
 import pytest
 
 from quantfn.config import Settings
-from tests.conftest import ROOT
+from tests.conftest import load_gpu_server
 
-
-def load_server():
-    spec = importlib.util.spec_from_file_location("gpu_server_transport", ROOT / "containers" / "gpu" / "server.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-server_module = load_server()
+server_module = load_gpu_server()
 MODEL = "all-MiniLM-L6-v2"
 
 

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
 from quantfn.config import ConfigError, Settings
 from quantfn.tasks import Encoded
-from tests.conftest import ROOT
+from tests.conftest import load_gpu_server
 
-
-def load_server() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_server", ROOT / "containers" / "gpu" / "server.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-server = load_server()
+server = load_gpu_server()
 CUDA_ORT = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
