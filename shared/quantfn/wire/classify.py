@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantfn.errors import BadRequest
 from quantfn.inference import ClassifyRequest, Result
-from quantfn.wire.openai import optional_model, parse_texts, require_object, usage
+from quantfn.wire.openai import optional_flag, optional_model, optional_positive_int, parse_texts, require_object, usage
 
 _FIELDS = {"model", "input", "top_k", "raw_scores"}
 
@@ -21,13 +20,7 @@ def parse_classify_request(body: Any, max_inputs: int | None) -> ClassifyRequest
     body = require_object(body, _FIELDS)
     model = optional_model(body, required=False)
     texts = parse_texts(body.get("input"), "input" in body, "input", max_inputs)
-    top_k = body.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise BadRequest("'top_k' must be a positive integer.", param="top_k")
-    raw_scores = body.get("raw_scores", False)
-    if not isinstance(raw_scores, bool):
-        raise BadRequest("'raw_scores' must be true or false.", param="raw_scores")
-    return ClassifyRequest(texts, model, top_k, raw_scores)
+    return ClassifyRequest(texts, model, optional_positive_int(body, "top_k"), optional_flag(body, "raw_scores"))
 
 
 def classify_response(result: Result, request: ClassifyRequest) -> dict[str, Any]:

@@ -45,6 +45,22 @@ def optional_model(body: dict[str, Any], required: bool) -> str | None:
     return model
 
 
+def optional_positive_int(body: dict[str, Any], name: str) -> int | None:
+    """``body[name]`` when it is a positive integer, None when absent; 400 naming the field otherwise."""
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise BadRequest(f"'{name}' must be a positive integer.", param=name)
+    return value
+
+
+def optional_flag(body: dict[str, Any], name: str) -> bool:
+    """``body[name]`` as a boolean (absent: false); 400 naming the field for anything else."""
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be true or false.", param=name)
+    return value
+
+
 def parse_texts(value: Any, present: bool, field: str, max_inputs: int | None) -> list[str]:
     """A string or a non-empty array of non-empty strings; 413 over ``max_inputs`` (None: the router checks)."""
     if not present or value is None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from quantfn.errors import BadRequest
 from quantfn.inference import RerankRequest, Result
-from quantfn.wire.openai import optional_model, require_object
+from quantfn.wire.openai import optional_flag, optional_model, optional_positive_int, require_object
 
 _V1_FIELDS = {"model", "query", "documents", "top_n", "return_documents", "rank_fields", "max_chunks_per_doc"}
 _V2_FIELDS = {"model", "query", "documents", "top_n", "return_documents", "max_tokens_per_doc"}
@@ -35,21 +35,15 @@ def parse_rerank_request(body: Any, version: int, max_documents: int | None) -> 
     if isinstance(documents, list):
         documents = [_document_text(item, i) for i, item in enumerate(documents)]
     texts = parse_texts(documents, "documents" in body, "documents", max_documents)
-    top_n = body.get("top_n")
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-        raise BadRequest("'top_n' must be a positive integer.", param="top_n")
-    return_documents = body.get("return_documents", False)
-    if not isinstance(return_documents, bool):
-        raise BadRequest("'return_documents' must be true or false.", param="return_documents")
+    top_n = optional_positive_int(body, "top_n")
+    return_documents = optional_flag(body, "return_documents")
     rank_fields = body.get("rank_fields")
     if rank_fields is not None and rank_fields != ["text"]:
         raise BadRequest(
             "'rank_fields' can only be [\"text\"]: documents are ranked by their text.", param="rank_fields"
         )
     for name in ("max_chunks_per_doc", "max_tokens_per_doc"):
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise BadRequest(f"'{name}' must be a positive integer.", param=name)
+        optional_positive_int(body, name)
     return RerankRequest(query, texts, model, top_n, return_documents)
 
 
