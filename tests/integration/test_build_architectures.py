@@ -36,7 +36,20 @@ TINY = {
 }
 CORPUS = 96  # texts of the fidelity corpus each tiny build is evaluated on (the real builds use all 600)
 # Random weights in 32 dimensions: the quantized tiny model is held to what int8 can promise there.
-TINY_GATE = Gate(cosine_mean=0.99, recall_at_5=None, batch_invariance_min_cosine=0.999, max_size_ratio=None)
+TINY_GATE = Gate(
+    task_retention=0.98, cosine_mean=0.99, recall_at_5=None, batch_invariance_min_cosine=0.999, max_size_ratio=None
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quality_data(tmp_path_factory: pytest.TempPathFactory):
+    """Every build runs the task-quality suite against its fp32 original: small fake wheels, no download."""
+    from tests.quality_data import small_suite
+
+    cache = small_suite(tmp_path_factory.mktemp("quality"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QUANTFN_QUALITY_CACHE", str(cache))
+        yield cache
 
 
 def _hf_folder(root: Path, name: str, model) -> Path:
@@ -187,6 +200,8 @@ def test_given_the_default_recipe_when_a_tiny_encoder_is_quantized_then_it_loads
     built, manifest = _build(tmp_path, checkpoints["bert"], recipe="default")
     assert manifest.dequantize_at_load is not None and "weights.bin" in manifest.files
     assert manifest.raw["quantization"]["vocabulary_pruned_rows"] > 0
+    quality = manifest.raw["quality"]  # the task-quality gate ran against the fp32 original
+    assert set(quality["tasks"]) == {"lee", "rotten_tomatoes"} and quality["retention_min"] >= TINY_GATE.task_retention
     hidden, arrays = _run(built, manifest, TEXTS)
     ref = _torch(transformers.BertModel, checkpoints["bert"], _torch_ids(arrays, checkpoints["bert"], built))
     got = _mean_pool(hidden, arrays["attention_mask"])
@@ -202,7 +217,20 @@ def test_given_an_onnx_file_and_its_tokenizer_when_built_then_it_passes_through(
     source = read_onnx_file(user_onnx, checkpoints["bert"] / "tokenizer.json")
     plan = plan_build(source, model_id="tiny-onnx", normalize=True)
     assert plan.architecture == "onnx" and plan.output_kind == "token_embeddings"
-    build_planned(out, source, plan, recipe="int8-dynamic", gate=Gate(0.98, None, None, None), corpus_size=CORPUS)
+    build_planned(
+        out,
+        source,
+        plan,
+        recipe="int8-dynamic",
+        gate=Gate(
+            task_retention=0.98,
+            cosine_mean=0.98,
+            cosine_min=None,
+            batch_invariance_min_cosine=None,
+            max_size_ratio=None,
+        ),
+        corpus_size=CORPUS,
+    )
     manifest = Manifest.read(out / "tiny-onnx")
     assert manifest.raw["source"]["kind"] == "onnx" and manifest.normalize
     hidden, arrays = _run(out / "tiny-onnx", manifest, TEXTS)
@@ -230,6 +258,7 @@ def test_given_a_sklearn_head_on_an_encoder_when_built_then_decisions_match_skle
     build_planned(out, source, plan, recipe="fp32", corpus_size=CORPUS)
     manifest = Manifest.read(out / "tiny-intent")
     assert manifest.task == "classify" and manifest.labels == ("alpha", "beta", "gamma", "delta")
+    assert manifest.raw["quality"]["tasks"]["intent"]["retention"] == 1.0  # fp32 against its own original
     logits, _ = _run(out / "tiny-intent", manifest, TEXTS * 3)
     np.testing.assert_allclose(logits, head.decision_function(pooled), atol=1e-4)
 

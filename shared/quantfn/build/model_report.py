@@ -1,7 +1,9 @@
 """``make models`` report: for each built folder its size, where it fits, fidelity and speed.
 
 ``python -m quantfn.build.model_report MODELS_DIR WEIGHTS_DIR`` prints a Markdown table.
-Speed is texts/s at batch 32 on 1 thread through onnxruntime (the folder's own session),
+Task quality is the manifest's ``quality`` record (the build's gate against the fp32
+original: Lee & Pincombe Spearman and the Rotten Tomatoes probe for embedders, top-1
+agreement for the classifier). Speed is texts/s at batch 32 on 1 thread through onnxruntime (the folder's own session),
 on the fidelity corpus. Two extra checks: the intent classifier against its scikit-learn
 head on the stored fp32 embeddings, and paraphrase-MiniLM-L3-v2's similarity structure
 against MiniLM-L6's (a wrong vocabulary would leave no correlation).
@@ -35,7 +37,11 @@ def _speed(folder: Path, manifest: Manifest, texts: list[str]) -> tuple[float, n
 
 def report(models: Path, weights: Path, texts: int = 256) -> str:
     corpus = load_corpus()[:texts]
-    rows = ["| model | task | MB | fits | fidelity vs fp32 | texts/s (b32, 1 thread) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| model | task | MB | size vs fp32 | fits | fidelity vs fp32 | task quality (retention of fp32) "
+        "| texts/s (b32, 1 thread) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     notes, vectors = [], {}
     for path in sorted(models.glob("*/manifest.json")):
         folder, manifest = path.parent, Manifest.read(path.parent)
@@ -44,8 +50,11 @@ def report(models: Path, weights: Path, texts: int = 256) -> str:
         f = manifest.fidelity
         shown = ", ".join(f"{k} {v}" for k, v in f.items() if isinstance(v, float) and k != "cosine_min")
         fits = manifest.raw.get("deploy", {}).get("fits", "?")
-        rows.append(f"| {manifest.model_id} | {manifest.task} | {manifest.total_size / 2**20:.1f} | {fits} | {shown} "
-                    f"| {rate:.0f} |")  # fmt: skip
+        tasks = manifest.raw.get("quality", {}).get("tasks", {})
+        quality = ", ".join(f"{k} {t['score']:.4f} ({t['retention']:.2%})" for k, t in tasks.items()) or "-"
+        size = manifest.raw.get("size_ratio_vs_fp32", "?")
+        rows.append(f"| {manifest.model_id} | {manifest.task} | {manifest.total_size / 2**20:.1f} | {size} | {fits} "
+                    f"| {shown} | {quality} | {rate:.0f} |")  # fmt: skip
     if "paraphrase-minilm-l3-v2" in vectors and "all-minilm-l6-v2" in vectors:
         rho = spearman_pairwise(vectors["paraphrase-minilm-l3-v2"], vectors["all-minilm-l6-v2"])
         notes.append(f"- L3 vs L6 pairwise-similarity Spearman on {texts} texts: {rho:.3f} (vocabulary check)")

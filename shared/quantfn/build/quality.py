@@ -376,7 +376,9 @@ def fp32_original(work: Path, fp32_graph: Path, tokenizer_source: Path, manifest
         import shutil
 
         shutil.copyfile(fp32_graph, staging / "model.onnx")
-    write_tokenizer(tokenizer_source, staging / "tokenizer.json", prune_vocab=False)
+    write_tokenizer(
+        tokenizer_source, staging / "tokenizer.json", prune_vocab=False, max_length=int(manifest["max_sequence_length"])
+    )
     data = json.loads(json.dumps(manifest))
     data["model_id"] = folder.name
     data["files"] = {name: describe_file(staging / name) for name in ("model.onnx", "tokenizer.json")}
@@ -393,10 +395,10 @@ def check_quality(model_id: str, gate: Any, quality: Quality) -> None:
     """Raise BuildGateError naming the first task (or fidelity figure) below ``gate``."""
     from quantfn.build.errors import BuildGateError
 
-    if gate.task_retention is not None:
-        for task, kept in quality.retention.items():
-            if kept < gate.task_retention:
-                raise BuildGateError(model_id, f"task_retention[{task}]", kept, gate.task_retention)
+    for task, kept in quality.retention.items():
+        minimum = getattr(gate, "top1_agreement", None) if task in CLASSIFY_TASKS else gate.task_retention
+        if minimum is not None and kept < minimum:
+            raise BuildGateError(model_id, f"task_retention[{task}]", kept, minimum)
     for metric in ("cosine_mean", "cosine_min"):
         minimum = getattr(gate, metric)
         value = quality.fidelity.get(metric)

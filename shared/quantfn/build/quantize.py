@@ -356,44 +356,67 @@ def weights_int8_gptq(model: onnx.ModelProto, hessians: dict[str, np.ndarray], s
         _replace(model, node, [dq, mul, node])
 
 
-def position_table_int8(model: onnx.ModelProto, max_length: int, block_size: int = 32) -> None:
-    """Keep the first ``max_length`` position rows as int8 with one scale per block of ``block_size``.
-
-    Every token gets its position row added, so its error is systematic; per-row
-    scales cost 0.6 points of recall@5, blocks of 32 cost little. Dequantized
-    each run (256 x 384 values: microseconds).
-    """
+def _block_dequantized(model: onnx.ModelProto, name: str, table: np.ndarray, block_size: int) -> list[onnx.NodeProto]:
+    """Nodes that rebuild the fp32 constant ``name`` from int8 ``table`` with a scale per block of
+    ``block_size`` along its rows: ``Reshape(Cast(q) * scale)`` (folded by onnxruntime at load, or rebuilt
+    by ``dequantize_at_load``)."""
     from onnx import TensorProto, helper
 
-    node = next((n for n in model.graph.node if n.op_type == "Slice" and n.input[0] == "position_table"), None)
-    if node is None:
-        return  # a graph not written by ``export`` (torch export, user ONNX): positions are a small fp32 Gather
-    table = _pop_weight(model, "position_table")[:max_length]
     rows, cols = table.shape
     q, scale = quantize_rows_int8(table.reshape(rows * cols // block_size, block_size), axis=0)
     q = q.reshape(rows, cols // block_size, block_size)
-    deq = [
-        helper.make_node(
-            "Cast",
-            [_add(model, "position_table.q", q)],
-            ["position_table.f"],
-            name="position_table.f",
-            to=TensorProto.FLOAT,
-        ),
+    return [
+        helper.make_node("Cast", [_add(model, name + ".q", q)], [name + ".f"], name=name + ".f", to=TensorProto.FLOAT),
         helper.make_node(
             "Mul",
-            ["position_table.f", _add(model, "position_table.scale", scale.reshape(rows, cols // block_size, 1))],
-            ["position_table.blocks"],
-            name="position_table.blocks",
+            [name + ".f", _add(model, name + ".scale", scale.reshape(rows, cols // block_size, 1))],
+            [name + ".blocks"],
+            name=name + ".blocks",
         ),
         helper.make_node(
             "Reshape",
-            ["position_table.blocks", _add(model, "position_table.shape", np.array([rows, cols], np.int64))],
-            ["position_table"],
-            name="position_table",
+            [name + ".blocks", _add(model, name + ".shape", np.array([rows, cols], np.int64))],
+            [name],
+            name=name,
         ),
     ]
-    _replace(model, node, [*deq, node])
+
+
+# A looked-up float table smaller than this stays fp32 (token types, MPNet's 32 x 12 relative attention bias).
+_SMALL_TABLE = 16384
+
+
+def position_table_int8(model: onnx.ModelProto, max_length: int, block_size: int = 32) -> None:
+    """Position rows as int8 with one scale per block of ``block_size``.
+
+    Every token gets its position row added, so its error is systematic; per-row
+    scales cost 0.6 points of recall@5, blocks of 32 cost little. Dequantized
+    each run (256 x 384 values: microseconds). A graph written by ``export`` keeps
+    its first ``max_length`` rows (its ``Slice``); in a graph the build did not write
+    (torch export, a user's ONNX) every constant table a ``Gather`` looks up, other
+    than the word embeddings, is quantized whole the same way (positions there are
+    computed ids, so no row can be dropped).
+    """
+    node = next((n for n in model.graph.node if n.op_type == "Slice" and n.input[0] == "position_table"), None)
+    if node is not None:
+        table = _pop_weight(model, "position_table")[:max_length]
+        _replace(model, node, [*_block_dequantized(model, "position_table", table, block_size), node])
+        return
+    from onnx import TensorProto
+
+    floats = {i.name: i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    for node in list(model.graph.node):
+        name = node.input[0] if node.op_type == "Gather" and node.input else ""
+        if name not in floats or name == WORD_EMBEDDINGS:
+            continue
+        dims = list(floats[name].dims)
+        if len(dims) != 2 or dims[1] % block_size or dims[0] * dims[1] < _SMALL_TABLE:
+            continue
+        if sum(name in n.input for n in model.graph.node) != 1:
+            continue  # a table also used elsewhere stays as it is
+        table = _pop_weight(model, name)
+        del floats[name]
+        _replace(model, node, [*_block_dequantized(model, name, table, block_size), node])
 
 
 def weights_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

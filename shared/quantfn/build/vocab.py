@@ -41,6 +41,11 @@ def prune_tokenizer(tokenizer: dict[str, Any], drop: list[int]) -> tuple[dict[st
                 for name, spec in post["special_tokens"].items()
             },
         }
+    if post.get("type") in ("BertProcessing", "RobertaProcessing"):
+        data["post_processor"] = {
+            **post,
+            **{key: [post[key][0], int(new_id[post[key][1]])] for key in ("sep", "cls") if key in post},
+        }
     if isinstance(data.get("padding"), dict):
         data["padding"] = {**data["padding"], "pad_id": int(new_id[data["padding"].get("pad_id", 0)])}
     return data, keep
