@@ -93,7 +93,8 @@ def test_graph_is_saved_optimized_with_its_weights_int8_on_disk(runtime) -> None
     folder, manifest, _, _ = runtime
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     ops = {node.op_type for node in graph.node}
-    assert "DequantizeLinear" not in ops and {"MultiHeadAttention", "SkipLayerNormalization"} <= ops
+    # fused attention; the residual LayerNorm stays unfused (SkipLayerNormalization is slower on CPU)
+    assert "DequantizeLinear" not in ops and "MultiHeadAttention" in ops and "SkipLayerNormalization" not in ops
     spec = manifest.dequantize_at_load
     assert manifest.pre_optimized and spec is not None and len(spec.tensors) == 25  # 24 projections + positions
     stubs = {init.name for init in graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL}

@@ -46,7 +46,19 @@ def tiny_default_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(locate_source().tokenizer, root / "hf" / "tokenizer.json")
     source = read_hf_folder(root / "hf")
     plan = plan_build(source, model_id="tiny", normalize=True)
-    build_planned(root / "models", source, plan, gate=Gate(0.99, None, 0.999, None), corpus_size=96)
+    build_planned(
+        root / "models",
+        source,
+        plan,
+        gate=Gate(
+            task_retention=None,
+            cosine_mean=0.99,
+            cosine_min=None,
+            batch_invariance_min_cosine=0.999,
+            max_size_ratio=None,
+        ),
+        corpus_size=96,
+    )
     return root / "models" / "tiny"
 
 

@@ -69,13 +69,17 @@ def pre_optimize(path: Path, config: dict[str, str]) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
 
+    from quantfn.models.session import SLOW_CPU_FUSIONS
+
     optimized_path = path.with_name("optimized.onnx")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(optimized_path)
     for key, value in config.items():
         options.add_session_config_entry(key, value)
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(SLOW_CPU_FUSIONS)
+    )
 
     source = onnx.load(str(path))
     optimized = onnx.load(str(optimized_path))

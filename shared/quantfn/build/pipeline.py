@@ -158,11 +158,15 @@ def _pre_optimize(path: Path) -> bool:
     """
     import onnxruntime as ort
 
+    from quantfn.models.session import SLOW_CPU_FUSIONS
+
     optimized = path.with_name("optimized.onnx")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(optimized)
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(SLOW_CPU_FUSIONS)
+    )
     if optimized.stat().st_size > path.stat().st_size * 1.01:
         optimized.unlink()
         return False

@@ -200,9 +200,10 @@ def per_token_int8(
     the weights as uint8 with zero point 128 (onnxruntime's u8 x u8 kernel,
     which widens to 16 bits and never saturates).
     """
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     skip = set(skip)
+    _ensure_ms_opset(model)
     one = _add(model, "pt.one", np.array(1.0, np.float32))
     zp = _add(model, "pt.zp", np.array(activation_zero, np.uint8))
     w_zp = _add(model, "pt.wzp", np.array(128, np.uint8)) if unsigned_weights else None
@@ -250,15 +251,24 @@ def per_token_int8(
             ]
             quantized_inputs[key] = (p + ".q", p + ".scale")
         xq, x_scale = quantized_inputs[key]
+        # One fused kernel for the int32 product, its conversion and the weight scales (onnxruntime's
+        # MatMulIntegerToFloat, per-column b_scale; bit-identical to MatMulInteger + Cast + Mul and
+        # two passes over the output fewer); the per-token scale follows as one Mul.
         body = [
             helper.make_node(
-                "MatMulInteger",
-                [xq, _add(model, name + ".q", w_q), zp, *([w_zp] if w_zp else [])],
-                [y + ".i32"],
-                name=y + ".i32",
+                "MatMulIntegerToFloat",
+                [
+                    xq,
+                    _add(model, name + ".q", w_q),
+                    one,
+                    _add(model, name + ".scale", np.asarray(w_scale, np.float32).reshape(-1)),
+                    zp,
+                    *([w_zp] if w_zp else []),
+                ],
+                [y + ".w"],
+                name=y + ".w",
+                domain="com.microsoft",
             ),
-            helper.make_node("Cast", [y + ".i32"], [y + ".f"], name=y + ".f", to=TensorProto.FLOAT),
-            helper.make_node("Mul", [y + ".f", _add(model, name + ".scale", w_scale)], [y + ".w"], name=y + ".w"),
             helper.make_node("Mul", [y + ".w", x_scale], [y], name=y),
         ]
         _replace(model, node, prefix + body)
