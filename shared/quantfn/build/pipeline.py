@@ -36,15 +36,28 @@ def _tool_versions() -> dict[str, str]:
     return versions
 
 
+def exporter_digest() -> str:
+    """A digest of the code that writes fp32 graphs (part of every graph cache key: a changed
+    exporter never reuses a graph the old one wrote)."""
+    import hashlib
+
+    from quantfn.build import export, heads, onnx_graph
+
+    digest = hashlib.sha256()
+    for module in (export, heads, onnx_graph):
+        digest.update(Path(str(module.__file__)).read_bytes())
+    return digest.hexdigest()[:8]
+
+
 def fp32_graph(work_dir: Path, progress: Callable[[str], None]) -> Path:
-    """The fp32 graph, cached in ``work_dir`` by the weights' sha256 so recipes share it."""
+    """The fp32 graph, cached in ``work_dir`` by the weights' sha256 and the exporter so recipes share it."""
     from quantfn.build.export import export_fp32
     from quantfn.build.source import locate_source
     from quantfn.models.manifest import sha256_file
 
     source = locate_source()
     digest = sha256_file(source.weights)[:16]
-    path = work_dir / f"fp32-{digest}.onnx"
+    path = work_dir / f"fp32-{digest}-{exporter_digest()}.onnx"
     if not path.is_file():
         progress("exporting fp32 graph from safetensors")
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -403,7 +416,9 @@ def planned_fp32_graph(source: Any, plan: Any, work_dir: Path, say: Callable[[st
     from quantfn.build import export, heads, onnx_graph
     from quantfn.models.manifest import sha256_file
 
-    key = json.dumps({"weights": sha256_file(source.weights), **plan.as_dict()}, sort_keys=True)
+    key = json.dumps(
+        {"weights": sha256_file(source.weights), "exporter": exporter_digest(), **plan.as_dict()}, sort_keys=True
+    )
     path = work_dir / f"graph-{plan.model_id}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
     if path.is_file():
         return path
