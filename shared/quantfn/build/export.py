@@ -59,32 +59,29 @@ def strip_prefix(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def residual_layer_norm(
     node: Callable[..., str],
     const: Callable[[str, np.ndarray], str],
+    w: Callable[[str], np.ndarray],
     projected: str,
     residual: str,
-    bias: np.ndarray,
-    gamma: np.ndarray,
-    beta: np.ndarray,
-    projection: str,
-    norm: str,
+    source: str,
+    names: tuple[str, str],
     out: str,
     eps: float,
 ) -> str:
-    """``LayerNorm(projected + bias + residual)`` as Add, Add, LayerNormalization.
+    """``LayerNorm(projected + dense.bias + residual)`` as Add, Add, LayerNormalization.
 
-    Not onnxruntime's fused SkipLayerNormalization: its CPU kernel measured 4.8 ns per
-    element against 0.7 for these three ops (1 thread, [32, 25, 384], onnxruntime
-    1.31.1), a quarter of an int8 model's run time. The build's optimizer passes keep
-    it from fusing them back (``quantfn.models.session.SLOW_CPU_FUSIONS``).
+    ``source`` is the checkpoint prefix of BERT's ``...output.`` block (its ``dense.bias`` and
+    ``LayerNorm``); ``names`` the graph names of the projection and the norm. Not onnxruntime's
+    fused SkipLayerNormalization: its CPU kernel measured 4.8 ns per element against 0.7 for
+    these three ops (1 thread, [32, 25, 384], onnxruntime 1.31.1), a quarter of an int8 model's
+    run time. The build's optimizer passes keep it from fusing them back
+    (``quantfn.models.session.SLOW_CPU_FUSIONS``).
     """
-    biased = node("Add", [projected, const(f"{projection}.bias", bias)], f"{projection}.biased")
+    projection, norm = names
+    biased = node("Add", [projected, const(f"{projection}.bias", w(source + "dense.bias"))], f"{projection}.biased")
     summed = node("Add", [biased, residual], f"{norm}.input")
-    return node(
-        "LayerNormalization",
-        [summed, const(f"{norm}.gamma", gamma), const(f"{norm}.beta", beta)],
-        out,
-        axis=-1,
-        epsilon=eps,
-    )
+    gamma = const(f"{norm}.gamma", w(source + "LayerNorm.weight"))
+    beta = const(f"{norm}.beta", w(source + "LayerNorm.bias"))
+    return node("LayerNormalization", [summed, gamma, beta], out, axis=-1, epsilon=eps)
 
 
 def build_fp32_graph(
@@ -182,17 +179,7 @@ def build_fp32_graph(
         )
         attn = node("MatMul", [ctx, const(f"l{i}.attn_out.weight", w(a + "output.dense.weight").T)], f"l{i}.attn_out")
         x = residual_layer_norm(
-            node,
-            const,
-            attn,
-            x,
-            w(a + "output.dense.bias"),
-            w(a + "output.LayerNorm.weight"),
-            w(a + "output.LayerNorm.bias"),
-            f"l{i}.attn_out",
-            f"l{i}.attn_ln",
-            f"l{i}.attention_output",
-            eps,
+            node, const, w, attn, x, a + "output.", (f"l{i}.attn_out", f"l{i}.attn_ln"), f"l{i}.attention_output", eps
         )
         up = node("MatMul", [x, const(f"l{i}.ffn_in.weight", w(p + "intermediate.dense.weight").T)], f"l{i}.ffn_in")
         act = node(
@@ -203,19 +190,7 @@ def build_fp32_graph(
         )
         down = node("MatMul", [act, const(f"l{i}.ffn_out.weight", w(p + "output.dense.weight").T)], f"l{i}.ffn_out")
         out = OUTPUT if i == layers - 1 and head == "none" else f"l{i}.output"
-        x = residual_layer_norm(
-            node,
-            const,
-            down,
-            x,
-            w(p + "output.dense.bias"),
-            w(p + "output.LayerNorm.weight"),
-            w(p + "output.LayerNorm.bias"),
-            f"l{i}.ffn_out",
-            f"l{i}.out_ln",
-            out,
-            eps,
-        )
+        x = residual_layer_norm(node, const, w, down, x, p + "output.", (f"l{i}.ffn_out", f"l{i}.out_ln"), out, eps)
 
     output = helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", "sequence", hidden])
     if head == "sequence_classification":

@@ -336,10 +336,9 @@ def build_model(
             "size_ratio_vs_fp32": round(size_ratio, 4),
             "deploy": deployment_fit(sum(entry["size"] for entry in files.values())),
         }
-        _gate_quality_and_publish(
+        final = _gate_quality_and_publish(
             out_dir, Path(tmp), staging, manifest, gate, fp32_path, source.tokenizer, quality_cache, say
         )
-        final = out_dir / model_id
     say(
         f"published {final} in {time.perf_counter() - started:.0f} s: "
         + ", ".join(f"{k}={v}" for k, v in fidelity.items())
@@ -357,10 +356,11 @@ def _gate_quality_and_publish(
     tokenizer_source: Path,
     quality_cache: Path | None,
     say: Callable[[str], None],
-) -> None:
+) -> Path:
     """The end of every build: the task-quality gate against the fp32 original (``quantfn.build.quality``:
     retention of its task scores, cosine against its vectors), then ``staging`` replaces
-    ``out_dir/<model_id>`` (an existing folder only on success; nothing is published on a failure)."""
+    ``out_dir/<model_id>`` (an existing folder only on success; nothing is published on a failure), which
+    is returned."""
     from quantfn.build import quality
     from quantfn.models.manifest import MANIFEST_NAME, Manifest
 
@@ -377,6 +377,7 @@ def _gate_quality_and_publish(
     if final.exists():
         final.rename(tmp / "replaced")
     staging.rename(final)
+    return final
 
 
 # Lambda: code plus layers unzip to at most 250 MB (the Makefile's check); the runtime layer takes about 145 MiB
@@ -605,10 +606,9 @@ def build_planned(
             manifest["labels"] = list(plan.labels)
         if plan.prompts:
             manifest["prompts"] = dict(plan.prompts)
-        _gate_quality_and_publish(
+        final = _gate_quality_and_publish(
             out_dir, Path(tmp), staging, manifest, gate, fp32_path, source.tokenizer, quality_cache, say
         )
-        final = out_dir / model_id
     say(
         f"published {final} in {time.perf_counter() - started:.0f} s: "
         + ", ".join(f"{k}={v}" for k, v in fidelity.items())

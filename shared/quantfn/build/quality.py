@@ -396,7 +396,7 @@ def check_quality(model_id: str, gate: Any, quality: Quality) -> None:
     from quantfn.build.errors import BuildGateError
 
     for task, kept in quality.retention.items():
-        minimum = getattr(gate, "top1_agreement", None) if task in CLASSIFY_TASKS else gate.task_retention
+        minimum = gate.top1_agreement if task in CLASSIFY_TASKS else gate.task_retention
         if minimum is not None and kept < minimum:
             raise BuildGateError(model_id, f"task_retention[{task}]", kept, minimum)
     for metric in ("cosine_mean", "cosine_min"):

@@ -8,6 +8,7 @@ is a constant ``[K, N]`` weight; the word-embedding table is the ``Gather`` on
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -415,6 +416,7 @@ def position_table_int8(model: onnx.ModelProto, max_length: int, block_size: int
     from onnx import TensorProto
 
     floats = {i.name: i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    uses = Counter(name for n in model.graph.node for name in n.input)
     for node in list(model.graph.node):
         name = node.input[0] if node.op_type == "Gather" and node.input else ""
         if name not in floats or name == WORD_EMBEDDINGS:
@@ -422,10 +424,9 @@ def position_table_int8(model: onnx.ModelProto, max_length: int, block_size: int
         dims = list(floats[name].dims)
         if len(dims) != 2 or dims[1] % block_size or dims[0] * dims[1] < _SMALL_TABLE:
             continue
-        if sum(name in n.input for n in model.graph.node) != 1:
+        if uses[name] != 1:
             continue  # a table also used elsewhere stays as it is
         table = _pop_weight(model, name)
-        del floats[name]
         _replace(model, node, [*_block_dequantized(model, name, table, block_size), node])
 
 

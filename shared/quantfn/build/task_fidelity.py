@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from quantfn.build.architectures import BuildPlan
 
 Item = str | tuple[str, str]
-# A quantized classifier must pick the fp32 graph's label this often; a reranker order its scores alike.
-CLASSIFY_TOP1_GATE = 0.99
+# A quantized reranker must order its scores as the fp32 graph does this closely (a classifier's top-1
+# agreement is the gate's own ``top1_agreement``).
 RERANK_SPEARMAN_GATE = 0.99
 
 
@@ -120,7 +120,7 @@ def measure(
 def gate_record(plan: BuildPlan, gate: Any) -> dict[str, float | None]:
     """The minimums this plan's build was held to (the manifest's ``fidelity.gate``)."""
     if plan.task == "classify":
-        return {"top1_agreement": CLASSIFY_TOP1_GATE}
+        return {"top1_agreement": gate.top1_agreement}
     if plan.task == "rerank":
         return {"score_spearman": RERANK_SPEARMAN_GATE}
     return gate.as_dict()
@@ -129,7 +129,7 @@ def gate_record(plan: BuildPlan, gate: Any) -> dict[str, float | None]:
 def gate_failure(plan: BuildPlan, fidelity: dict[str, float], gate: Any) -> tuple[str, float, float] | None:
     """``(metric, value, minimum)`` of the first metric below its gate, else None."""
     if plan.task == "classify":
-        checks = [("top1_agreement", CLASSIFY_TOP1_GATE)]
+        checks = [("top1_agreement", gate.top1_agreement)]
     elif plan.task == "rerank":
         checks = [("score_spearman", RERANK_SPEARMAN_GATE)]
     else:
