@@ -51,7 +51,7 @@ def torch_throughput(texts: list[str], repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/quantfn-frontier"))
-    parser.add_argument("--recipes", default="fp32,default,int8-mixed,int8-token,int8-dynamic,int4,fp16")
+    parser.add_argument("--recipes", default="fp32,default,int8-weight,int8-mixed,int8-token,int8-dynamic,int4,fp16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="time models already built in --out instead of rebuilding")

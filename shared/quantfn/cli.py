@@ -26,9 +26,11 @@ def progress_printer(stream=sys.stderr) -> Callable[[str], None]:
 def _build_model(args: argparse.Namespace) -> int:
     from quantfn.build import BuildGateError
     from quantfn.build.pipeline import RECIPES, build_model
+    from quantfn.build.recipes import DEFAULT_LADDER
     from quantfn.models.manifest import Manifest
 
     if args.list_recipes:
+        print(f"{'default':20s} the first of {', '.join(DEFAULT_LADDER)} that passes the model's gate")
         for name, recipe in RECIPES.items():
             print(f"{name:20s} {recipe.description}")
         return 0
@@ -42,7 +44,7 @@ def _build_model(args: argparse.Namespace) -> int:
     fidelity = manifest["fidelity"]
     weights = Manifest.from_dict(manifest).weights_size
     print(
-        f"built {manifest['model_id']} ({args.recipe}): {weights / 2**20:.1f} MB, "
+        f"built {manifest['model_id']} ({manifest['quantization']['recipe']}): {weights / 2**20:.1f} MB, "
         f"{manifest.get('size_ratio_vs_fp32', 0):.3f} of fp32; cosine mean {fidelity['cosine_mean']:.5f} "
         f"min {fidelity['cosine_min']:.5f}, recall@5 {fidelity['recall_at_5']:.4f}, "
         f"spearman {fidelity['spearman']:.5f} -> {Path(args.out) / manifest['model_id']}"
@@ -105,8 +107,9 @@ def _build_planned(args: argparse.Namespace) -> int:
         print(f"quantfn build-model: refused: {exc}", file=sys.stderr)
         return 2
     shown = ", ".join(f"{k} {v}" for k, v in manifest["fidelity"].items() if isinstance(v, float))
+    recipe = manifest["quantization"]["recipe"]
     print(
-        f"built {manifest['model_id']} ({args.recipe}): {manifest['deploy']['model_bytes'] / 2**20:.1f} MB, fits "
+        f"built {manifest['model_id']} ({recipe}): {manifest['deploy']['model_bytes'] / 2**20:.1f} MB, fits "
         f"{manifest['deploy']['fits']}; {shown} -> {Path(args.out) / manifest['model_id']}"
     )
     return 0

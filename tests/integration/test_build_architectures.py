@@ -194,20 +194,40 @@ def test_given_an_mpnet_folder_when_built_then_embeddings_equal_torch(checkpoint
     np.testing.assert_allclose(hidden[mask], want.numpy()[mask], atol=1e-4)
 
 
-def test_given_the_default_recipe_when_a_tiny_encoder_is_quantized_then_it_loads_and_stays_close(
+def _cosine_to_torch_bert(built: Path, manifest: Manifest, checkpoint: Path) -> np.ndarray:
+    """Per text, cosine of the built model's mean-pooled embedding with torch's on the same tokens."""
+    hidden, arrays = _run(built, manifest, TEXTS)
+    ref = _torch(transformers.BertModel, checkpoint, _torch_ids(arrays, checkpoint, built))
+    got = _mean_pool(hidden, arrays["attention_mask"])
+    want = _mean_pool(ref.last_hidden_state.numpy(), arrays["attention_mask"])
+    return (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+
+
+def test_given_the_default_recipe_when_a_tiny_encoder_is_quantized_then_it_computes_in_int8_and_stays_close(
     checkpoints, tmp_path: Path
 ) -> None:
+    import onnx
+
     built, manifest = _build(tmp_path, checkpoints["bert"], recipe="default")
+    assert manifest.raw["quantization"]["recipe"] == "int8-token7" and manifest.raw["quantization"]["rejected"] == []
+    graph = onnx.load(str(built / "model.onnx")).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in graph.node) == 8  # 4 projections x 2 layers
+    quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    # the output projections' SmoothQuant factors were folded into the value columns (no Mul between)
+    assert sum(producer[q.input[0]].op_type == "MultiHeadAttention" for q in quantizers) == 2
+    assert _cosine_to_torch_bert(built, manifest, checkpoints["bert"]).min() > 0.99
+
+
+def test_given_the_weight_only_recipe_when_a_tiny_encoder_is_quantized_then_it_loads_and_stays_close(
+    checkpoints, tmp_path: Path
+) -> None:
+    built, manifest = _build(tmp_path, checkpoints["bert"], recipe="int8-weight")
     assert manifest.dequantize_at_load is not None and "weights.bin" in manifest.files
     assert manifest.raw["quantization"]["vocabulary_pruned_rows"] > 0
     quality = manifest.raw["quality"]  # the task-quality gate ran against the fp32 original
     assert set(quality["tasks"]) == {"lee", "rotten_tomatoes"} and quality["retention_min"] >= TINY_GATE.task_retention
-    hidden, arrays = _run(built, manifest, TEXTS)
-    ref = _torch(transformers.BertModel, checkpoints["bert"], _torch_ids(arrays, checkpoints["bert"], built))
-    got = _mean_pool(hidden, arrays["attention_mask"])
-    want = _mean_pool(ref.last_hidden_state.numpy(), arrays["attention_mask"])
-    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
-    assert cosine.min() > 0.99
+    assert _cosine_to_torch_bert(built, manifest, checkpoints["bert"]).min() > 0.99
 
 
 def test_given_an_onnx_file_and_its_tokenizer_when_built_then_it_passes_through(checkpoints, out, tmp_path) -> None:

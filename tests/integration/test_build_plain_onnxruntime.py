@@ -1,7 +1,7 @@
 """A model.onnx is never silently wrong: plain onnxruntime either answers as quantfn does or refuses the file.
 
 Checked on every published folder under the models root (the default model and whatever
-`make models` built) and on a tiny model built here with the default (dequantize-at-load)
+`make models` built) and on a tiny model built here with the weight-only (dequantize-at-load)
 recipe; `quantfn export` then writes a standalone file that plain onnxruntime runs right.
 """
 
@@ -29,8 +29,8 @@ def _published(models_root: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def tiny_default_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random BERT built with the default recipe: model.onnx plus weights.bin."""
+def tiny_weight_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random BERT built weight-only (the default's fallback): model.onnx plus weights.bin."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from quantfn.build.architectures import plan_build
@@ -50,6 +50,7 @@ def tiny_default_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root / "models",
         source,
         plan,
+        recipe="int8-weight",
         gate=Gate(
             task_retention=None,
             cosine_mean=0.99,
@@ -91,10 +92,10 @@ def _check(folder: Path, tmp_path: Path) -> str:
 
 
 def test_given_a_dequantize_at_load_folder_when_plain_onnxruntime_opens_it_then_it_refuses(
-    tiny_default_recipe: Path, tmp_path: Path
+    tiny_weight_only: Path, tmp_path: Path
 ) -> None:
-    assert "weights.bin" in Manifest.read(tiny_default_recipe).files
-    assert _check(tiny_default_recipe, tmp_path) == "refused"
+    assert "weights.bin" in Manifest.read(tiny_weight_only).files
+    assert _check(tiny_weight_only, tmp_path) == "refused"
 
 
 def test_given_every_published_folder_when_opened_plainly_then_it_matches_or_raises(
@@ -107,8 +108,8 @@ def test_given_every_published_folder_when_opened_plainly_then_it_matches_or_rai
 
 
 def test_given_the_export_command_when_run_then_it_writes_a_standalone_onnx(
-    tiny_default_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_weight_only: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["export", str(tiny_default_recipe), str(tmp_path / "out.onnx")]) == 0
+    assert main(["export", str(tiny_weight_only), str(tmp_path / "out.onnx")]) == 0
     assert "standalone ONNX" in capsys.readouterr().out
     ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"])

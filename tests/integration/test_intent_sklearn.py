@@ -130,3 +130,15 @@ def test_the_fp32_intent_graph_agrees_with_the_sklearn_head(models_root: Path, s
     agreed = agreement(fp32_original(models_root), texts, want)
     print(f"fp32 intent graph vs scikit-learn on fp32 embeddings: {agreed:.4f} of {len(texts)} queries")
     assert agreed >= AGREEMENT
+
+
+def test_the_default_published_the_classifier_weight_only_after_w7a8_missed_its_gate(models_root: Path) -> None:
+    """The ladder on real data: W7A8 flips about 1.7 % of the intent decisions (gate: 99 % agreement)."""
+    folder = models_root / INTENT_MODEL_ID
+    if not folder.is_dir():
+        pytest.skip("the intent classifier is not built (make test builds it)")
+    quantization = Manifest.read(folder).raw["quantization"]
+    assert quantization["recipe"] == "int8-weight"
+    (rejected,) = quantization["rejected"]
+    assert rejected["recipe"] == "int8-token7" and rejected["metric"] == "top1_agreement"
+    assert rejected["value"] < 0.99

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from quantfn.build.errors import BuildError, BuildGateError
-from quantfn.build.recipes import MAX_SEQUENCE_LENGTH, RECIPES, Calibration, Gate, Recipe
+from quantfn.build.recipes import (
+    DEFAULT_LADDER,
+    MAX_SEQUENCE_LENGTH,
+    RECIPES,
+    Calibration,
+    Gate,
+    Recipe,
+    recipe_ladder,
+)
 
 DEFAULT_MODEL_ID = "all-minilm-l6-v2"
 TASK = "embed"
@@ -207,12 +215,59 @@ def build_model(
 ) -> dict[str, Any]:
     """Build, evaluate and publish ``out_dir/<model_id>/``; return its manifest.
 
-    ``gate`` overrides the recipe's gate. The task-quality suite (``quality``) runs
+    ``recipe`` ``default`` publishes the first recipe of ``DEFAULT_LADDER`` that passes
+    the gate (the manifest names it and what was rejected on the way). ``gate``
+    overrides the recipe's gate. The task-quality suite (``quality``) runs
     with its data cached in ``quality_cache`` (default ``$QUANTFN_QUALITY_CACHE`` or
     ``out_dir/.work/quality``). Raises BuildError for an unknown recipe
     or missing weights, BuildGateError (nothing published) when fidelity or size
     misses the gate. An existing folder of the same id is replaced only on success.
     """
+    model_id = model_id or (DEFAULT_MODEL_ID if recipe == "default" else f"{DEFAULT_MODEL_ID}-{recipe}")
+    return _first_passing(
+        recipe,
+        lambda rung, rejected: _build_model(out_dir, rung, model_id, progress, gate, quality_cache, rejected),
+        progress,
+    )
+
+
+def _first_passing(
+    recipe: str,
+    build: Callable[[str, list[dict[str, Any]] | None], dict[str, Any]],
+    progress: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """Run ``build`` for each recipe of ``recipe``'s ladder until one passes its gate."""
+    ladder = recipe_ladder(recipe)
+    rejected: list[dict[str, Any]] = []
+    for position, rung in enumerate(ladder):
+        try:
+            return build(rung, rejected if recipe == "default" else None)
+        except BuildGateError as missed:
+            if position == len(ladder) - 1:
+                raise
+            if progress:
+                progress(f"{rung} missed the gate ({missed.metric} {missed.value:.6f}); trying {ladder[position + 1]}")
+            rejected.append({"recipe": rung, "metric": missed.metric, "value": round(missed.value, 6)})
+    raise AssertionError("unreachable: the last rung raises")
+
+
+def _chosen_by(rejected: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The manifest's record of how ``default`` chose its recipe (``None``: a recipe asked by name)."""
+    if rejected is None:
+        return {}
+    return {"chosen_by": "default: the first of " + ", ".join(DEFAULT_LADDER) + " that passes the gate",
+            "rejected": list(rejected)}  # fmt: skip
+
+
+def _build_model(
+    out_dir: Path,
+    recipe: str,
+    model_id: str,
+    progress: Callable[[str], None] | None,
+    gate: Gate | None,
+    quality_cache: Path | None,
+    rejected: list[dict[str, Any]] | None,
+) -> dict[str, Any]:
     from quantfn.build import dequantize_at_load, evaluate
     from quantfn.build.reference import load_corpus, load_reference
     from quantfn.build.source import locate_source
@@ -225,10 +280,7 @@ def build_model(
     )
     from quantfn.models.session import create_session
 
-    if recipe not in RECIPES:
-        raise BuildError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     chosen: Recipe = RECIPES[recipe]
-    model_id = model_id or (DEFAULT_MODEL_ID if recipe == "default" else f"{DEFAULT_MODEL_ID}-{recipe}")
     gate = gate or chosen.gate
     say = progress or (lambda _message: None)
     started = time.perf_counter()
@@ -316,6 +368,7 @@ def build_model(
                 "description": chosen.description,
                 **chosen.details,
                 "vocabulary_pruned_rows": pruned_rows,
+                **_chosen_by(rejected),
             },
             "opset": opset,
             "inputs": [i.name for i in session.get_inputs()],
@@ -471,8 +524,29 @@ def build_planned(
     Like ``build_model``, but the reference is the source's own fp32 graph and the
     gate is the task's (``task_fidelity``). Nothing is published when it fails.
     ``corpus_size`` evaluates on the first texts of the corpus only (tests of tiny models). The
-    task-quality suite gates it as it gates the default (``quality_cache`` as in ``build_model``).
+    task-quality suite gates it as it gates the default (``quality_cache`` as in ``build_model``);
+    ``default`` chooses its recipe as ``build_model`` does.
     """
+    return _first_passing(
+        recipe,
+        lambda rung, rejected: _build_planned(
+            out_dir, source, plan, rung, progress, gate, corpus_size, quality_cache, rejected
+        ),
+        progress,
+    )
+
+
+def _build_planned(
+    out_dir: Path,
+    source: Any,
+    plan: Any,
+    recipe: str,
+    progress: Callable[[str], None] | None,
+    gate: Gate | None,
+    corpus_size: int | None,
+    quality_cache: Path | None,
+    rejected: list[dict[str, Any]] | None,
+) -> dict[str, Any]:
     import onnx
     from tokenizers import Tokenizer
 
@@ -487,8 +561,6 @@ def build_planned(
     )
     from quantfn.models.session import create_session
 
-    if recipe not in RECIPES:
-        raise BuildError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     chosen: Recipe = RECIPES[recipe]
     gate = gate or chosen.gate
     say = progress or (lambda _message: None)
@@ -573,6 +645,7 @@ def build_planned(
                 "description": chosen.description,
                 **chosen.details,
                 "vocabulary_pruned_rows": 0 if keep is None else vocab - len(keep),
+                **_chosen_by(rejected),
             },
             "opset": opset,
             "inputs": list(plan.inputs),

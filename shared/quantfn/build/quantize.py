@@ -68,6 +68,113 @@ def _ensure_ms_opset(model: onnx.ModelProto) -> None:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
+# Ops whose ``axes`` moved from an attribute to an input at opset 18 (ReduceSum moved at 13).
+_AXES_INPUT_AT_18 = {
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceMean",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+}
+BLOCKED_QUANTIZE_OPSET = 21
+
+
+def raise_default_opset(model: onnx.ModelProto, version: int = BLOCKED_QUANTIZE_OPSET) -> bool:
+    """Move the graph's default-domain opset to ``version`` (>= 18) where that is a mechanical change.
+
+    Between opsets 13 and 21 the only ops that change meaning for graphs like ours are the
+    reductions, whose ``axes`` become an input at 18; GroupNormalization (21) changes semantics and
+    subgraphs (If/Loop/Scan) would need the same walk, so graphs with either, or below opset 13, are
+    left as they are and ``False`` returned.
+    """
+    from onnx import AttributeProto
+
+    entry = next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if entry is None or entry.version < 13:
+        return False
+    if entry.version >= version:
+        return True
+    for node in model.graph.node:
+        if node.op_type == "GroupNormalization" or any(
+            a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute
+        ):
+            return False
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in _AXES_INPUT_AT_18:
+            axes = [a for a in node.attribute if a.name == "axes"]
+            if axes:
+                name = _add(model, f"{node.name or node.output[0]}.axes", np.array(axes[0].ints, np.int64))
+                node.attribute.remove(axes[0])
+                del node.input[1:]
+                node.input.append(name)
+    entry.version = version
+    if model.ir_version < 10:  # opset 21 needs IR 10
+        model.ir_version = 10
+    return True
+
+
+def _replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    from onnx import numpy_helper
+
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+
+def _fold_into_values(model: onnx.ModelProto, x: str, factor: np.ndarray, weight_scales: dict[str, str]) -> bool:
+    """Scale the attention context ``x`` per channel by ``factor`` upstream, in its value projection.
+
+    ``x`` is the output of a ``MultiHeadAttention`` whose values are the last third of a ``Split`` of
+    a quantized projection (the BERT writer's packed QKV). The context's channel ``j`` is a convex
+    combination of value channel ``j``, so multiplying value column ``j`` (its per-column weight scale
+    and its bias) by ``factor[j]`` multiplies the context's channel ``j`` by it exactly: the
+    SmoothQuant division of the output projection's input costs no pass over the activations.
+    Returns ``False`` (nothing changed) for any other shape of graph.
+    """
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    uses = Counter(i for n in model.graph.node for i in n.input)
+    attention = producer.get(x)
+    if (
+        attention is None
+        or (attention.op_type, attention.domain) != ("MultiHeadAttention", "com.microsoft")
+        or len(attention.input) < 4
+        or attention.input[3] not in inits
+        or uses[x] != 1
+        or uses[attention.input[3]] != 1
+    ):
+        return False
+    split = producer.get(attention.input[2])
+    if (
+        split is None
+        or split.op_type != "Split"
+        or len(split.output) != 3
+        or split.output[2] != attention.input[2]
+        or uses[split.output[2]] != 1
+        or split.input[0] not in weight_scales
+        or len(split.input) < 2
+        or split.input[1] not in inits
+    ):
+        return False
+    sizes = numpy_helper.to_array(inits[split.input[1]]).astype(int).tolist()
+    scale_name = weight_scales[split.input[0]]
+    scale = numpy_helper.to_array(inits[scale_name]).astype(np.float64)
+    bias = numpy_helper.to_array(inits[attention.input[3]]).astype(np.float64)
+    start = sizes[0] + sizes[1]
+    if sizes[2] != factor.size or scale.shape != (sum(sizes),) or bias.shape != scale.shape:
+        return False
+    scale[start:] *= factor
+    bias[start:] *= factor
+    _replace_initializer(model, scale_name, scale.astype(np.float32))
+    _replace_initializer(model, attention.input[3], bias.astype(np.float32))
+    return True
+
+
 def _dequantize_columns(model: onnx.ModelProto, name: str, q: np.ndarray, scale: np.ndarray) -> onnx.NodeProto:
     """A DequantizeLinear of int8 weight ``q`` [K, N] with one symmetric scale per column, output ``<name>.dq``."""
     from onnx import helper
@@ -205,12 +312,18 @@ def per_token_int8(
 
     skip = set(skip)
     _ensure_ms_opset(model)
+    # Opset 21's blocked QuantizeLinear takes the per-token scale itself (one block per row): no
+    # separate multiply by 127 / max|x| over the activations, no reciprocal.
+    blocked = raise_default_opset(model)
     one = _add(model, "pt.one", np.array(1.0, np.float32))
     zp = _add(model, "pt.zp", np.array(activation_zero, np.uint8))
     w_zp = _add(model, "pt.wzp", np.array(128, np.uint8)) if unsigned_weights else None
     tiny = _add(model, "pt.tiny", np.array(1e-8, np.float32))
     q127 = _add(model, "pt.127", np.array(float(activation_max), np.float32))
+    reduce_axes = _add(model, "pt.last_axis", np.array([-1], np.int64)) if blocked else None
+    whole_row = np.iinfo(np.int32).max  # a block longer than any row: one scale per row
     quantized_inputs: dict[str, tuple[str, str]] = {}
+    weight_scales: dict[str, str] = {}  # projection output -> its per-column weight-scale initializer
     for node in projection_nodes(model):
         if node.name in skip:
             continue
@@ -231,7 +344,7 @@ def per_token_int8(
         key = x if smooth is None else name
         if key not in quantized_inputs:
             p = (x if smooth is None else name) + ".pt"
-            if smooth is not None:
+            if smooth is not None and not _fold_into_values(model, x, 1 / smooth, weight_scales):
                 prefix.append(
                     helper.make_node(
                         "Mul",
@@ -243,29 +356,48 @@ def per_token_int8(
                 x = p + ".in"
             prefix += [
                 helper.make_node("Abs", [x], [p + ".abs"], name=p + ".abs"),
-                helper.make_node("ReduceMax", [p + ".abs"], [p + ".amax"], name=p + ".amax", axes=[-1], keepdims=1),
+                helper.make_node(
+                    "ReduceMax",
+                    [p + ".abs", *([reduce_axes] if reduce_axes else [])],
+                    [p + ".amax"],
+                    name=p + ".amax",
+                    keepdims=1,
+                    **({} if blocked else {"axes": [-1]}),
+                ),
                 helper.make_node("Max", [p + ".amax", tiny], [p + ".range"], name=p + ".range"),
-                helper.make_node("Div", [q127, p + ".range"], [p + ".inv"], name=p + ".inv"),
                 helper.make_node("Div", [p + ".range", q127], [p + ".scale"], name=p + ".scale"),
-                helper.make_node("Mul", [x, p + ".inv"], [p + ".scaled"], name=p + ".scaled"),
-                helper.make_node("QuantizeLinear", [p + ".scaled", one, zp], [p + ".q"], name=p + ".q"),
             ]
+            if blocked:
+                # The zero point of a blocked QuantizeLinear has the scale's shape: [.., tokens, 1].
+                prefix += [
+                    helper.make_node("Shape", [p + ".scale"], [p + ".shape"], name=p + ".shape"),
+                    helper.make_node("Expand", [zp, p + ".shape"], [p + ".zp"], name=p + ".zp"),
+                    helper.make_node(
+                        "QuantizeLinear",
+                        [x, p + ".scale", p + ".zp"],
+                        [p + ".q"],
+                        name=p + ".q",
+                        axis=-1,
+                        block_size=whole_row,
+                    ),
+                ]
+            else:
+                prefix += [
+                    helper.make_node("Div", [q127, p + ".range"], [p + ".inv"], name=p + ".inv"),
+                    helper.make_node("Mul", [x, p + ".inv"], [p + ".scaled"], name=p + ".scaled"),
+                    helper.make_node("QuantizeLinear", [p + ".scaled", one, zp], [p + ".q"], name=p + ".q"),
+                ]
             quantized_inputs[key] = (p + ".q", p + ".scale")
         xq, x_scale = quantized_inputs[key]
+        weight_scales[y] = _add(model, name + ".scale", np.asarray(w_scale, np.float32).reshape(-1))
         # One fused kernel for the int32 product, its conversion and the weight scales (onnxruntime's
         # MatMulIntegerToFloat, per-column b_scale; bit-identical to MatMulInteger + Cast + Mul and
-        # two passes over the output fewer); the per-token scale follows as one Mul.
+        # two passes over the output fewer); the per-token scale follows as one Mul (given to the
+        # kernel as a_scale, it is applied by a single-threaded broadcast: slower at 2 threads).
         body = [
             helper.make_node(
                 "MatMulIntegerToFloat",
-                [
-                    xq,
-                    _add(model, name + ".q", w_q),
-                    one,
-                    _add(model, name + ".scale", np.asarray(w_scale, np.float32).reshape(-1)),
-                    zp,
-                    *([w_zp] if w_zp else []),
-                ],
+                [xq, _add(model, name + ".q", w_q), one, weight_scales[y], zp, *([w_zp] if w_zp else [])],
                 [y + ".w"],
                 name=y + ".w",
                 domain="com.microsoft",

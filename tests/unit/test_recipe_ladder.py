@@ -1,0 +1,50 @@
+"""``default`` publishes the first recipe of its ladder that passes the gate, and says what it rejected."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantfn.build import BuildError, BuildGateError
+from quantfn.build.pipeline import _first_passing
+from quantfn.build.recipes import DEFAULT_LADDER, RECIPES, recipe_ladder
+
+
+def test_default_tries_w7a8_before_weight_only_and_named_recipes_try_themselves() -> None:
+    assert recipe_ladder("default") == DEFAULT_LADDER == ("int8-token7", "int8-weight")
+    assert all(name in RECIPES for name in DEFAULT_LADDER) and "default" not in RECIPES
+    assert recipe_ladder("int8-token") == ("int8-token",)
+    with pytest.raises(BuildError, match=r"unknown recipe 'int9'.*default"):
+        recipe_ladder("int9")
+
+
+def _builder(fails: set[str], calls: list[tuple[str, object]]):
+    def build(rung: str, rejected):
+        calls.append((rung, None if rejected is None else list(rejected)))
+        if rung in fails:
+            raise BuildGateError("m", "top1_agreement", 0.983333, 0.99)
+        return {"recipe": rung, "rejected": rejected}
+
+    return build
+
+
+def test_a_rung_that_misses_its_gate_is_recorded_and_the_next_one_is_built() -> None:
+    calls: list[tuple[str, object]] = []
+    said: list[str] = []
+    result = _first_passing("default", _builder({"int8-token7"}, calls), said.append)
+    assert result["recipe"] == "int8-weight"
+    assert result["rejected"] == [{"recipe": "int8-token7", "metric": "top1_agreement", "value": 0.983333}]
+    assert [rung for rung, _ in calls] == ["int8-token7", "int8-weight"]
+    assert said == ["int8-token7 missed the gate (top1_agreement 0.983333); trying int8-weight"]
+
+
+def test_the_first_passing_rung_wins_and_a_named_recipe_records_no_choice() -> None:
+    calls: list[tuple[str, object]] = []
+    assert _first_passing("default", _builder(set(), calls), None) == {"recipe": "int8-token7", "rejected": []}
+    assert _first_passing("int8-token", _builder(set(), calls), None)["rejected"] is None
+
+
+def test_when_every_rung_misses_the_last_failure_is_raised() -> None:
+    with pytest.raises(BuildGateError, match="top1_agreement"):
+        _first_passing("default", _builder(set(DEFAULT_LADDER), []), None)
+    with pytest.raises(BuildGateError):
+        _first_passing("int8-token7", _builder({"int8-token7"}, []), None)
