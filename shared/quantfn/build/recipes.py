@@ -318,7 +318,7 @@ RECIPES: dict[str, Recipe] = {
 
 # ``default`` is not one recipe but the first of these that passes the model's gate: W7A8 computes in
 # int8 (about 2x onnxruntime fp32 at batch 32, bench/QUANTIZATION.md), and where its activations cost
-# more than the gate allows (the intent classifier flips 1.7 % of near-tied decisions) the model is
+# more than the gate allows (the intent classifier flips 2 % of near-tied decisions) the model is
 # published weight-only, fp32 compute, as fast as fp32 and closest to it.
 DEFAULT_LADDER = ("int8-token7", "int8-weight")
 RECIPE_NAMES = ("default", *RECIPES)
