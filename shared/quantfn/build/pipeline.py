@@ -6,6 +6,7 @@ temporary directory beside the destination and renamed into place at the end.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
@@ -238,25 +239,24 @@ def _first_passing(
 ) -> dict[str, Any]:
     """Run ``build`` for each recipe of ``recipe``'s ladder until one passes its gate."""
     ladder = recipe_ladder(recipe)
-    rejected: list[dict[str, Any]] = []
-    for position, rung in enumerate(ladder):
+    rejected = [] if recipe == "default" else None
+    for rung, after in itertools.pairwise(ladder):
         try:
-            return build(rung, rejected if recipe == "default" else None)
+            return build(rung, rejected)
         except BuildGateError as missed:
-            if position == len(ladder) - 1:
-                raise
             if progress:
-                progress(f"{rung} missed the gate ({missed.metric} {missed.value:.6f}); trying {ladder[position + 1]}")
-            rejected.append({"recipe": rung, "metric": missed.metric, "value": round(missed.value, 6)})
-    raise AssertionError("unreachable: the last rung raises")
+                progress(f"{rung} missed the gate ({missed.metric} {missed.value:.6f}); trying {after}")
+            if rejected is not None:
+                rejected.append({"recipe": rung, "metric": missed.metric, "value": round(missed.value, 6)})
+    return build(ladder[-1], rejected)  # the last rung's failure is the build's
 
 
 def _chosen_by(rejected: list[dict[str, Any]] | None) -> dict[str, Any]:
     """The manifest's record of how ``default`` chose its recipe (``None``: a recipe asked by name)."""
     if rejected is None:
         return {}
-    return {"chosen_by": "default: the first of " + ", ".join(DEFAULT_LADDER) + " that passes the gate",
-            "rejected": list(rejected)}  # fmt: skip
+    ladder = ", ".join(DEFAULT_LADDER)
+    return {"chosen_by": f"default: the first of {ladder} that passes the gate", "rejected": list(rejected)}
 
 
 def _build_model(
