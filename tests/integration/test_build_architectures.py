@@ -216,6 +216,8 @@ def test_given_the_default_recipe_when_a_tiny_encoder_is_quantized_then_it_compu
     quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     # the output projections' SmoothQuant factors were folded into the value columns (no Mul between)
     assert sum(producer[q.input[0]].op_type == "MultiHeadAttention" for q in quantizers) == 2
+    assert len({q.input[2] for q in quantizers}) == 1  # one shared per-token zero point
+    assert sum(n.op_type == "Gelu" for n in graph.node) == 2 and not any(n.op_type == "BiasGelu" for n in graph.node)
     assert _cosine_to_torch_bert(built, manifest, checkpoints["bert"]).min() > 0.99
 
 

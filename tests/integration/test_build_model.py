@@ -116,6 +116,13 @@ def test_every_projection_computes_in_int8_with_per_token_scales(runtime) -> Non
     producer = {o: n for n in graph.node for o in n.output}
     fed_by_attention = [q for q in quantizers if producer[q.input[0]].op_type == "MultiHeadAttention"]
     assert len(fed_by_attention) == 6
+    # every quantizer has the same token axes, so all 24 share one [batch, tokens, 1] zero point
+    assert len({q.input[2] for q in quantizers}) == 1 and ops.count("Expand") == 1
+    # opset 20's Gelu after an Add, not com.microsoft BiasGelu (slower on CPU; its fusion is off at load)
+    assert ops.count("Gelu") == 6 and "BiasGelu" not in ops
+    from quantfn.models.session import SLOW_CPU_FUSIONS
+
+    assert "BiasGeluFusion" in SLOW_CPU_FUSIONS
 
 
 def test_tokenizer_truncates_at_256_and_does_not_pad_to_a_fixed_length(runtime) -> None:
