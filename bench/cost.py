@@ -58,7 +58,13 @@ def _batch_seconds_per_embedding(batch: dict[str, Any], memory_mb: int) -> float
     # 1,770 MB the job runs two threads on its share of two cores.
     share = memory_mb / MB_PER_VCPU
     threads = 1 if share <= 1 else 2
-    return max(1.0, threads / share) / batch["by_threads"][str(threads)]["embeddings_per_s"]
+    return max(1.0, threads / share) / _batch_lines_per_s(batch, threads)
+
+
+def _batch_lines_per_s(batch: dict[str, Any], vcpus: int) -> float:
+    """Measured batch-job lines/s on ``vcpus`` cores: ``batch_throughput.py`` runs 1 and 2 pollers of one
+    thread each, so ``vcpus`` pollers stand for one function with that many vCPUs."""
+    return float(batch["by_pollers"][str(vcpus)]["lines_per_s"])
 
 
 def table(api_rows: list[dict[str, Any]], batch: dict[str, Any], tokens: dict[str, float]) -> dict[str, Any]:
