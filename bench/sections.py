@@ -201,44 +201,100 @@ class _Torch:
             self.model.encode(batch, batch_size=32)
 
 
+def _serve(kind: str, args: tuple[Any, ...], conn: Any) -> None:
+    """Child process of ``_Isolated``: build one system, then time what the parent asks for, until "close"."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        system = {"quantfn": _Quantfn, "ort_fp32": _Ort, "torch": _Torch}[kind](*args)
+        conn.send(None)
+        while True:
+            method, call_args = conn.recv()
+            if method == "close":
+                if hasattr(system, "close"):
+                    system.close()
+                conn.send(None)
+                return
+            if method == "single":  # timed here: a pipe round trip is a tenth of a batch-1 call
+                conn.send([timed(system.single) * 1000 for _ in range(call_args[0])])
+            elif method == "run":
+                conn.send(timed(lambda label=call_args[0]: system.run(label)))
+            else:
+                conn.send(getattr(system, method)(*call_args))
+
+
+class _Isolated:
+    """One system in its own spawned process, driven over a pipe; only one system runs at a time.
+
+    In one shared process the system measured after another ran up to 7 % slower than alone (its thread
+    pool, allocator arenas and caches after the other's; QUANTIZATION.md, round 6), which tilted each
+    ratio by the order the systems took turns in.
+    """
+
+    def __init__(self, kind: str, *args: Any) -> None:
+        import multiprocessing
+
+        spawn = multiprocessing.get_context("spawn")
+        self.conn, theirs = spawn.Pipe()
+        self.process = spawn.Process(target=_serve, args=(kind, args, theirs), daemon=True)
+        self.process.start()
+        self._answer()
+
+    def _answer(self) -> Any:
+        if not self.conn.poll(600):
+            raise TimeoutError("benchmark child did not answer in 600 s")
+        return self.conn.recv()
+
+    def call(self, method: str, *args: Any) -> Any:
+        # the last system's idle workers (PyTorch's OpenMP threads spin up to 200 ms after a parallel
+        # region, onnxruntime's briefly) park before this one is timed
+        time.sleep(0.3)
+        self.conn.send((method, args))
+        return self._answer()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.call("close")
+        self.process.join(30)
+
+
 def warm_side_by_side(fp32_dir: Path, st_dir: Path, threads: int, repeats: int) -> dict[str, dict[str, Any]]:
     """quantfn's handler, plain onnxruntime fp32 and sentence-transformers, interleaved pass by pass.
 
-    Batch-1 latency comes from 10 rounds that take turns; throughput from ``repeats`` rounds in which each
-    system makes one whole pass over the corpus in batches of 32. quantfn's ratio to each baseline is the
-    median of the per-round ratios, so a machine that slows down between rounds slows all three alike.
+    Each system runs in its own process (``_Isolated``), one at a time. Batch-1 latency comes from 10
+    rounds that take turns; throughput from ``repeats`` rounds in which each system makes one whole pass
+    over the corpus in batches of 32. quantfn's ratio to each baseline is the median of the per-round
+    ratios, so a machine that slows down between rounds slows all three alike.
     """
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        systems: dict[str, Any] = {
-            "quantfn": _Quantfn(threads),
-            "ort_fp32": _Ort(fp32_dir, threads),
-            "torch": _Torch(st_dir, threads),
+    systems: dict[str, _Isolated] = {}
+    try:
+        # built one after another: no system's start-up overlaps another's
+        systems["quantfn"] = _Isolated("quantfn", threads)
+        systems["ort_fp32"] = _Isolated("ort_fp32", fp32_dir, threads)
+        systems["torch"] = _Isolated("torch", st_dir, threads)
+        latencies: dict[str, list[float]] = {name: [] for name in systems}
+        for _ in range(10):
+            for name, system in systems.items():
+                latencies[name] += system.call("single", 10 if name == "torch" else 30)
+        results: dict[str, dict[str, Any]] = {
+            name: {"threads": threads, "batch1": percentiles(samples)} for name, samples in latencies.items()
         }
-        try:
-            latencies: dict[str, list[float]] = {name: [] for name in systems}
-            for _ in range(10):
+        for label, sort in ORDERS:
+            count = sum(map(len, corpus_batches(32, sort=sort)))
+            passes: dict[str, list[float]] = {name: [] for name in systems}
+            for system in systems.values():
+                system.call("run", label)  # warm-up pass
+            for _ in range(repeats):
                 for name, system in systems.items():
-                    latencies[name] += [timed(system.single) * 1000 for _ in range(10 if name == "torch" else 30)]
-            results: dict[str, dict[str, Any]] = {
-                name: {"threads": threads, "batch1": percentiles(samples)} for name, samples in latencies.items()
-            }
-            for label, sort in ORDERS:
-                count = sum(map(len, corpus_batches(32, sort=sort)))
-                passes: dict[str, list[float]] = {name: [] for name in systems}
-                for system in systems.values():
-                    system.run(label)  # warm-up pass
-                for _ in range(repeats):
-                    for name, system in systems.items():
-                        passes[name].append(timed(lambda system=system, label=label: system.run(label)))
-                for name in systems:
-                    results[name][label] = {"inputs_per_s": round(count / statistics.median(passes[name]), 1)}
-                ours = results["quantfn"][label]
-                for name in ("ort_fp32", "torch"):
-                    paired = [theirs / mine for theirs, mine in zip(passes[name], passes["quantfn"], strict=True)]
-                    ours[f"ratio_vs_{name}"] = round(statistics.median(paired), 3)
-                ours |= systems["quantfn"].overhead(label, count, repeats)
-        finally:
-            systems["quantfn"].close()
+                    passes[name].append(system.call("run", label))
+            for name in systems:
+                results[name][label] = {"inputs_per_s": round(count / statistics.median(passes[name]), 1)}
+            ours = results["quantfn"][label]
+            for name in ("ort_fp32", "torch"):
+                paired = [theirs / mine for theirs, mine in zip(passes[name], passes["quantfn"], strict=True)]
+                ours[f"ratio_vs_{name}"] = round(statistics.median(paired), 3)
+            ours |= systems["quantfn"].call("overhead", label, count, repeats)
+    finally:
+        for system in systems.values():
+            system.close()
     return results
 
 

@@ -7,14 +7,21 @@ and pooling included), ``plain:FOLDER`` (plain onnxruntime, default SessionOptio
 ``model.onnx``, mean pooling in numpy: what an ONNX user runs) or ``st`` (sentence-transformers fp32 on the
 default model's weights, needs the reference extra). Five rounds, every system once per round; ratios are
 medians of per-round ratios against the first system (noise on a shared host hits all alike).
+
+Each system lives in its own process (spawned, so none inherits another's thread pools, allocator arenas
+or warmed caches) and only one runs at a time, after a pause in which the last one's spinning workers
+park: in one shared process the system measured after another
+ran up to 7 % slower than alone (round 6, QUANTIZATION.md), which biased every ratio by its order.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +31,9 @@ from quantfn.models.manifest import Manifest
 from quantfn.tasks import open_pipeline
 
 Embed = Callable[[list[str]], object]
+# A pause before each turn: the last system's idle workers (PyTorch's OpenMP threads spin for up to
+# 200 ms after a parallel region, onnxruntime's briefly) park before the next one is timed.
+SETTLE_S = 0.3
 
 
 def plain(folder: Path, threads: int) -> Embed:
@@ -58,37 +68,62 @@ def sentence_transformers(threads: int) -> Embed:
     return lambda texts: model.encode(texts, batch_size=32, normalize_embeddings=True)
 
 
-def main(argv: list[str]) -> None:
-    threads = int(argv[0])
+def open_system(arg: str, threads: int) -> tuple[str, Embed]:
+    """The SYSTEM argument's display name and its embed function."""
+    if arg == "st":
+        return "sentence-transformers fp32", sentence_transformers(threads)
+    if arg.startswith("plain:"):
+        return f"plain onnxruntime {arg[6:]}", plain(Path(arg[6:]), threads)
+    folder = Path(arg)
+    return str(folder), open_pipeline(folder, Manifest.read(folder), threads).embed
+
+
+def serve(arg: str, threads: int, conn: Connection) -> None:
+    """Child process: open one system, then answer "pass" (texts/s at batch 32) and "b1" (p50 ms) until "stop"."""
     corpus = sorted(load_corpus(), key=len)
     batches = [corpus[i : i + 32] for i in range(0, len(corpus), 32)]
-    systems: dict[str, Embed] = {}
-    for arg in argv[1:]:
-        if arg == "st":
-            systems["sentence-transformers fp32"] = sentence_transformers(threads)
-        elif arg.startswith("plain:"):
-            systems[f"plain onnxruntime {arg[6:]}"] = plain(Path(arg[6:]), threads)
-        else:
-            folder = Path(arg)
-            systems[str(folder)] = open_pipeline(folder, Manifest.read(folder), threads).embed
-    for embed in systems.values():
-        embed(corpus[:32])
-    rates: dict[str, list[float]] = {k: [] for k in systems}
-    latency: dict[str, list[float]] = {k: [] for k in systems}
-    for _ in range(5):
-        for name, embed in systems.items():
+    name, embed = open_system(arg, threads)
+    embed(corpus[:32])
+    conn.send(name)
+    while (command := conn.recv()) != "stop":
+        if command == "pass":
             started = time.perf_counter()
             for batch in batches:
                 embed(batch)
-            rates[name].append(len(corpus) / (time.perf_counter() - started))
+            conn.send(len(corpus) / (time.perf_counter() - started))
+        else:
             samples = []
             for text in corpus[::12]:
                 started = time.perf_counter()
                 embed([text])
                 samples.append((time.perf_counter() - started) * 1000)
-            latency[name].append(statistics.median(samples))
-    base = next(iter(systems))
-    for name in systems:
+            conn.send(statistics.median(samples))
+
+
+def main(argv: list[str]) -> None:
+    threads = int(argv[0])
+    spawn = multiprocessing.get_context("spawn")
+    children: dict[str, tuple[Connection, multiprocessing.process.BaseProcess]] = {}
+    for arg in argv[1:]:
+        ours, theirs = spawn.Pipe()
+        process = spawn.Process(target=serve, args=(arg, threads, theirs), daemon=True)
+        process.start()
+        children[ours.recv()] = (ours, process)  # opened one at a time: no system's build-up overlaps a run
+    rates: dict[str, list[float]] = {k: [] for k in children}
+    latency: dict[str, list[float]] = {k: [] for k in children}
+    for _ in range(5):
+        for name, (conn, _) in children.items():
+            time.sleep(SETTLE_S)
+            conn.send("pass")
+            rates[name].append(conn.recv())
+            time.sleep(SETTLE_S)
+            conn.send("b1")
+            latency[name].append(conn.recv())
+    for conn, process in children.values():
+        conn.send("stop")
+        process.join()
+    base = next(iter(children))
+    for name in children:
         ratio = statistics.median(a / b for a, b in zip(rates[name], rates[base], strict=True))
         b1 = statistics.median(a / b for a, b in zip(latency[name], latency[base], strict=True))
         print(
