@@ -43,6 +43,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def recipe_label(quantization: dict[str, Any]) -> str:
+    """A manifest's recipe as the tables show it: the default names the rung of its ladder that won."""
+    recipe = str(quantization.get("recipe", ""))
+    return f"default ({recipe})" if "chosen_by" in quantization else recipe
+
+
+def is_default(row: dict[str, Any]) -> bool:
+    return str(row["recipe"]).startswith("default")
+
+
 def frontier(folders: list[Path], repeats: int) -> list[dict[str, Any]]:
     """Each recipe through the quantfn runtime (2 threads): size, fidelity, throughput, latency."""
     from quantfn.config import Settings
@@ -60,7 +70,7 @@ def frontier(folders: list[Path], repeats: int) -> list[dict[str, Any]]:
         fidelity = manifest["fidelity"]
         rows.append(
             {
-                "recipe": manifest["quantization"]["recipe"],
+                "recipe": recipe_label(manifest["quantization"]),
                 "model_id": manifest["model_id"],
                 "mb": round(model.manifest.weights_size / 2**20, 2),
                 "size_ratio_vs_fp32": manifest.get("size_ratio_vs_fp32"),
@@ -85,7 +95,7 @@ def quality(folders: list[Path], fp32: Path) -> list[dict[str, Any]]:
         retention = row.quality.retention
         rows.append(
             {
-                "recipe": row.recipe,
+                "recipe": recipe_label(json.loads((row.folder / "manifest.json").read_text())["quantization"]),
                 **{f"{task}": round(score, 4) for task, score in row.quality.scores.items()},
                 **{f"{task} kept": round(kept, 4) for task, kept in retention.items()},
                 "retention_min": round(row.quality.retention_min, 4),
@@ -108,7 +118,7 @@ def _speed(model: Any, batches: list[list[str]], repeats: int) -> tuple[float, d
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     warm, cold = results["warm"], results["cold_start"]
     ours = warm["quantfn"][2]
-    default = next(row for row in results["frontier"] if row["recipe"] == "default")
+    default = next(row for row in results["frontier"] if is_default(row))
     cheapest = min(results["cost"], key=lambda row: row["usd_per_million_embeddings"])
     return {
         # medians of the per-round ratios of interleaved passes (sections.warm_side_by_side)
@@ -123,7 +133,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "size_ratio_vs_fp32": default["size_ratio_vs_fp32"],
         "usd_per_million_embeddings": cheapest["usd_per_million_embeddings"],
         # the default's worst task retention vs its fp32 build (quantfn eval)
-        "quality_retention_min": next(r["retention_min"] for r in results["quality"] if r["recipe"] == "default"),
+        "quality_retention_min": next(r["retention_min"] for r in results["quality"] if is_default(r)),
         "throughput_ratio_vs_ort_fp32_1_thread": warm["quantfn"][1]["length_sorted"]["ratio_vs_ort_fp32"],
         "throughput_ratio_vs_torch_1_thread": warm["quantfn"][1]["length_sorted"]["ratio_vs_torch"],
         "batch1_p50_ratio_vs_ort_fp32": round(
