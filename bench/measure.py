@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -89,3 +92,65 @@ def start_moto() -> tuple[subprocess.Popen, str]:
         except OSError:
             time.sleep(0.1)
     return process, url
+
+
+# A pause before each timed turn of an ``Isolated`` system: the last system's idle workers (PyTorch's OpenMP
+# threads spin for up to 200 ms after a parallel region, onnxruntime's briefly) park before the next one runs.
+SETTLE_S = 0.3
+
+
+def _serve(factory: Callable[..., Any], args: tuple[Any, ...], conn: Any) -> None:
+    """Child process of ``Isolated``: build the system, then answer calls until "close" (stdout muted)."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        system = factory(*args)
+        conn.send(None)
+        while (request := conn.recv()) is not None:
+            method, call_args, times = request
+            call = functools.partial(getattr(system, method), *call_args)
+            # timed here, not across the pipe: a round trip is a tenth of a batch-1 call
+            conn.send([timed(call) for _ in range(times)] if times else call())
+        if hasattr(system, "close"):
+            system.close()
+        conn.send(None)
+
+
+class Isolated:
+    """``factory(*args)`` built in its own spawned process and driven over a pipe, one call at a time.
+
+    In one shared process the system measured after another ran up to 7 % slower than alone (its thread
+    pool, allocator arenas and caches after the other's; QUANTIZATION.md, round 6), which tilted each
+    ratio by the order the systems took turns in. ``factory`` must be importable by the child (spawn).
+    """
+
+    def __init__(self, factory: Callable[..., Any], *args: Any) -> None:
+        import multiprocessing
+
+        spawn = multiprocessing.get_context("spawn")
+        self.conn, theirs = spawn.Pipe()
+        self.process = spawn.Process(target=_serve, args=(factory, args, theirs), daemon=True)
+        self.process.start()
+        theirs.close()  # the child holds the only other end: if it dies, the next recv raises EOFError
+        self._answer()  # built before the next system starts: no start-up overlaps another's run
+
+    def _answer(self) -> Any:
+        if not self.conn.poll(600):
+            raise TimeoutError("benchmark child did not answer in 600 s")
+        return self.conn.recv()
+
+    def call(self, method: str, *args: Any) -> Any:
+        """``system.method(*args)``'s result, after ``SETTLE_S``."""
+        time.sleep(SETTLE_S)
+        self.conn.send((method, args, 0))
+        return self._answer()
+
+    def timed(self, method: str, *args: Any, times: int = 1) -> list[float]:
+        """Seconds of each of ``times`` calls of ``system.method(*args)``, timed in the child."""
+        time.sleep(SETTLE_S)
+        self.conn.send((method, args, times))
+        return self._answer()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.conn.send(None)
+            self._answer()
+        self.process.join(30)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -15,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.measure import REPO, TYPICAL, Context, api_event, corpus_batches, pad, percentiles, timed
+from bench.measure import REPO, TYPICAL, Context, Isolated, api_event, corpus_batches, pad, percentiles, timed
 
 # Lambda's published x86 prices (us-east-1): per GB-second and per request. Init is billed (since 2025-08).
 USD_PER_GB_S = 0.0000166667
@@ -201,79 +200,23 @@ class _Torch:
             self.model.encode(batch, batch_size=32)
 
 
-def _serve(kind: str, args: tuple[Any, ...], conn: Any) -> None:
-    """Child process of ``_Isolated``: build one system, then time what the parent asks for, until "close"."""
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        system = {"quantfn": _Quantfn, "ort_fp32": _Ort, "torch": _Torch}[kind](*args)
-        conn.send(None)
-        while True:
-            method, call_args = conn.recv()
-            if method == "close":
-                if hasattr(system, "close"):
-                    system.close()
-                conn.send(None)
-                return
-            if method == "single":  # timed here: a pipe round trip is a tenth of a batch-1 call
-                conn.send([timed(system.single) * 1000 for _ in range(call_args[0])])
-            elif method == "run":
-                conn.send(timed(lambda label=call_args[0]: system.run(label)))
-            else:
-                conn.send(getattr(system, method)(*call_args))
-
-
-class _Isolated:
-    """One system in its own spawned process, driven over a pipe; only one system runs at a time.
-
-    In one shared process the system measured after another ran up to 7 % slower than alone (its thread
-    pool, allocator arenas and caches after the other's; QUANTIZATION.md, round 6), which tilted each
-    ratio by the order the systems took turns in.
-    """
-
-    def __init__(self, kind: str, *args: Any) -> None:
-        import multiprocessing
-
-        spawn = multiprocessing.get_context("spawn")
-        self.conn, theirs = spawn.Pipe()
-        self.process = spawn.Process(target=_serve, args=(kind, args, theirs), daemon=True)
-        self.process.start()
-        self._answer()
-
-    def _answer(self) -> Any:
-        if not self.conn.poll(600):
-            raise TimeoutError("benchmark child did not answer in 600 s")
-        return self.conn.recv()
-
-    def call(self, method: str, *args: Any) -> Any:
-        # the last system's idle workers (PyTorch's OpenMP threads spin up to 200 ms after a parallel
-        # region, onnxruntime's briefly) park before this one is timed
-        time.sleep(0.3)
-        self.conn.send((method, args))
-        return self._answer()
-
-    def close(self) -> None:
-        if self.process.is_alive():
-            self.call("close")
-        self.process.join(30)
-
-
 def warm_side_by_side(fp32_dir: Path, st_dir: Path, threads: int, repeats: int) -> dict[str, dict[str, Any]]:
     """quantfn's handler, plain onnxruntime fp32 and sentence-transformers, interleaved pass by pass.
 
-    Each system runs in its own process (``_Isolated``), one at a time. Batch-1 latency comes from 10
+    Each system runs in its own process (``measure.Isolated``), one at a time. Batch-1 latency comes from 10
     rounds that take turns; throughput from ``repeats`` rounds in which each system makes one whole pass
     over the corpus in batches of 32. quantfn's ratio to each baseline is the median of the per-round
     ratios, so a machine that slows down between rounds slows all three alike.
     """
-    systems: dict[str, _Isolated] = {}
+    systems: dict[str, Isolated] = {}
     try:
-        # built one after another: no system's start-up overlaps another's
-        systems["quantfn"] = _Isolated("quantfn", threads)
-        systems["ort_fp32"] = _Isolated("ort_fp32", fp32_dir, threads)
-        systems["torch"] = _Isolated("torch", st_dir, threads)
+        systems["quantfn"] = Isolated(_Quantfn, threads)
+        systems["ort_fp32"] = Isolated(_Ort, fp32_dir, threads)
+        systems["torch"] = Isolated(_Torch, st_dir, threads)
         latencies: dict[str, list[float]] = {name: [] for name in systems}
         for _ in range(10):
             for name, system in systems.items():
-                latencies[name] += system.call("single", 10 if name == "torch" else 30)
+                latencies[name] += [s * 1000 for s in system.timed("single", times=10 if name == "torch" else 30)]
         results: dict[str, dict[str, Any]] = {
             name: {"threads": threads, "batch1": percentiles(samples)} for name, samples in latencies.items()
         }
@@ -284,7 +227,7 @@ def warm_side_by_side(fp32_dir: Path, st_dir: Path, threads: int, repeats: int) 
                 system.call("run", label)  # warm-up pass
             for _ in range(repeats):
                 for name, system in systems.items():
-                    passes[name].append(system.call("run", label))
+                    passes[name] += system.timed("run", label)
             for name in systems:
                 results[name][label] = {"inputs_per_s": round(count / statistics.median(passes[name]), 1)}
             ours = results["quantfn"][label]

@@ -1,6 +1,6 @@
 """Side by side, interleaved: texts/s at batch 32 (length-sorted fidelity corpus) and batch-1 p50.
 
-    PYTHONPATH=shared .venv/bin/python bench/side_by_side.py THREADS SYSTEM [SYSTEM ...]
+    PYTHONPATH=shared:. .venv/bin/python bench/side_by_side.py THREADS SYSTEM [SYSTEM ...]
 
 A SYSTEM is a model folder (opened as the runtime opens it: ``quantfn.tasks.open_pipeline``, tokenization
 and pooling included), ``plain:FOLDER`` (plain onnxruntime, default SessionOptions, on that folder's
@@ -8,32 +8,23 @@ and pooling included), ``plain:FOLDER`` (plain onnxruntime, default SessionOptio
 default model's weights, needs the reference extra). Five rounds, every system once per round; ratios are
 medians of per-round ratios against the first system (noise on a shared host hits all alike).
 
-Each system lives in its own process (spawned, so none inherits another's thread pools, allocator arenas
-or warmed caches) and only one runs at a time, after a pause in which the last one's spinning workers
-park: in one shared process the system measured after another
-ran up to 7 % slower than alone (round 6, QUANTIZATION.md), which biased every ratio by its order.
+Each system lives in its own spawned process (``bench.measure.Isolated``) and only one runs at a time.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import sys
-import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
 
-from quantfn.build.reference import load_corpus
+from bench.measure import Isolated, corpus_batches, timed
 from quantfn.models.manifest import Manifest
 from quantfn.tasks import open_pipeline
 
 Embed = Callable[[list[str]], object]
-# A pause before each turn: the last system's idle workers (PyTorch's OpenMP threads spin for up to
-# 200 ms after a parallel region, onnxruntime's briefly) park before the next one is timed.
-SETTLE_S = 0.3
 
 
 def plain(folder: Path, threads: int) -> Embed:
@@ -78,50 +69,43 @@ def open_system(arg: str, threads: int) -> tuple[str, Embed]:
     return str(folder), open_pipeline(folder, Manifest.read(folder), threads).embed
 
 
-def serve(arg: str, threads: int, conn: Connection) -> None:
-    """Child process: open one system, then answer "pass" (texts/s at batch 32) and "b1" (p50 ms) until "stop"."""
-    corpus = sorted(load_corpus(), key=len)
-    batches = [corpus[i : i + 32] for i in range(0, len(corpus), 32)]
-    name, embed = open_system(arg, threads)
-    embed(corpus[:32])
-    conn.send(name)
-    while (command := conn.recv()) != "stop":
-        if command == "pass":
-            started = time.perf_counter()
-            for batch in batches:
-                embed(batch)
-            conn.send(len(corpus) / (time.perf_counter() - started))
-        else:
-            samples = []
-            for text in corpus[::12]:
-                started = time.perf_counter()
-                embed([text])
-                samples.append((time.perf_counter() - started) * 1000)
-            conn.send(statistics.median(samples))
+class System:
+    """One SYSTEM argument, opened in an ``Isolated`` child: a pass over the corpus and batch-1 latency."""
+
+    def __init__(self, arg: str, threads: int) -> None:
+        self.batches = corpus_batches(32, sort=True)
+        self.name, self.embed = open_system(arg, threads)
+        self.embed(self.batches[0])
+
+    def label(self) -> str:
+        return self.name
+
+    def rate(self) -> float:
+        """Texts/s of one pass over the length-sorted corpus in batches of 32."""
+        return sum(map(len, self.batches)) / timed(lambda: [self.embed(batch) for batch in self.batches])
+
+    def b1(self) -> float:
+        """Median ms of one text at a time, over every 12th text."""
+        texts = [text for batch in self.batches for text in batch][::12]
+        return statistics.median(timed(lambda t=text: self.embed([t])) * 1000 for text in texts)
 
 
 def main(argv: list[str]) -> None:
     threads = int(argv[0])
-    spawn = multiprocessing.get_context("spawn")
-    children: dict[str, tuple[Connection, multiprocessing.process.BaseProcess]] = {}
-    for arg in argv[1:]:
-        ours, theirs = spawn.Pipe()
-        process = spawn.Process(target=serve, args=(arg, threads, theirs), daemon=True)
-        process.start()
-        children[ours.recv()] = (ours, process)  # opened one at a time: no system's build-up overlaps a run
-    rates: dict[str, list[float]] = {k: [] for k in children}
-    latency: dict[str, list[float]] = {k: [] for k in children}
-    for _ in range(5):
-        for name, (conn, _) in children.items():
-            time.sleep(SETTLE_S)
-            conn.send("pass")
-            rates[name].append(conn.recv())
-            time.sleep(SETTLE_S)
-            conn.send("b1")
-            latency[name].append(conn.recv())
-    for conn, process in children.values():
-        conn.send("stop")
-        process.join()
+    children: dict[str, Isolated] = {}
+    try:
+        for arg in argv[1:]:
+            child = Isolated(System, arg, threads)
+            children[child.call("label")] = child
+        rates: dict[str, list[float]] = {k: [] for k in children}
+        latency: dict[str, list[float]] = {k: [] for k in children}
+        for _ in range(5):
+            for name, child in children.items():
+                rates[name].append(child.call("rate"))
+                latency[name].append(child.call("b1"))
+    finally:
+        for child in children.values():
+            child.close()
     base = next(iter(children))
     for name in children:
         ratio = statistics.median(a / b for a, b in zip(rates[name], rates[base], strict=True))
