@@ -4,9 +4,11 @@
 
 A SYSTEM is a model folder (opened as the runtime opens it: ``quantfn.tasks.open_pipeline``, tokenization
 and pooling included), ``plain:FOLDER`` (plain onnxruntime, default SessionOptions, on that folder's
-``model.onnx``, mean pooling in numpy: what an ONNX user runs) or ``st`` (sentence-transformers fp32 on the
-default model's weights, needs the reference extra). Five rounds, every system once per round; ratios are
-medians of per-round ratios against the first system (noise on a shared host hits all alike).
+``model.onnx``, mean pooling in numpy: what an ONNX user runs), ``intra:FOLDER`` or ``data:FOLDER`` (the
+runtime with that ``parallelism``; a bare FOLDER gets the runtime's default, ``auto``) or ``st``
+(sentence-transformers fp32 on the default model's weights, needs the reference extra). Five rounds,
+every system once per round; ratios are medians of per-round ratios against the first system (noise on a
+shared host hits all alike).
 
 Each system lives in its own spawned process (``bench.measure.Isolated``) and only one runs at a time.
 """
@@ -65,8 +67,10 @@ def open_system(arg: str, threads: int) -> tuple[str, Embed]:
         return "sentence-transformers fp32", sentence_transformers(threads)
     if arg.startswith("plain:"):
         return f"plain onnxruntime {arg[6:]}", plain(Path(arg[6:]), threads)
-    folder = Path(arg)
-    return str(folder), open_pipeline(folder, Manifest.read(folder), threads).embed
+    parallelism, _, path = arg.partition(":") if arg.startswith(("intra:", "data:")) else ("auto", "", arg)
+    folder = Path(path)
+    name = str(folder) if parallelism == "auto" else arg
+    return name, open_pipeline(folder, Manifest.read(folder), threads, parallelism=parallelism).embed
 
 
 class System:

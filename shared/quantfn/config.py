@@ -164,6 +164,8 @@ class Settings:
     cache_dir: Path = Path("/tmp/quantfn-models")
     cache_max_bytes: int = 400 * 1024 * 1024
     threads: int = 1
+    #: How ``threads`` are spent on CPU: "auto", "data" or "intra" (``quantfn.tasks.open_pipeline``).
+    parallelism: str = "auto"
     batch_size: int = 32
     max_inputs: int = 256
     max_input_tokens: int = 8192
@@ -236,6 +238,7 @@ class Settings:
             cache_dir=Path(env.get("QUANTFN_CACHE_DIR", "").strip() or "/tmp/quantfn-models"),
             cache_max_bytes=_int(env, "QUANTFN_CACHE_MAX_MB", 400, minimum=1) * 1024 * 1024,
             threads=threads or available_vcpus(env),
+            parallelism=_choice(env, "QUANTFN_PARALLELISM", ("auto", "data", "intra")),
             batch_size=_int(env, "QUANTFN_BATCH_SIZE", 32, minimum=1),
             max_inputs=_int(env, "QUANTFN_MAX_INPUTS", 256, minimum=1),
             max_input_tokens=_int(env, "QUANTFN_MAX_INPUT_TOKENS", 8192, minimum=1),

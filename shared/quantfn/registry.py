@@ -34,11 +34,13 @@ logger = logging.getLogger(__name__)
 ROUTE_TASKS = {"embed": ("embed",), "rerank": ("rerank", "embed"), "classify": ("classify",)}
 
 
-def estimate_memory_bytes(manifest: Manifest) -> int:
+def estimate_memory_bytes(manifest: Manifest, sessions: int = 1) -> int:
     """What a loaded pipeline holds: the manifest's measured ``memory_bytes``, else an estimate from its files.
 
     int8 weights dequantized at load take four times their file size, and onnxruntime keeps a prepacked
-    copy of the projections; the tokenizer's structures take a few times its JSON.
+    copy of the projections; the tokenizer's structures take a few times its JSON. ``sessions``: how many
+    sessions of the model the pipeline may open (2 under ``parallelism="auto"``; the default model's
+    second one measured 33 MB, a file's size and a half).
     """
     measured = manifest.raw.get("memory_bytes")
     if isinstance(measured, int) and measured > 0:
@@ -46,7 +48,7 @@ def estimate_memory_bytes(manifest: Manifest) -> int:
     total = 0
     weights = manifest.dequantize_at_load.file if manifest.dequantize_at_load else None
     for name, entry in manifest.files.items():
-        factor = 9 if name == weights else 3 if name == "tokenizer.json" else 2
+        factor = 3 if name == "tokenizer.json" else (9 if name == weights else 2) * sessions
         total += entry.size * factor
     return total
 
@@ -199,7 +201,10 @@ class Registry:
 
     def _load(self, model: ServedModel, tokenizer: Any) -> None:
         local = self._fetch(model)
-        need = estimate_memory_bytes(local.manifest)
+        settings = self.settings
+        cpu = all(p == "CPUExecutionProvider" for p in self.providers)
+        sessions = 2 if settings.parallelism == "auto" and settings.threads > 1 and cpu else 1
+        need = estimate_memory_bytes(local.manifest, sessions)
         budget = self.settings.model_memory_bytes
         if need > budget:
             raise ModelUnavailable(
@@ -213,11 +218,16 @@ class Registry:
                 evicted.pipeline = None  # a request still running on it keeps its own reference
                 evicted.memory_bytes = 0
         started = time.perf_counter()
-        settings = self.settings
         model.pipeline = self._guard(
             model,
             lambda: open_pipeline(
-                local.path, local.manifest, settings.threads, settings.batch_size, self.providers, tokenizer
+                local.path,
+                local.manifest,
+                settings.threads,
+                settings.batch_size,
+                self.providers,
+                tokenizer,
+                settings.parallelism,
             ),
         )
         model.load_phases_ms["session"] = (time.perf_counter() - started) * 1000

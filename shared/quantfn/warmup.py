@@ -5,7 +5,8 @@ is billed, so this pays only when first-request latency matters
 (``QUANTFN_PRELOAD``, the default model). Under SnapStart, init runs once before
 the snapshot is taken (``AWS_LAMBDA_INITIALIZATION_TYPE=snap-start``): the
 default model is always loaded then, so every restored environment starts with
-its session in memory, and after a restore only per-environment state is refreshed.
+its sessions in memory (both of them under ``QUANTFN_PARALLELISM=auto``), and
+after a restore only per-environment state is refreshed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def prepare_init() -> bool:
             pass
     if not (snap_start or registry.settings.preload):
         return False
-    registry.pipeline(registry.default)
+    registry.pipeline(registry.default).open_sessions()  # the batch-piece session too, under "auto"
     how = "snap-start" if snap_start else "preload"
     logger.info("default model loaded during init (%s): %.0f ms", how, registry.load_ms(registry.default))
     return True

@@ -29,3 +29,16 @@ def test_snapstart_init_loads_the_model_before_the_snapshot(monkeypatch: pytest.
     monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")
     assert prepare_init() is True
     assert get_registry().default.loaded
+
+
+def test_init_opens_the_batch_piece_session_too_on_two_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantfn.registry import reset_registry
+
+    monkeypatch.setenv("QUANTFN_PRELOAD", "true")
+    monkeypatch.setenv("QUANTFN_THREADS", "2")
+    reset_registry()
+    assert prepare_init() is True
+    registry = get_registry()
+    pipeline = registry.pipeline(registry.default)
+    assert pipeline.workers == 2
+    assert pipeline.piece_session is not None and pipeline.piece_session is not pipeline.session

@@ -16,6 +16,7 @@ from quantfn.tasks.classify import ClassifyPipeline
 from quantfn.tasks.embed import EmbedPipeline
 from quantfn.tasks.rerank import RerankPipeline
 
+PARALLELISM = ("auto", "data", "intra")
 PIPELINES: dict[str, type[Pipeline]] = {"embed": EmbedPipeline, "rerank": RerankPipeline, "classify": ClassifyPipeline}
 
 
@@ -26,16 +27,37 @@ def open_pipeline(
     batch_size: int = 32,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     tokenizer: object | None = None,
+    parallelism: str = "auto",
 ) -> Pipeline:
-    """The pipeline for a verified model folder: session (on ``providers``), tokenizer, manifest."""
+    """The pipeline for a verified model folder: session (on ``providers``), tokenizer, manifest.
+
+    How ``threads`` CPU threads are spent (``parallelism``; other providers always get ``"intra"``):
+    ``"intra"``: one session of ``threads`` intra-op threads, one piece of a batch at a time;
+    ``"data"``: one session of one intra-op thread, ``threads`` pieces of a batch at once;
+    ``"auto"``: ``"intra"``'s session for a request of one piece (one text is faster on every thread),
+    and a second session of one thread, made on the first request of more pieces, for those.
+    """
     from quantfn.models.session import open_session
 
-    session = open_session(folder / "model.onnx", manifest, threads, providers)
+    if parallelism not in PARALLELISM:
+        raise ValueError(f"parallelism must be one of {', '.join(PARALLELISM)}, not {parallelism!r}")
+    cpu = all(p == "CPUExecutionProvider" for p in providers)
+    mode = parallelism if cpu and threads > 1 else "intra"
+    model_file = folder / "model.onnx"
+    session = open_session(model_file, manifest, 1 if mode == "data" else threads, providers)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder / "tokenizer.json")
-    return PIPELINES[manifest.task](session, tokenizer, manifest, batch_size)
+    return PIPELINES[manifest.task](
+        session,
+        tokenizer,
+        manifest,
+        batch_size,
+        workers=1 if mode == "intra" else threads,
+        open_piece_session=(lambda: open_session(model_file, manifest, 1, providers)) if mode == "auto" else None,
+    )
 
 
 __all__ = [
+    "PARALLELISM",
     "PIPELINES",
     "ClassifyPipeline",
     "EmbedPipeline",
