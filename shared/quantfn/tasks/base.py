@@ -11,7 +11,7 @@ back in request order.
 With ``workers`` > 1 (``open_pipeline``'s ``parallelism``), a sub-batch is cut into
 ``workers`` contiguous pieces of the length-sorted order that run at once on a
 CPU session of one intra-op thread (onnxruntime releases the GIL in ``run``): on
-two vCPUs the int8 graph ran 2.3x plain onnxruntime fp32 this way against 2.2x
+two vCPUs the int8 graph ran 2.4x plain onnxruntime fp32 this way against 1.9x
 with two intra-op threads, whose many small per-token kernels hand work between
 threads more often than fp32's few big GEMMs (bench/QUANTIZATION.md, round 8). A
 request of one text is one piece and runs on ``session`` itself, which under
@@ -160,12 +160,13 @@ class Pipeline:
         piece = -(-min(len(order), self.batch_size) // self.workers)
         pieces = [order[start : start + piece] for start in range(0, len(order), piece)]
 
-        session = self.session if len(pieces) == 1 else self._pieces()
+        at_once = len(pieces) > 1 and self.workers > 1
+        session = self._pieces() if at_once else self.session
 
         def run(chunk: list[int]) -> np.ndarray:
             return self._run([ids[i] for i in chunk], [type_ids[i] for i in chunk], session)
 
-        results = map(run, pieces) if len(pieces) == 1 else self._executor().map(run, pieces)
+        results = self._executor().map(run, pieces) if at_once else map(run, pieces)
         out: np.ndarray | None = None
         for chunk, rows in zip(pieces, results, strict=True):
             if out is None:
