@@ -72,6 +72,10 @@ def vcpu_share(env: dict[str, str] | None = None) -> float:
     return float(available_vcpus(env))
 
 
+#: How a pipeline spends its CPU threads (``quantfn.tasks.open_pipeline``); the first is the default.
+PARALLELISM = ("auto", "data", "intra")
+
+
 def _choice(env: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
     raw = env.get(name, "").strip().lower() or choices[0]
     if raw not in choices:
@@ -238,7 +242,7 @@ class Settings:
             cache_dir=Path(env.get("QUANTFN_CACHE_DIR", "").strip() or "/tmp/quantfn-models"),
             cache_max_bytes=_int(env, "QUANTFN_CACHE_MAX_MB", 400, minimum=1) * 1024 * 1024,
             threads=threads or available_vcpus(env),
-            parallelism=_choice(env, "QUANTFN_PARALLELISM", ("auto", "data", "intra")),
+            parallelism=_choice(env, "QUANTFN_PARALLELISM", PARALLELISM),
             batch_size=_int(env, "QUANTFN_BATCH_SIZE", 32, minimum=1),
             max_inputs=_int(env, "QUANTFN_MAX_INPUTS", 256, minimum=1),
             max_input_tokens=_int(env, "QUANTFN_MAX_INPUT_TOKENS", 8192, minimum=1),

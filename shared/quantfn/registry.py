@@ -26,7 +26,7 @@ from quantfn.errors import BadRequest, ModelNotFound, ModelUnavailable, QuantfnE
 from quantfn.models.manifest import Manifest
 from quantfn.models.reference import ModelRef, parse_model_ref
 from quantfn.models.store import ModelStore
-from quantfn.tasks import Pipeline, load_tokenizer, open_pipeline
+from quantfn.tasks import Pipeline, load_tokenizer, open_pipeline, parallel_mode
 
 logger = logging.getLogger(__name__)
 
@@ -202,9 +202,8 @@ class Registry:
     def _load(self, model: ServedModel, tokenizer: Any) -> None:
         local = self._fetch(model)
         settings = self.settings
-        cpu = all(p == "CPUExecutionProvider" for p in self.providers)
-        sessions = 2 if settings.parallelism == "auto" and settings.threads > 1 and cpu else 1
-        need = estimate_memory_bytes(local.manifest, sessions)
+        auto = parallel_mode(settings.parallelism, settings.threads, self.providers) == "auto"
+        need = estimate_memory_bytes(local.manifest, sessions=2 if auto else 1)
         budget = self.settings.model_memory_bytes
         if need > budget:
             raise ModelUnavailable(

@@ -11,6 +11,11 @@ from quantfn.models.manifest import DequantizeAtLoad, Manifest
 from quantfn.tracing import subsegment
 
 
+def cpu_only(providers: Sequence[str]) -> bool:
+    """True when ``providers`` name onnxruntime's CPU provider alone."""
+    return all(p == "CPUExecutionProvider" for p in providers)
+
+
 def open_session(
     model_file: Path, manifest: Manifest, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)
 ) -> Any:
@@ -77,12 +82,11 @@ def create_session(
     values = [ort.OrtValue.ortvalue_from_numpy(array) for _, array in weights]
     for (name, _), value in zip(weights, values, strict=True):
         options.add_initializer(name, value)
-    cpu_only = all(p == "CPUExecutionProvider" for p in providers)
     session = ort.InferenceSession(
         str(model_file),
         sess_options=options,
         providers=list(providers),
-        disabled_optimizers=list(SLOW_CPU_FUSIONS) if cpu_only and not pre_optimized else None,
+        disabled_optimizers=list(SLOW_CPU_FUSIONS) if cpu_only(providers) and not pre_optimized else None,
     )
     session.quantfn_initializers = values
     return session

@@ -10,14 +10,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from quantfn.config import PARALLELISM
 from quantfn.models.manifest import Manifest
+from quantfn.models.session import cpu_only
 from quantfn.tasks.base import Encoded, Pipeline, load_tokenizer
 from quantfn.tasks.classify import ClassifyPipeline
 from quantfn.tasks.embed import EmbedPipeline
 from quantfn.tasks.rerank import RerankPipeline
 
-PARALLELISM = ("auto", "data", "intra")
 PIPELINES: dict[str, type[Pipeline]] = {"embed": EmbedPipeline, "rerank": RerankPipeline, "classify": ClassifyPipeline}
+
+
+def parallel_mode(parallelism: str, threads: int, providers: Sequence[str]) -> str:
+    """The ``parallelism`` a pipeline really gets: ``"intra"`` on one thread or any provider but the CPU's."""
+    if parallelism not in PARALLELISM:
+        raise ValueError(f"parallelism must be one of {', '.join(PARALLELISM)}, not {parallelism!r}")
+    return parallelism if threads > 1 and cpu_only(providers) else "intra"
 
 
 def open_pipeline(
@@ -39,10 +47,7 @@ def open_pipeline(
     """
     from quantfn.models.session import open_session
 
-    if parallelism not in PARALLELISM:
-        raise ValueError(f"parallelism must be one of {', '.join(PARALLELISM)}, not {parallelism!r}")
-    cpu = all(p == "CPUExecutionProvider" for p in providers)
-    mode = parallelism if cpu and threads > 1 else "intra"
+    mode = parallel_mode(parallelism, threads, providers)
     model_file = folder / "model.onnx"
     session = open_session(model_file, manifest, 1 if mode == "data" else threads, providers)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder / "tokenizer.json")
@@ -66,4 +71,5 @@ __all__ = [
     "RerankPipeline",
     "load_tokenizer",
     "open_pipeline",
+    "parallel_mode",
 ]
