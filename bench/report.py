@@ -12,7 +12,17 @@ from typing import Any
 from bench import cost
 from bench.measure import TYPICAL, corpus_batches, median_of, percentiles, timed
 
-FRONTIER_RECIPES = ("fp32", "fp16", "default", "int8-weight", "int8-mixed", "int8-token", "int8-dynamic", "int4")
+FRONTIER_RECIPES = (
+    "fp32",
+    "fp16",
+    "default",
+    "int8-token7",
+    "int8-weight",
+    "int8-mixed",
+    "int8-token",
+    "int8-dynamic",
+    "int4",
+)
 # x86 features that decide which onnxruntime (MLAS) kernels run: int8 GEMMs use VNNI (vpdpbusd) where present,
 # else AVX2 vpmaddubsw, whose 16-bit pair sums saturate with full-range int8 weights (int8-token7 avoids it).
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")

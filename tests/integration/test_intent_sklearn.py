@@ -133,12 +133,11 @@ def test_the_fp32_intent_graph_agrees_with_the_sklearn_head(models_root: Path, s
 
 
 def test_the_default_published_the_classifier_weight_only_after_w7a8_missed_its_gate(models_root: Path) -> None:
-    """The ladder on real data: W7A8 flips about 2 % of the intent decisions (gate: 99 % agreement)."""
+    """The ladder on real data: both W7A8 rungs flip about 2 % of the intent decisions (gate: 99 % agreement)."""
     folder = models_root / INTENT_MODEL_ID
     if not folder.is_dir():
         pytest.skip("the intent classifier is not built (make test builds it)")
     quantization = Manifest.read(folder).raw["quantization"]
     assert quantization["recipe"] == "int8-weight"
-    (rejected,) = quantization["rejected"]
-    assert rejected["recipe"] == "int8-token7" and rejected["metric"] == "top1_agreement"
-    assert rejected["value"] < 0.99
+    assert [rung["recipe"] for rung in quantization["rejected"]] == ["int8-static", "int8-token7"]
+    assert all(rung["metric"] == "top1_agreement" and rung["value"] < 0.99 for rung in quantization["rejected"])

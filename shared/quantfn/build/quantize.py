@@ -332,6 +332,8 @@ def per_token_int8(
     activation_max: int = 127,
     activation_zero: int = 128,
     unsigned_weights: bool = False,
+    static: Iterable[str] = (),
+    ranges: Ranges | None = None,
 ) -> None:
     """W8A8 with one dynamic activation scale per token and one weight scale per channel.
 
@@ -352,10 +354,19 @@ def per_token_int8(
     (uint8 codes <= 127) keep every pair in range; ``unsigned_weights`` stores
     the weights as uint8 with zero point 128 (onnxruntime's u8 x u8 kernel,
     which widens to 16 bits and never saturates).
+
+    Projections named in ``static`` (``normalized_projections``) take one *static* activation scale
+    and zero point instead, from ``ranges`` (the calibration's per-channel extremes of the input,
+    divided by the SmoothQuant factor: the whole range seen, nothing clipped), uint8 codes
+    ``0 .. 2 * activation_zero - 1``: ``x -> QuantizeLinear(x, s, z) -> MatMulIntegerToFloat(.., s, w_scale,
+    z, bias)``. No per-token ops, and the bias rides in the kernel (exact with a scalar ``a_scale``). Still
+    batch invariant: a constant scale depends on no other text.
     """
     from onnx import helper
 
-    skip = set(skip)
+    skip, static = set(skip), set(static)
+    if static and (hessians is None or ranges is None):
+        raise ValueError("static activation scales need the calibration's hessians and ranges")
     _ensure_ms_opset(model)
     # Opset 21's blocked QuantizeLinear takes the per-token scale itself (one block per row): no
     # separate multiply by 127 / max|x| over the activations, no reciprocal.
@@ -391,6 +402,12 @@ def per_token_int8(
             w_q, w_scale = quantize_rows_int8(weight, axis=1)
         if unsigned_weights:
             w_q = (w_q.astype(np.int16) + 128).astype(np.uint8)
+        if node.name in static:
+            assert smooth is not None and ranges is not None
+            weight_scales[y] = _add(model, name + ".scale", np.asarray(w_scale, np.float32).reshape(-1))
+            low, high = ranges[x]
+            _quantize_static(model, node, smooth, low, high, w_q, weight_scales, 2 * activation_zero - 1, w_zp)
+            continue
         prefix: list[onnx.NodeProto] = []
         key = x if smooth is None else name
         if key not in quantized_inputs:
@@ -465,10 +482,91 @@ def per_token_int8(
         _replace(model, node, prefix + body)
 
 
-def collect_hessians(fp32_path: str, feeds: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    """``X^T X`` (float64 [K, K]) of every projection's input over real tokens of calibration batches.
+Ranges = dict[str, tuple[np.ndarray, np.ndarray]]
 
-    ``feeds`` yields ``(input_ids, attention_mask[, token_type_ids])``; padded positions are left out.
+
+# Ops whose outputs keep a steady range from token to token (normalized, or averages of values): the
+# inputs a static activation scale suits. A GELU's output does not (a few tokens carry outliers).
+_STEADY_PRODUCERS = {
+    ("LayerNormalization", ""),
+    ("SkipLayerNormalization", "com.microsoft"),
+    ("MultiHeadAttention", "com.microsoft"),
+    ("Attention", "com.microsoft"),
+}
+
+
+def normalized_projections(model: onnx.ModelProto) -> list[str]:
+    """Projections fed by a LayerNormalization or an attention (BERT: qkv, attn_out, ffn_in; not ffn_out)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    steady = []
+    for node in projection_nodes(model):
+        source = producer.get(node.input[0])
+        if source is not None and (source.op_type, source.domain) in _STEADY_PRODUCERS:
+            steady.append(node.name)
+    return steady
+
+
+def _quantize_static(
+    model: onnx.ModelProto,
+    node: onnx.NodeProto,
+    smooth: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    w_q: np.ndarray,
+    weight_scales: dict[str, str],
+    levels: int,
+    w_zp: str | None,
+) -> None:
+    """Put ``QuantizeLinear(x / smooth, s, z) -> MatMulIntegerToFloat(+ bias)`` where projection ``node`` is."""
+    from onnx import helper, numpy_helper
+
+    x, name, y = node.input[0], node.input[1], node.output[0]
+    # x / smooth spans [min(low / smooth), max(high / smooth)] on the calibration tokens (smooth > 0).
+    lowest = min(float((low / smooth).min()), 0.0)
+    highest = max(float((high / smooth).max()), 0.0)
+    scale = max(highest - lowest, 1e-8) / levels
+    zero = int(np.clip(np.rint(-lowest / scale), 0, levels))
+    p = name + ".st"
+    prefix: list[onnx.NodeProto] = []
+    if not _fold_into_values(model, x, 1 / smooth, weight_scales):
+        prefix.append(
+            helper.make_node(
+                "Mul", [x, _add(model, p + ".smooth", (1 / smooth).astype(np.float32))], [p + ".in"], name=p + ".in"
+            )
+        )
+        x = p + ".in"
+    a_scale = _add(model, p + ".scale", np.array(scale, np.float32))
+    a_zero = _add(model, p + ".zp", np.array(zero, np.uint8))
+    prefix.append(helper.make_node("QuantizeLinear", [x, a_scale, a_zero], [p + ".q"], name=p + ".q"))
+    inputs = [p + ".q", _add(model, name + ".q", w_q), a_scale, weight_scales[y], a_zero]
+    # The bias Add that follows (attn_out, ffn_out, an unfused BiasGelu's) folds into the kernel.
+    inits = _initializers(model)
+    users = [n for n in model.graph.node if y in n.input]
+    out, bias_add = y, None
+    if len(users) == 1 and users[0].op_type == "Add" and users[0].domain in ("", "ai.onnx") and users[0].name:
+        other = [i for i in users[0].input if i != y]
+        if len(other) == 1 and other[0] in inits:
+            bias = numpy_helper.to_array(inits[other[0]])
+            if bias.shape == (w_q.shape[1],) and bias.dtype == np.float32:
+                bias_add, out = users[0], users[0].output[0]
+    if w_zp or bias_add is not None:
+        inputs.append(w_zp or "")
+    if bias_add is not None:
+        inputs.append(other[0])
+    kernel = helper.make_node("MatMulIntegerToFloat", inputs, [out], name=y + ".w", domain="com.microsoft")
+    _replace(model, node, [*prefix, kernel])
+    if bias_add is not None:
+        kept = [n for n in model.graph.node if n.name != bias_add.name or n.op_type != "Add"]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+
+
+def collect_statistics(fp32_path: str, feeds: Iterable[tuple[np.ndarray, ...]]) -> tuple[dict[str, np.ndarray], Ranges]:
+    """Every projection input's ``X^T X`` (float64 [K, K]) and per-channel min and max ([K]), over real tokens.
+
+    ``feeds`` yields ``(input_ids, attention_mask[, token_type_ids])`` calibration batches; padded positions
+    are left out. The per-channel extremes give the exact range of ``x / s`` over every calibration token
+    for any positive per-channel factor ``s`` (SmoothQuant's): what a static activation scale needs.
     """
     import copy
 
@@ -485,6 +583,7 @@ def collect_hessians(fp32_path: str, feeds: Iterable[tuple[np.ndarray, np.ndarra
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     hessians: dict[str, np.ndarray] = {}
+    ranges: Ranges = {}
     for batch in feeds:
         ids, mask = batch[0], batch[1]
         feed = {"input_ids": ids, "attention_mask": mask}
@@ -495,7 +594,11 @@ def collect_hessians(fp32_path: str, feeds: Iterable[tuple[np.ndarray, np.ndarra
             # Per-token activations keep real tokens only; a pooled [batch, hidden] input (a head) keeps every row.
             rows = (value[mask.astype(bool)] if value.ndim == 3 else value).astype(np.float64)
             hessians[name] = hessians.get(name, 0) + rows.T @ rows
-    return hessians
+            low, high = rows.min(axis=0), rows.max(axis=0)
+            if name in ranges:
+                low, high = np.minimum(low, ranges[name][0]), np.maximum(high, ranges[name][1])
+            ranges[name] = (low, high)
+    return hessians, ranges
 
 
 def gptq_int8(

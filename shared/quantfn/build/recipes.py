@@ -54,19 +54,27 @@ class Gate:
 
 
 class Calibration:
-    """Lazily computed activation statistics of the fp32 graph on the calibration texts."""
+    """Lazily computed activation statistics of the fp32 graph on the calibration texts (one pass for both)."""
 
     def __init__(self, fp32_path: Path, feeds: Callable[[], list[tuple[np.ndarray, np.ndarray]]]) -> None:
         self._fp32_path = fp32_path
         self._feeds = feeds
-        self._hessians: dict[str, np.ndarray] | None = None
+        self._statistics: tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]] | None = None
+
+    def _collected(self) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+        if self._statistics is None:
+            from quantfn.build.quantize import collect_statistics
+
+            self._statistics = collect_statistics(str(self._fp32_path), self._feeds())
+        return self._statistics
 
     def hessians(self) -> dict[str, np.ndarray]:
-        if self._hessians is None:
-            from quantfn.build.quantize import collect_hessians
+        """Each projection input's ``X^T X``."""
+        return self._collected()[0]
 
-            self._hessians = collect_hessians(str(self._fp32_path), self._feeds())
-        return self._hessians
+    def ranges(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each projection input's per-channel (min, max)."""
+        return self._collected()[1]
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,22 @@ def _int8_token7(src: Path, dst: Path, calibration: Calibration) -> None:
         lambda m: q.per_token_int8(m, hessians=hessians, alpha=0.5, weight_max=63),
         q.embedding_int8,
         lambda m: q.position_table_int8(m, MAX_SEQUENCE_LENGTH),
+    )
+
+
+def _int8_static(src: Path, dst: Path, calibration: Calibration) -> None:
+    import onnx
+
+    from quantfn.build import quantize as q
+
+    hessians, ranges = calibration.hessians(), calibration.ranges()
+    steady = q.normalized_projections(onnx.load(str(src)))
+    _rewrite(
+        src,
+        dst,
+        lambda m: q.per_token_int8(m, hessians=hessians, alpha=0.75, weight_max=63, static=steady, ranges=ranges),
+        q.embedding_int8,
+        lambda m: q.position_table_int8(m, max_positions(m)),
     )
 
 
@@ -272,6 +296,21 @@ RECIPES: dict[str, Recipe] = {
             "calibration": "even-indexed half of fidelity_corpus.txt",
         },
     ),
+    "int8-static": Recipe(
+        "int8-static",
+        "W7A8 with static activation scales where activations keep a steady range: the projections fed by a "
+        "LayerNormalization or an attention (qkv, attn_out, ffn_in) take one calibrated scale and zero point "
+        "each (the whole calibration range, no clipping) and their bias inside the kernel; the ones after GELU "
+        "(ffn_out) keep per-token dynamic scales. SmoothQuant alpha 0.75, GPTQ 7-bit weights; batch invariant",
+        Gate(),
+        _int8_static,
+        {
+            "weights": "int7 in int8 storage, per-output-channel, SmoothQuant alpha 0.75, GPTQ",
+            "activations": "int8 static per tensor after LayerNorm and attention, dynamic per token after GELU",
+            "embeddings": "int8 per-row",
+            "calibration": "even-indexed half of fidelity_corpus.txt",
+        },
+    ),
     "int8-mixed": Recipe(
         "int8-mixed",
         "mixed: 12 projections W8A8 (per-token dynamic int8 activations, SmoothQuant 0.5, GPTQ), the 12 most "
@@ -316,11 +355,12 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 
-# ``default`` is not one recipe but the first of these that passes the model's gate: W7A8 computes in
-# int8 (about 2x onnxruntime fp32 at batch 32, bench/QUANTIZATION.md), and where its activations cost
-# more than the gate allows (the intent classifier flips 2 % of near-tied decisions) the model is
-# published weight-only, fp32 compute, as fast as fp32 and closest to it.
-DEFAULT_LADDER = ("int8-token7", "int8-weight")
+# ``default`` is not one recipe but the first of these that passes the model's gate: W7A8 with static
+# scales where activations keep a steady range needs no per-token ops there (fewest kernels: the fastest
+# single text, bench/QUANTIZATION.md round 9); W7A8 with every scale per token is next; where int8
+# activations cost more than the gate allows (the intent classifier flips 2 % of near-tied decisions)
+# the model is published weight-only, fp32 compute, as fast as fp32 and closest to it.
+DEFAULT_LADDER = ("int8-static", "int8-token7", "int8-weight")
 RECIPE_NAMES = ("default", *RECIPES)
 
 
