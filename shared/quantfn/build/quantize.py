@@ -402,9 +402,9 @@ def per_token_int8(
             w_q, w_scale = quantize_rows_int8(weight, axis=1)
         if unsigned_weights:
             w_q = (w_q.astype(np.int16) + 128).astype(np.uint8)
+        weight_scales[y] = _add(model, name + ".scale", np.asarray(w_scale, np.float32).reshape(-1))
         if node.name in static:
             assert smooth is not None and ranges is not None
-            weight_scales[y] = _add(model, name + ".scale", np.asarray(w_scale, np.float32).reshape(-1))
             low, high = ranges[x]
             _quantize_static(model, node, smooth, low, high, w_q, weight_scales, 2 * activation_zero - 1, w_zp)
             continue
@@ -464,7 +464,6 @@ def per_token_int8(
                 ]
             quantized_inputs[key] = (p + ".q", p + ".scale")
         xq, x_scale = quantized_inputs[key]
-        weight_scales[y] = _add(model, name + ".scale", np.asarray(w_scale, np.float32).reshape(-1))
         # One fused kernel for the int32 product, its conversion and the weight scales (onnxruntime's
         # MatMulIntegerToFloat, per-column b_scale; bit-identical to MatMulInteger + Cast + Mul and
         # two passes over the output fewer); the per-token scale follows as one Mul (given to the
@@ -556,9 +555,7 @@ def _quantize_static(
     kernel = helper.make_node("MatMulIntegerToFloat", inputs, [out], name=y + ".w", domain="com.microsoft")
     _replace(model, node, [*prefix, kernel])
     if bias_add is not None:
-        kept = [n for n in model.graph.node if n.name != bias_add.name or n.op_type != "Add"]
-        del model.graph.node[:]
-        model.graph.node.extend(kept)
+        _replace(model, bias_add, [])
 
 
 def collect_statistics(fp32_path: str, feeds: Iterable[tuple[np.ndarray, ...]]) -> tuple[dict[str, np.ndarray], Ranges]:

@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from quantfn.build.errors import BuildError
+
+if TYPE_CHECKING:
+    from quantfn.build.quantize import Ranges
 
 MAX_SEQUENCE_LENGTH = 256
 
@@ -59,9 +62,9 @@ class Calibration:
     def __init__(self, fp32_path: Path, feeds: Callable[[], list[tuple[np.ndarray, np.ndarray]]]) -> None:
         self._fp32_path = fp32_path
         self._feeds = feeds
-        self._statistics: tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]] | None = None
+        self._statistics: tuple[dict[str, np.ndarray], Ranges] | None = None
 
-    def _collected(self) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    def _collected(self) -> tuple[dict[str, np.ndarray], Ranges]:
         if self._statistics is None:
             from quantfn.build.quantize import collect_statistics
 
@@ -72,7 +75,7 @@ class Calibration:
         """Each projection input's ``X^T X``."""
         return self._collected()[0]
 
-    def ranges(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def ranges(self) -> Ranges:
         """Each projection input's per-channel (min, max)."""
         return self._collected()[1]
 
@@ -160,16 +163,15 @@ def _int8_token7(src: Path, dst: Path, calibration: Calibration) -> None:
 
 
 def _int8_static(src: Path, dst: Path, calibration: Calibration) -> None:
-    import onnx
-
     from quantfn.build import quantize as q
 
     hessians, ranges = calibration.hessians(), calibration.ranges()
-    steady = q.normalized_projections(onnx.load(str(src)))
     _rewrite(
         src,
         dst,
-        lambda m: q.per_token_int8(m, hessians=hessians, alpha=0.75, weight_max=63, static=steady, ranges=ranges),
+        lambda m: q.per_token_int8(
+            m, hessians=hessians, alpha=0.75, weight_max=63, static=q.normalized_projections(m), ranges=ranges
+        ),
         q.embedding_int8,
         lambda m: q.position_table_int8(m, max_positions(m)),
     )
