@@ -61,7 +61,9 @@ def base_env(threads: int = 2) -> dict[str, str]:
         "QUANTFN_THREADS": str(threads),
         "OMP_NUM_THREADS": str(threads),
         "POWERTOOLS_METRICS_DISABLED": "true",
-        "POWERTOOLS_LOG_LEVEL": "ERROR",
+        # as template.yaml deploys the functions (LogLevel INFO): each request writes its log record (and its
+        # EMF metrics) to a null sink, as it would to CloudWatch
+        "POWERTOOLS_LOG_LEVEL": "INFO",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
     return env

@@ -15,12 +15,12 @@ from quantfn import inference
 from quantfn.errors import BadRequest, QuantfnError
 from quantfn.registry import get_registry
 from quantfn.routing import RoutePlan
-from quantfn.serialize import dumps
+from quantfn.serialize import dumps, log_json
 from quantfn.tracing import capture_lambda_handler
 from quantfn.warmup import prepare_init
 from quantfn.wire import body, classify, openai, rerank
 
-logger = Logger(service="quantfn-api")
+logger = Logger(service="quantfn-api", json_serializer=log_json)
 metrics = Metrics(namespace="quantfn", service="quantfn-api")
 TIMING_METRICS = {"model_load_ms": "ModelLoadMs", "tokenize_ms": "TokenizeMs", "inference_ms": "InferenceMs"}
 TIMING_METRICS["endpoint_ms"] = "EndpointMs"
@@ -35,12 +35,14 @@ def _serve(event: dict, context: Any, parse: Callable[[Any], Any], reply: Callab
     # No size limits here: the router applies them, so a 413 can say whether the GPU endpoint could take it.
     request = parse(body.load_json_body(raw, None))
     result = inference.run(request, inference.Budget(context.get_remaining_time_in_millis(), len(raw)))
-    _record_route(result.route)
+    _count_route(result.route)
     for name, value in result.timings_ms.items():
         metrics.add_metric(name=TIMING_METRICS[name], unit=MetricUnit.Milliseconds, value=value)
     metrics.add_metric(name="InputTokens", unit=MetricUnit.Count, value=result.tokens)
     metrics.add_metric(name="Inputs", unit=MetricUnit.Count, value=len(result.token_counts))
-    logger.info("served", extra={"task": request.task, "inputs": len(result.token_counts), **result.timings_ms})
+    # One record per request: what was served, how long each step took, and the route with its numbers.
+    fields = {"task": request.task, "inputs": len(result.token_counts), **result.timings_ms}
+    logger.info("served", extra=fields | result.route.log_fields())
     return 200, reply(result, request), {ROUTE_HEADER: result.route.header}
 
 
@@ -123,18 +125,19 @@ def route(event: dict, context: Any) -> Reply:
         return handler(event, context)
     except QuantfnError as error:
         log = logger.info if error.status < 500 else logger.error
-        log("request refused", extra={"status": error.status, "code": error.code, "detail": error.message[:500]})
+        fields = {"status": error.status, "code": error.code, "detail": error.message[:500]}
         if isinstance(error.route, RoutePlan):
-            _record_route(error.route)
+            log("request refused", extra=fields | error.route.log_fields())
+            _count_route(error.route)
             return _error_reply(error, error.status, {ROUTE_HEADER: error.route.header})
+        log("request refused", extra=fields)
         return _error_reply(error, error.status)
     except Exception:
         logger.exception("unexpected error")
         return _error_reply(QuantfnError("unexpected"), 500)
 
 
-def _record_route(plan: RoutePlan) -> None:
-    logger.info("routed", extra=plan.log_fields())
+def _count_route(plan: RoutePlan) -> None:
     # One count per route (RoutedLocal, RoutedEndpoint, RoutedRefuse); the reason rides along in the EMF record.
     metrics.add_metric(name=f"Routed{plan.route.title()}", unit=MetricUnit.Count, value=1)
     metrics.add_metadata(key="route_reason", value=plan.reason)

@@ -14,10 +14,11 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from quantfn.batch.jobs import parse_job_message
 from quantfn.batch.runner import Delivery, JobRunner
 from quantfn.registry import get_registry
+from quantfn.serialize import log_json
 from quantfn.tracing import capture_lambda_handler
 from quantfn.warmup import prepare_init
 
-logger = Logger(service="quantfn-batch")
+logger = Logger(service="quantfn-batch", json_serializer=log_json)
 metrics = Metrics(namespace="quantfn", service="quantfn-batch")
 # A batch whose every record failed is still a partial-batch reply (batchItemFailures), not an exception:
 # with one message per invocation, raising would hide which message failed and skip the metrics.

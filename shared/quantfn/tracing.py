@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -22,6 +22,7 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 _FALSE = {"", "0", "false", "no", "off"}
 _tracer: Any = None
 _lock = threading.Lock()
+_enabled: bool | None = None  # tracing_enabled() as read once: a function's environment does not change
 
 
 def tracing_enabled() -> bool:
@@ -46,17 +47,34 @@ def get_tracer() -> Any:
 
 
 def set_tracer(tracer: Any) -> None:
-    """Use ``tracer`` (tests: a Tracer with a recording provider, or in its disabled mode); None resets."""
-    global _tracer
-    _tracer = tracer
+    """Use ``tracer`` (tests: a Tracer with a recording provider, or in its disabled mode); None resets.
+
+    Resetting also forgets whether tracing is on: the next subsegment reads the environment again.
+    """
+    global _tracer, _enabled
+    _tracer, _enabled = tracer, None
+
+
+def _on() -> bool:
+    # Every request opens several subsegments: the environment is read on the first, not on each.
+    global _enabled
+    if _tracer is not None:
+        return True
+    if _enabled is None:
+        _enabled = tracing_enabled()
+    return _enabled
+
+
+def subsegment(name: str, **annotations: str | int | float | bool) -> AbstractContextManager[None]:
+    """A subsegment named ``## name`` with ``annotations`` when tracing is on; nothing otherwise."""
+    return _traced(name, annotations) if _on() else _OFF
+
+
+_OFF = nullcontext()  # stateless: one serves every untraced step
 
 
 @contextmanager
-def subsegment(name: str, **annotations: str | int | float | bool) -> Iterator[None]:
-    """A subsegment named ``## name`` with ``annotations`` when tracing is on; nothing otherwise."""
-    if _tracer is None and not tracing_enabled():
-        yield
-        return
+def _traced(name: str, annotations: dict[str, str | int | float | bool]) -> Iterator[None]:
     with get_tracer().provider.in_subsegment(name=f"## {name}") as segment:
         for key, value in annotations.items():
             segment.put_annotation(key=key, value=value)
@@ -65,6 +83,6 @@ def subsegment(name: str, **annotations: str | int | float | bool) -> Iterator[N
 
 def capture_lambda_handler(handler: Handler) -> Handler:
     """The handler under ``Tracer.capture_lambda_handler`` when tracing is on at import; unchanged otherwise."""
-    if _tracer is None and not tracing_enabled():
+    if not _on():
         return handler
     return get_tracer().capture_lambda_handler(handler, capture_response=False)
