@@ -229,8 +229,10 @@ def test_given_the_static_recipe_when_a_tiny_encoder_is_quantized_then_only_the_
     assert len(static) == 6 and all(inits[q.input[1]].size == 1 for q in static)
     dynamic = [q for q in quantizers if q.input[1] not in inits]
     assert len(dynamic) == 2 and all(producer[producer[q.input[0]].input[0]].op_type == "Gelu" for q in dynamic)
-    # attn_out and ffn_in carry their bias inside the kernel (qkv's is in the attention op)
-    assert sum(len(k.input) == 7 and k.input[6] in inits for k in kernels) == 4
+    # qkv, attn_out and ffn_in carry their bias inside the kernel; the attention op adds none of its own
+    assert sum(len(k.input) == 7 and k.input[6] in inits for k in kernels) == 6
+    attention = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(attention) == 2 and all(not n.input[3] for n in attention)
     assert sum(n.op_type in ("Abs", "ReduceMax") for n in graph.node) == 4
     assert manifest.raw["fidelity"]["batch_invariance_min_cosine"] >= 0.9999
     assert _cosine_to_torch_bert(built, manifest, checkpoints["bert"]).min() > 0.99

@@ -124,8 +124,11 @@ def test_every_projection_computes_in_int8_with_static_scales_where_activations_
     assert len(per_token) == 6 and all(any(a.name == "block_size" for a in q.attribute) for q in per_token)
     assert len({q.input[2] for q in per_token}) == 1 and ops.count("Expand") == 1
     assert ops.count("Abs") == ops.count("ReduceMax") == 6
-    # attn_out's and ffn_in's biases ride in the kernel (qkv's in the attention op, ffn_out's after its scale)
-    assert sum(len(n.input) == 7 and n.input[6] in inits for n in products) == 12
+    # qkv's, attn_out's and ffn_in's biases ride in the kernel (ffn_out's after its per-token scale): the
+    # attention gets q, k, v with their bias added and no bias input of its own
+    assert sum(len(n.input) == 7 and n.input[6] in inits for n in products) == 18
+    attention = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(attention) == 6 and all(len(n.input) > 3 and not n.input[3] for n in attention)
     # opset 20's Gelu alone, not com.microsoft BiasGelu (slower on CPU)
     assert ops.count("Gelu") == 6 and "BiasGelu" not in ops
 

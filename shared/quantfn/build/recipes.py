@@ -109,7 +109,9 @@ def _rewrite(fp32_path: Path, out_path: Path, *steps: Callable[[Any], Any]) -> N
 
     model = onnx.load(str(fp32_path))
     for step in steps:
-        model = step(model) or model
+        result = step(model)  # a step rewrites in place, or returns the new model (anything else: a count)
+        if isinstance(result, onnx.ModelProto):
+            model = result
     onnx.save_model(model, str(out_path))
 
 
