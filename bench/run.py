@@ -129,7 +129,7 @@ def main() -> int:
     # In process, metrics stay on: flushing them is part of what the handler costs (they go to a null sink).
     os.environ.pop("POWERTOOLS_METRICS_DISABLED", None)
     print("warm: handler, onnxruntime fp32, sentence-transformers ...", flush=True)
-    by_threads = {t: sections.warm_side_by_side(fp32, source_dir, t, repeats) for t in (1, 2)}
+    by_threads = {t: sections.warm_side_by_side(fp32, source_dir, t, repeats, FUNCTION_ENV) for t in (1, 2)}
     results["warm"] = {name: {t: by_threads[t][name] for t in (1, 2)} for name in by_threads[1]}
     print("frontier ...", flush=True)
     folders = [ensure_model(r) for r in report.FRONTIER_RECIPES]
