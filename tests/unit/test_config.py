@@ -45,6 +45,18 @@ def test_bad_values_are_refused_with_the_variable_named(name: str, value: str) -
         Settings.from_env({name: value})
 
 
+def test_a_model_given_alone_is_the_one_model_served() -> None:
+    settings = Settings(model="s3://bucket/models/intent-x/")
+    assert settings.models == (("intent-x", "s3://bucket/models/intent-x/"),)
+    assert Settings().models == (("all-minilm-l6-v2", "layer:all-minilm-l6-v2"),)
+    assert Settings(models=(("m", "layer:m"), ("n", "layer:n"))).model == "layer:m"
+
+
+def test_a_model_that_is_not_the_first_of_models_is_refused() -> None:
+    with pytest.raises(ValueError, match="first reference in models"):
+        Settings(model="layer:a", models=(("b", "layer:b"),))
+
+
 def test_settings_are_frozen() -> None:
     settings = Settings.from_env({})
     with pytest.raises(AttributeError):
