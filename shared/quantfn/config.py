@@ -155,16 +155,12 @@ def default_model_memory_mb(env: dict[str, str]) -> int:
     return 4096
 
 
-_DEFAULT_MODELS: tuple[tuple[str, str], ...] = (("all-minilm-l6-v2", DEFAULT_MODEL),)
-
-
 @dataclass(frozen=True)
 class Settings:
     """Typed settings; see the README for each variable's meaning."""
 
-    model: str = DEFAULT_MODEL  # the default model's reference (the first of ``models``)
-    #: The served models, ``(name, reference)`` in order; the first is the default.
-    models: tuple[tuple[str, str], ...] = _DEFAULT_MODELS
+    #: The served models, ``(name, reference)`` in order; the first is the default (``model``).
+    models: tuple[tuple[str, str], ...] = (("all-minilm-l6-v2", DEFAULT_MODEL),)
     #: Bytes the loaded sessions may take together; the least recently used is dropped first.
     model_memory_bytes: int = 4096 * 1024 * 1024
     models_root: Path = Path("/opt/models")
@@ -227,17 +223,10 @@ class Settings:
     server_max_inflight: int = 256
     server_read_timeout_ms: int = 30_000
 
-    def __post_init__(self) -> None:
-        # ``model`` is the first of ``models``. Either given alone decides the other (a ``model`` alone was
-        # ignored before: the registry served the default); both given and disagreeing is a mistake.
-        if self.model == self.models[0][1]:
-            return
-        if self.models == _DEFAULT_MODELS:
-            object.__setattr__(self, "models", ((_ref_id(self.model), self.model),))
-        elif self.model == DEFAULT_MODEL:
-            object.__setattr__(self, "model", self.models[0][1])
-        else:
-            raise ValueError(f"Settings: model {self.model!r} must be the first reference in models")
+    @property
+    def model(self) -> str:
+        """The default model's reference: the first of ``models``."""
+        return self.models[0][1]
 
     @property
     def endpoint_configured(self) -> bool:
@@ -250,7 +239,6 @@ class Settings:
         threads = _int(env, "QUANTFN_THREADS", 0)
         models = parse_models(env)
         return cls(
-            model=models[0][1],
             models=models,
             model_memory_bytes=_int(env, "QUANTFN_MODEL_MEMORY_MB", default_model_memory_mb(env), minimum=16) * 2**20,
             models_root=Path(env.get("QUANTFN_MODELS_ROOT", "").strip() or "/opt/models"),

@@ -24,7 +24,6 @@ MODEL = "all-MiniLM-L6-v2"
 
 def start(models_root: Path, **overrides) -> object:
     settings = Settings(
-        model="layer:all-minilm-l6-v2",
         models_root=models_root,
         gpu_provider="cpu",
         server_host="127.0.0.1",

@@ -45,16 +45,9 @@ def test_bad_values_are_refused_with_the_variable_named(name: str, value: str) -
         Settings.from_env({name: value})
 
 
-def test_a_model_given_alone_is_the_one_model_served() -> None:
-    settings = Settings(model="s3://bucket/models/intent-x/")
-    assert settings.models == (("intent-x", "s3://bucket/models/intent-x/"),)
-    assert Settings().models == (("all-minilm-l6-v2", "layer:all-minilm-l6-v2"),)
+def test_the_default_model_is_the_first_of_models() -> None:
     assert Settings(models=(("m", "layer:m"), ("n", "layer:n"))).model == "layer:m"
-
-
-def test_a_model_that_is_not_the_first_of_models_is_refused() -> None:
-    with pytest.raises(ValueError, match="first reference in models"):
-        Settings(model="layer:a", models=(("b", "layer:b"),))
+    assert Settings.from_env({"QUANTFN_MODELS": "b=layer:b,a=layer:a"}).model == "layer:b"
 
 
 def test_settings_are_frozen() -> None:
