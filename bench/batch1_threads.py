@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.measure import REPO
+from bench.measure import REPO, paired_ratio
 from quantfn.build.reference import load_corpus
 from quantfn.models.manifest import Manifest
 from quantfn.models.session import open_session
@@ -80,7 +80,7 @@ def main(names: list[str]) -> None:
             time.sleep(0.2)
     base = names[0]
     for name in names:
-        ratio = statistics.median(a / b for a, b in zip(p50s[name], p50s[base], strict=True))
+        ratio = paired_ratio(p50s[name], p50s[base])
         print(f"{name:28s} p50 {statistics.median(p50s[name]):6.3f} ms  x {base} {ratio:.3f}")
 
 

@@ -28,6 +28,11 @@ def median_of(repeats: int, run: Callable[[], float]) -> float:
     return statistics.median(run() for _ in range(repeats))
 
 
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median of per-round ratios of two systems measured round by round, side by side."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+
+
 def timed(call: Callable[[], Any]) -> float:
     started = time.perf_counter()
     call()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -11,13 +10,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
-from bench.measure import REPO, TYPICAL, Context, Isolated, api_event, corpus_batches, pad, percentiles, timed
+from bench.measure import (
+    REPO,
+    TYPICAL,
+    Context,
+    Isolated,
+    api_event,
+    corpus_batches,
+    pad,
+    paired_ratio,
+    percentiles,
+    timed,
+)
 
 # Lambda's published x86 prices (us-east-1): per GB-second and per request. Init is billed (since 2025-08).
 USD_PER_GB_S = 0.0000166667
@@ -220,21 +230,6 @@ class _Torch:
 B1_ROUNDS, B1_CALLS = 30, 60  # rounds long enough to pass the warm-up after each turn's idle pause
 
 
-@contextlib.contextmanager
-def _environment(extra: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``extra`` for the block: what a child spawned inside it inherits."""
-    saved = {key: os.environ.get(key) for key in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def warm_side_by_side(
     fp32_dir: Path, st_dir: Path, threads: int, repeats: int, function_env: dict[str, str] | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -251,7 +246,7 @@ def warm_side_by_side(
     """
     systems: dict[str, Isolated] = {}
     try:
-        with _environment(function_env or {}):
+        with mock.patch.dict(os.environ, function_env or {}):  # what the spawned child inherits
             systems["quantfn"] = Isolated(_Quantfn, threads)
         systems["ort_fp32"] = Isolated(_Ort, fp32_dir, threads)
         systems["torch"] = Isolated(_Torch, st_dir, threads)
@@ -274,13 +269,14 @@ def warm_side_by_side(
             }
             for name, samples in latencies.items()
         }
+        b1 = results["quantfn"]["batch1"]
         for name in ("ort_fp32", "torch"):
-            paired = [mine / theirs for mine, theirs in zip(round_medians["quantfn"], round_medians[name], strict=True)]
-            results["quantfn"]["batch1"][f"ratio_vs_{name}"] = round(statistics.median(paired), 3)
+            b1[f"ratio_vs_{name}"] = round(paired_ratio(round_medians["quantfn"], round_medians[name]), 3)
         # A request that arrives after the others' turns and a SETTLE_S pause (cold caches, idle threads): the
         # sparse-traffic case, reported beside the steady one.
-        paired = [mine / theirs for mine, theirs in zip(first_calls["quantfn"], first_calls["ort_fp32"], strict=True)]
-        results["quantfn"]["batch1"]["first_after_pause_ratio_vs_ort_fp32"] = round(statistics.median(paired), 3)
+        b1["first_after_pause_ratio_vs_ort_fp32"] = round(
+            paired_ratio(first_calls["quantfn"], first_calls["ort_fp32"]), 3
+        )
         for label, sort in ORDERS:
             count = sum(map(len, corpus_batches(32, sort=sort)))
             passes: dict[str, list[float]] = {name: [] for name in systems}
@@ -293,8 +289,7 @@ def warm_side_by_side(
                 results[name][label] = {"inputs_per_s": round(count / statistics.median(passes[name]), 1)}
             ours = results["quantfn"][label]
             for name in ("ort_fp32", "torch"):
-                paired = [theirs / mine for theirs, mine in zip(passes[name], passes["quantfn"], strict=True)]
-                ours[f"ratio_vs_{name}"] = round(statistics.median(paired), 3)
+                ours[f"ratio_vs_{name}"] = round(paired_ratio(passes[name], passes["quantfn"]), 3)
             ours |= systems["quantfn"].call("overhead", label, count, repeats)
     finally:
         for system in systems.values():

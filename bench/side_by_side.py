@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.measure import Isolated, corpus_batches, timed
+from bench.measure import Isolated, corpus_batches, paired_ratio, timed
 from quantfn.models.manifest import Manifest
 from quantfn.tasks import open_pipeline
 
@@ -112,8 +112,8 @@ def main(argv: list[str]) -> None:
             child.close()
     base = next(iter(children))
     for name in children:
-        ratio = statistics.median(a / b for a, b in zip(rates[name], rates[base], strict=True))
-        b1 = statistics.median(a / b for a, b in zip(latency[name], latency[base], strict=True))
+        ratio = paired_ratio(rates[name], rates[base])
+        b1 = paired_ratio(latency[name], latency[base])
         print(
             f"{threads} thr  {name:60s} {statistics.median(rates[name]):7.1f}/s  x{ratio:.2f}  "
             f"b1 p50 {statistics.median(latency[name]):.2f} ms ({b1:.2f}x)"
