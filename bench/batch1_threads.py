@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bench.measure import REPO, paired_ratio
-from quantfn.build.reference import load_corpus
+from quantfn.modelbuild.reference import load_corpus
 from quantfn.models.manifest import Manifest
 from quantfn.models.session import open_session
 

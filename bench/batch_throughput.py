@@ -217,7 +217,7 @@ def main() -> int:
         QUANTFN_MODELS_ROOT=os.environ.get("QUANTFN_MODELS_ROOT", str(ROOT / "build" / "models")),
         PYTHONPATH=f"{ROOT / 'shared'}:{ROOT}",
     )
-    from quantfn.build.reference import load_corpus
+    from quantfn.modelbuild.reference import load_corpus
 
     s3, sqs = _client("s3"), _client("sqs")
     s3.create_bucket(Bucket="bench-jobs")

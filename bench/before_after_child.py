@@ -35,7 +35,7 @@ def main() -> None:
     cold_ms = (time.perf_counter() - T0) * 1000
     assert reply["statusCode"] == 200, reply
     with open(
-        os.path.join(os.path.dirname(__file__), "..", "shared", "quantfn", "build", "data", "fidelity_corpus.txt")
+        os.path.join(os.path.dirname(__file__), "..", "shared", "quantfn", "modelbuild", "data", "fidelity_corpus.txt")
     ) as f:
         corpus = [line.strip() for line in f if line.strip()]
     batches = [corpus[i : i + 32] for i in range(0, 320, 32)]

@@ -43,7 +43,7 @@ ALTERNATIVES = (  # $ per million input tokens, list prices
 def tokens_per_text(model_dir: Path, job_lines: int = 10_000) -> dict[str, float]:
     """Mean tokens per text of the batch benchmark's lines (the corpus, cycled) and of the API's typical request."""
     from bench.measure import TYPICAL
-    from quantfn.build.reference import load_corpus
+    from quantfn.modelbuild.reference import load_corpus
     from quantfn.tasks import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")

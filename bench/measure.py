@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from quantfn.build.reference import load_corpus
+from quantfn.modelbuild.reference import load_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TYPICAL = "Quantized embedding models answer quickly from a small serverless function on AWS."  # ~20 tokens

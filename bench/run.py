@@ -75,7 +75,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke run")
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
-    from quantfn.build.source import locate_source
+    from quantfn.modelbuild.source import locate_source
 
     source_dir = locate_source().folder
     ensure_model("default")

@@ -53,7 +53,7 @@ def sentence_transformers(threads: int) -> Embed:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from quantfn.build.source import locate_source
+    from quantfn.modelbuild.source import locate_source
 
     torch.set_num_threads(threads)
     model = SentenceTransformer(str(locate_source().folder), device="cpu")

@@ -119,6 +119,6 @@ def run_demo(models_root: Path, repo: Path) -> int:
     print(
         f"\nwarm       1 input: median {statistics.median(warm):.1f} ms   "
         f"32 inputs: median {statistics.median(warm32):.1f} ms "
-        f"({32000 / statistics.median(warm32):.0f} inputs/s, {get_registry().settings.threads} threads)"
+        f"({32000 / statistics.median(warm32):.0f} inputs/s, {get_registry().settings.runtime.threads} threads)"
     )
     return 0

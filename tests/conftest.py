@@ -38,11 +38,26 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prebuilt = Path(os.environ.get("QUANTFN_TEST_MODELS_ROOT", ROOT / "build" / "models"))
     if (prebuilt / DEFAULT_MODEL_ID / "manifest.json").is_file():
         return prebuilt
-    from quantfn.build.pipeline import build_model
+    from quantfn.modelbuild.pipeline import build_model
 
     out = tmp_path_factory.mktemp("models")
     build_model(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def quality_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The task-quality suite's data as small fake wheels in a cache folder (QUANTFN_QUALITY_CACHE):
+    a build in a test downloads nothing."""
+    from quantfn.config import get_settings
+    from tests.quality_data import small_suite
+
+    cache = small_suite(tmp_path_factory.mktemp("quality"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QUANTFN_QUALITY_CACHE", str(cache))
+        get_settings.cache_clear()
+        yield cache
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

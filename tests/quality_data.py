@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantfn.build import quality as q
+from quantfn.modelbuild import quality as q
 
 
 def make_wheels(cache: Path, documents: list[str], ratings: np.ndarray, reviews: list[tuple[str, str]]) -> None:

@@ -78,18 +78,18 @@ class ModelChoice:
 
 def choose_model(settings: Settings, available: list[str]) -> ModelChoice:
     """CUDA with the default model's fp16 build when both exist; CUDA with the default; else all on CPU."""
-    if settings.gpu_provider == "cuda" and CUDA not in available:
+    if settings.server.gpu_provider == "cuda" and CUDA not in available:
         raise ConfigError("QUANTFN_GPU_PROVIDER=cuda but onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu?)")
-    models = settings.models
-    if CUDA in available and settings.gpu_provider != "cpu":
-        gpu = parse_model_ref(settings.gpu_model)
-        if gpu.kind == "s3" or (settings.models_root / gpu.model_id / "manifest.json").is_file():
+    models = settings.runtime.models
+    if CUDA in available and settings.server.gpu_provider != "cpu":
+        gpu = parse_model_ref(settings.server.gpu_model)
+        if gpu.kind == "s3" or (settings.runtime.models_root / gpu.model_id / "manifest.json").is_file():
             default_name = models[0][0]
-            served = ((default_name, settings.gpu_model), *models[1:])
+            served = ((default_name, settings.server.gpu_model), *models[1:])
             return ModelChoice(served, (CUDA, CPU), f"CUDA available: {default_name} served by {gpu} on CUDA")
         reason = f"CUDA available but no {gpu} (QUANTFN_GPU_MODEL): the models as configured, on CUDA"
         return ModelChoice(models, (CUDA, CPU), reason)
-    why = "QUANTFN_GPU_PROVIDER=cpu" if settings.gpu_provider == "cpu" else "no CUDAExecutionProvider"
+    why = "QUANTFN_GPU_PROVIDER=cpu" if settings.server.gpu_provider == "cpu" else "no CUDAExecutionProvider"
     return ModelChoice(models, (CPU,), f"{why}: the models as configured, on CPU")
 
 
@@ -346,11 +346,11 @@ class EndpointServer(HttpServer):
         self.ready = threading.Event()
         self.load_error: str | None = None
         super().__init__(
-            (settings.server_host, settings.server_port),
-            backlog=settings.server_backlog,
-            max_inflight=settings.server_max_inflight,
-            read_timeout_s=settings.server_read_timeout_ms / 1000,
-            max_body_bytes=settings.max_body_bytes,
+            (settings.server.host, settings.server.port),
+            backlog=settings.server.backlog,
+            max_inflight=settings.server.max_inflight,
+            read_timeout_s=settings.server.read_timeout_ms / 1000,
+            max_body_bytes=settings.limits.max_body_bytes,
         )
 
     def respond(self, method: str, path: str, raw: bytes) -> tuple[int, dict[str, Any]]:
@@ -408,9 +408,9 @@ class EndpointServer(HttpServer):
                 settings = self.settings
                 batcher = MicroBatcher(
                     pipeline.forward,
-                    settings.server_batch_wait_ms / 1000,
-                    settings.server_batch_max_texts,
-                    settings.server_queue_max,
+                    settings.server.batch_wait_ms / 1000,
+                    settings.server.batch_max_texts,
+                    settings.server.queue_max,
                 )
                 batcher.pipeline = pipeline
                 self._batchers[pipeline.manifest.model_id] = batcher
@@ -421,7 +421,7 @@ class EndpointServer(HttpServer):
         if not self.ready.is_set():
             raise ModelUnavailable(self.load_error or "model is still loading")
         settings = self.settings
-        data = body.load_json_body(raw, settings.max_body_bytes)
+        data = body.load_json_body(raw, settings.limits.max_body_bytes)
         task = ROUTES.get(path, "embed")
         if path == "/invocations" and isinstance(data, dict) and "task" in data:
             data = dict(data)

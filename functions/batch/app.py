@@ -35,7 +35,7 @@ def get_runner() -> JobRunner:
 
 def queue_url_of(record: SQSRecord) -> str:
     """The queue for shards and follow-ups: the configured URL, else the one this record came from."""
-    configured = get_registry().settings.batch_queue_url
+    configured = get_registry().settings.batch.queue_url
     if configured:
         return configured
     _, _, _, region, account, name = record.event_source_arn.split(":", 5)
@@ -44,10 +44,10 @@ def queue_url_of(record: SQSRecord) -> str:
 
 def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     runner = get_runner()
-    job = parse_job_message(record.body, runner.settings.max_inputs)
+    job = parse_job_message(record.body, runner.settings.limits.max_inputs)
     logger.append_keys(job_id=job.job_id, shard=job.shard.index if job.shard else None, chunk=job.checkpoint.chunk)
     where = {"function": lambda_context.function_name, "memory_mb": int(lambda_context.memory_limit_in_mb)}
-    where |= {"request_id": lambda_context.aws_request_id, "threads": runner.settings.threads}
+    where |= {"request_id": lambda_context.aws_request_id, "threads": runner.settings.runtime.threads}
     receives = int(record.attributes.approximate_receive_count or 1)
     delivery = Delivery(queue_url_of(record), record.message_id, receives, where)
     outcome = runner.run(job, lambda_context.get_remaining_time_in_millis, delivery)

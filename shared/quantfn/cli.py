@@ -24,9 +24,9 @@ def progress_printer(stream=sys.stderr) -> Callable[[str], None]:
 
 
 def _build_model(args: argparse.Namespace) -> int:
-    from quantfn.build import BuildGateError
-    from quantfn.build.pipeline import RECIPES, build_model
-    from quantfn.build.recipes import DEFAULT_LADDER
+    from quantfn.modelbuild import BuildGateError
+    from quantfn.modelbuild.pipeline import RECIPES, build_model
+    from quantfn.modelbuild.recipes import DEFAULT_LADDER
     from quantfn.models.manifest import Manifest
 
     if args.list_recipes:
@@ -53,8 +53,8 @@ def _build_model(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from quantfn.build import BuildError
-    from quantfn.build.quality import format_table, run_eval
+    from quantfn.modelbuild import BuildError
+    from quantfn.modelbuild.quality import format_table, run_eval
 
     try:
         rows = run_eval(
@@ -73,10 +73,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _build_planned(args: argparse.Namespace) -> int:
     """build-model for a HF folder, an ONNX file, or a scikit-learn head: say what was decided, then build."""
-    from quantfn.build import BuildError, BuildGateError
-    from quantfn.build.architectures import plan_build
-    from quantfn.build.pipeline import build_planned
-    from quantfn.build.source import locate_source, read_hf_folder, read_onnx_file
+    from quantfn.modelbuild import BuildError, BuildGateError
+    from quantfn.modelbuild.architectures import plan_build
+    from quantfn.modelbuild.pipeline import build_planned
+    from quantfn.modelbuild.source import locate_source, read_hf_folder, read_onnx_file
 
     try:
         if args.onnx:
@@ -116,7 +116,7 @@ def _build_planned(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from quantfn.build.standalone import write_standalone
+    from quantfn.modelbuild.standalone import write_standalone
 
     path = write_standalone(Path(args.model_dir), Path(args.out))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): a standalone ONNX model for plain onnxruntime")

@@ -287,7 +287,7 @@ class EndpointClient:
         self.settings = settings
         self.transport = transport or make_transport(settings)
         self.breaker = CircuitBreaker(
-            settings.endpoint_breaker_failures, settings.endpoint_breaker_cooldown_ms / 1000, clock=clock
+            settings.endpoint.breaker_failures, settings.endpoint.breaker_cooldown_ms / 1000, clock=clock
         )
         self._sleep, self._jitter, self._clock = sleep, jitter, clock
 
@@ -340,12 +340,12 @@ class EndpointClient:
             if left < _MIN_ATTEMPT_S:
                 raise CallFailed(f"no time left for attempt {attempt}", retryable=False)
             try:
-                return self.transport.post(body, min(settings.endpoint_timeout_ms / 1000, left)), attempt
+                return self.transport.post(body, min(settings.endpoint.timeout_ms / 1000, left)), attempt
             except CallFailed as failure:
                 failure.detail = f"{failure.detail} (attempt {attempt})"
-                if not failure.retryable or attempt >= settings.endpoint_max_attempts:
+                if not failure.retryable or attempt >= settings.endpoint.max_attempts:
                     raise
-                cap = min(settings.endpoint_backoff_max_ms, settings.endpoint_backoff_base_ms * 2 ** (attempt - 1))
+                cap = min(settings.endpoint.backoff_max_ms, settings.endpoint.backoff_base_ms * 2 ** (attempt - 1))
                 pause = self._jitter() * cap / 1000  # full jitter: uniform in [0, cap)
                 if failure.retry_after_s is not None:  # the endpoint said when: no sooner
                     pause = max(pause, failure.retry_after_s)
@@ -373,11 +373,11 @@ class EndpointClient:
 
 def make_transport(settings: Settings) -> HttpTransport | SageMakerTransport:
     """The transport the settings name: a URL wins over a SageMaker endpoint name."""
-    connect_s = settings.endpoint_connect_timeout_ms / 1000
-    if settings.endpoint_url:
-        return HttpTransport(settings.endpoint_url, connect_s)
-    if settings.endpoint_name:
-        return SageMakerTransport(settings.endpoint_name, connect_s)
+    connect_s = settings.endpoint.connect_timeout_ms / 1000
+    if settings.endpoint.url:
+        return HttpTransport(settings.endpoint.url, connect_s)
+    if settings.endpoint.name:
+        return SageMakerTransport(settings.endpoint.name, connect_s)
     raise EndpointUnavailable(
         "no GPU endpoint is configured (QUANTFN_ENDPOINT_NAME or QUANTFN_ENDPOINT_URL)", code="endpoint_not_configured"
     )

@@ -127,7 +127,7 @@ def run(
     if budget.remaining_ms is None:
         return _run(request, budget, registry, forward, started)
     # A model fetched on the way (S3 stalled or slow) must answer 503 while the caller still listens.
-    margin_ms = registry.settings.route_margin_ms
+    margin_ms = registry.settings.limits.route_margin_ms
     with fetch_deadline(started + max(0.0, budget.remaining_ms - margin_ms) / 1000):
         return _run(request, budget, registry, forward, started)
 
@@ -168,7 +168,7 @@ def _run(request: Request, budget: Budget, registry: Registry, forward: Forward 
             raise route.refusal()
         tokens = encoded[0] if encoded else _encode(registry.tokenizer(served), request, manifest)
         counts = _per_input_counts(request, manifest, tokens.counts)
-        ok, errors = _screen(request, manifest, tokens, counts, registry.settings.max_input_tokens, budget)
+        ok, errors = _screen(request, manifest, tokens, counts, registry.settings.limits.max_input_tokens, budget)
         if route.route == ENDPOINT:
             output = _on_endpoint(request, served, manifest, registry, budget, started, timings)
         else:
@@ -260,8 +260,8 @@ def _per_input_settings(settings: Any) -> Any:
     from dataclasses import replace
 
     big = 1 << 40
-    return replace(
-        settings,
+    limits = replace(
+        settings.limits,
         max_inputs=big,
         max_input_tokens=big,
         max_total_tokens=big,
@@ -270,6 +270,7 @@ def _per_input_settings(settings: Any) -> Any:
         api_timeout_ms=big,
         route_margin_ms=0,
     )
+    return replace(settings, limits=limits)
 
 
 def _response_bytes(request: Request, manifest: Manifest) -> int:
@@ -319,7 +320,7 @@ def _on_endpoint(
     """The same answer from the GPU endpoint, which serves the model under its upstream name."""
     settings = registry.settings
     remaining = budget.remaining_ms if budget.remaining_ms is not None else 1e12
-    deadline = started + (min(settings.api_timeout_ms, remaining) - ENDPOINT_RESERVE_MS) / 1000
+    deadline = started + (min(settings.limits.api_timeout_ms, remaining) - ENDPOINT_RESERVE_MS) / 1000
     client = endpoint_client(registry)
     name = manifest.upstream or manifest.model_id  # the name every container serving this model answers to
     if isinstance(request, EmbedRequest):

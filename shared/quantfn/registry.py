@@ -86,7 +86,7 @@ class Registry:
         self.settings = settings
         self.store = store or ModelStore(settings)
         self.providers = tuple(providers)
-        self.models = [ServedModel(name, parse_model_ref(ref)) for name, ref in (models or settings.models)]
+        self.models = [ServedModel(name, parse_model_ref(ref)) for name, ref in (models or settings.runtime.models)]
         self._lock = threading.RLock()
         self._lru: OrderedDict[str, ServedModel] = OrderedDict()  # loaded models, least recently used first
         self.endpoint: Any = None  # the GPU endpoint client, made on first use (quantfn.inference)
@@ -111,7 +111,7 @@ class Registry:
         if manifest.upstream:
             names += [manifest.upstream, manifest.upstream.rsplit("/", 1)[-1]]
         if model is self.default:
-            names += list(self.settings.model_aliases)
+            names += list(self.settings.runtime.model_aliases)
         return list(dict.fromkeys(names))
 
     def resolve(self, name: str | None, task: str) -> ServedModel:
@@ -202,9 +202,9 @@ class Registry:
     def _load(self, model: ServedModel, tokenizer: Any) -> None:
         local = self._fetch(model)
         settings = self.settings
-        auto = parallel_mode(settings.parallelism, settings.threads, self.providers) == "auto"
+        auto = parallel_mode(settings.runtime.parallelism, settings.runtime.threads, self.providers) == "auto"
         need = estimate_memory_bytes(local.manifest, sessions=2 if auto else 1)
-        budget = self.settings.model_memory_bytes
+        budget = self.settings.runtime.model_memory_bytes
         if need > budget:
             raise ModelUnavailable(
                 f"model {model.name} needs about {need // 2**20} MB loaded, over the budget of {budget // 2**20} MB "
@@ -222,11 +222,11 @@ class Registry:
             lambda: open_pipeline(
                 local.path,
                 local.manifest,
-                settings.threads,
-                settings.batch_size,
+                settings.runtime.threads,
+                settings.runtime.batch_size,
                 self.providers,
                 tokenizer,
-                settings.parallelism,
+                settings.runtime.parallelism,
             ),
         )
         model.load_phases_ms["session"] = (time.perf_counter() - started) * 1000

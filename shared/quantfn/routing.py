@@ -101,15 +101,19 @@ def cpu_speed(settings: Settings) -> float:
     Below one vCPU (under 1,769 MB) its single thread runs at the share's speed;
     above, each extra thread adds ``cost_parallel_efficiency`` of a vCPU.
     """
-    share = max(settings.vcpu_share, 0.05)
-    return share if share < 1 else 1 + settings.cost_parallel_efficiency * (min(settings.threads, share) - 1)
+    share = max(settings.runtime.vcpu_share, 0.05)
+    return (
+        share
+        if share < 1
+        else 1 + settings.limits.cost_parallel_efficiency * (min(settings.runtime.threads, share) - 1)
+    )
 
 
 def estimate_local_ms(token_counts: Sequence[int], max_length: int, settings: Settings, cold: bool) -> float:
     """Predicted tokenize-and-run time here: tokens after truncation, a per-input overhead, the load if cold."""
     tokens = sum(min(count, max_length) for count in token_counts)
-    work = tokens * settings.cost_ms_per_token + len(token_counts) * settings.cost_ms_per_input
-    return work / cpu_speed(settings) + (settings.cost_load_ms if cold else 0)
+    work = tokens * settings.limits.cost_ms_per_token + len(token_counts) * settings.limits.cost_ms_per_input
+    return work / cpu_speed(settings) + (settings.limits.cost_load_ms if cold else 0)
 
 
 def plan(work: Work, *, remaining_ms: float | None, cold: bool, settings: Settings) -> RoutePlan:
@@ -126,30 +130,32 @@ def plan(work: Work, *, remaining_ms: float | None, cold: bool, settings: Settin
     )
     max_length = work.max_length
     facts = {"inputs": inputs, "payload_bytes": payload_bytes, "response_bytes": response}
-    if response > settings.max_response_bytes:
+    if response > settings.limits.max_response_bytes:
         return RoutePlan(
             REFUSE,
             "response_too_large",
             **facts,
             limit="QUANTFN_MAX_RESPONSE_BYTES",
-            message=f"The answer would be about {response / 2**20:.1f} MB, over the {settings.max_response_bytes} "
-            f"bytes a Lambda function can return (QUANTFN_MAX_RESPONSE_BYTES). {work.response_advice()}",
+            message=f"The answer would be about {response / 2**20:.1f} MB, over the "
+            f"{settings.limits.max_response_bytes} bytes a Lambda function can return "
+            f"(QUANTFN_MAX_RESPONSE_BYTES). {work.response_advice()}",
         )
-    if payload_bytes > settings.max_body_bytes:
+    if payload_bytes > settings.limits.max_body_bytes:
         return _over_local_limit(
             "body_too_large",
             "QUANTFN_MAX_BODY_BYTES",
-            f"The request body has {payload_bytes} bytes; the limit here is {settings.max_body_bytes} "
+            f"The request body has {payload_bytes} bytes; the limit here is {settings.limits.max_body_bytes} "
             "(QUANTFN_MAX_BODY_BYTES)",
             facts,
             settings,
             token_counts=None,
         )
-    if inputs > settings.max_inputs:
+    if inputs > settings.limits.max_inputs:
         return _over_local_limit(
             "too_many_inputs",
             "QUANTFN_MAX_INPUTS",
-            f"'input' has {inputs} items; the limit here is {settings.max_inputs} per request (QUANTFN_MAX_INPUTS)",
+            f"'input' has {inputs} items; the limit here is {settings.limits.max_inputs} per request "
+            "(QUANTFN_MAX_INPUTS)",
             facts,
             settings,
             token_counts=None,
@@ -157,34 +163,34 @@ def plan(work: Work, *, remaining_ms: float | None, cold: bool, settings: Settin
     counts = list(token_counts())
     facts["tokens"] = total = sum(counts)
     longest = max(counts, default=0)
-    if longest > settings.max_input_tokens:
+    if longest > settings.limits.max_input_tokens:
         index = counts.index(longest)
         return _over_local_limit(
             "input_too_long",
             "QUANTFN_MAX_INPUT_TOKENS",
-            f"'input[{index}]' has {longest} tokens; the limit here is {settings.max_input_tokens} per input "
+            f"'input[{index}]' has {longest} tokens; the limit here is {settings.limits.max_input_tokens} per input "
             "(QUANTFN_MAX_INPUT_TOKENS)",
             facts,
             settings,
             token_counts=counts,
         )
-    if total > settings.max_total_tokens:
+    if total > settings.limits.max_total_tokens:
         return _over_local_limit(
             "too_many_tokens",
             "QUANTFN_MAX_TOTAL_TOKENS",
-            f"The request has {total} tokens in all; the limit here is {settings.max_total_tokens} "
+            f"The request has {total} tokens in all; the limit here is {settings.limits.max_total_tokens} "
             "(QUANTFN_MAX_TOTAL_TOKENS)",
             facts,
             settings,
             token_counts=counts,
         )
     estimated = estimate_local_ms(counts, max_length, settings, cold)
-    budget = min(settings.api_timeout_ms, remaining_ms if remaining_ms is not None else math.inf)
-    budget -= settings.route_margin_ms
+    budget = min(settings.limits.api_timeout_ms, remaining_ms if remaining_ms is not None else math.inf)
+    budget -= settings.limits.route_margin_ms
     timing = {**facts, "estimated_ms": round(estimated, 1), "budget_ms": round(budget, 1)}
     if estimated <= budget:
         return RoutePlan(LOCAL, "within_limits", **timing)
-    if settings.endpoint_configured:
+    if settings.endpoint.configured:
         return RoutePlan(ENDPOINT, "estimated_time", **timing, limit="QUANTFN_COST_MS_PER_TOKEN")
     return RoutePlan(
         REFUSE,
@@ -201,7 +207,7 @@ def _over_local_limit(
     reason: str, limit: str, what: str, facts: dict[str, int], settings: Settings, token_counts: list[int] | None
 ) -> RoutePlan:
     """A local limit is broken: route to the endpoint if it is configured and can take the request."""
-    if not settings.endpoint_configured:
+    if not settings.endpoint.configured:
         return RoutePlan(
             REFUSE, reason, **facts, limit=limit, message=f"{what}, and {_NOT_CONFIGURED}. Split the request."
         )
@@ -222,18 +228,18 @@ def _endpoint_limit(
     facts: dict[str, int], settings: Settings, token_counts: list[int] | None
 ) -> tuple[str, str] | None:
     """The endpoint's own limit the request breaks, as (setting, text), or None."""
-    if facts["payload_bytes"] > settings.endpoint_max_body_bytes:
-        return "QUANTFN_ENDPOINT_MAX_BODY_BYTES", f"{settings.endpoint_max_body_bytes} bytes is the most"
-    if facts["inputs"] > settings.endpoint_max_inputs:
-        return "QUANTFN_ENDPOINT_MAX_INPUTS", f"{settings.endpoint_max_inputs} inputs is the most"
-    if token_counts is not None and sum(token_counts) > settings.endpoint_max_total_tokens:
-        return "QUANTFN_ENDPOINT_MAX_TOTAL_TOKENS", f"{settings.endpoint_max_total_tokens} tokens is the most"
+    if facts["payload_bytes"] > settings.endpoint.max_body_bytes:
+        return "QUANTFN_ENDPOINT_MAX_BODY_BYTES", f"{settings.endpoint.max_body_bytes} bytes is the most"
+    if facts["inputs"] > settings.endpoint.max_inputs:
+        return "QUANTFN_ENDPOINT_MAX_INPUTS", f"{settings.endpoint.max_inputs} inputs is the most"
+    if token_counts is not None and sum(token_counts) > settings.endpoint.max_total_tokens:
+        return "QUANTFN_ENDPOINT_MAX_TOTAL_TOKENS", f"{settings.endpoint.max_total_tokens} tokens is the most"
     return None
 
 
 def embedding_advice(inputs: int, dimensions: int, encoding_format: str, settings: Settings) -> str:
     """What to do when ``inputs`` embeddings would not fit the reply: base64 if it would fit, else how to split."""
-    limit = settings.max_response_bytes
+    limit = settings.limits.max_response_bytes
     per_item = estimate_embedding_bytes(1, dimensions, encoding_format) - _ENVELOPE
     fits = max(1, (limit - _ENVELOPE) // per_item)
     if encoding_format != "base64":

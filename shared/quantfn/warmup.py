@@ -31,7 +31,7 @@ def prepare_init() -> bool:
             register_after_restore(registry.store.reset_clients)
         except ImportError:  # not a Lambda managed runtime
             pass
-    if not (snap_start or registry.settings.preload):
+    if not (snap_start or registry.settings.runtime.preload):
         return False
     registry.pipeline(registry.default).open_sessions()  # the batch-piece session too, under "auto"
     how = "snap-start" if snap_start else "preload"

@@ -29,7 +29,7 @@ from tests.conftest import ROOT
 CHILD = Path(__file__).with_name("layer_answers.py")
 LAYER = ROOT / "build" / "layers" / "runtime-arm64" / "python"
 REQUIREMENTS = ROOT / "layers" / "runtime" / "requirements.txt"
-CORPUS = ROOT / "shared" / "quantfn" / "build" / "data" / "fidelity_corpus.txt"
+CORPUS = ROOT / "shared" / "quantfn" / "modelbuild" / "data" / "fidelity_corpus.txt"
 TEXT_COUNT = 8
 MIN_COSINE = 0.999
 EMULATED_TIMEOUT_S = 1800

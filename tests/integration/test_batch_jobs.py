@@ -14,7 +14,7 @@ import pytest
 
 from quantfn.batch.jobs import parse_job_message
 from quantfn.batch.sources import iter_records
-from quantfn.build.reference import load_corpus
+from quantfn.modelbuild.reference import load_corpus
 from tests.conftest import DEFAULT_MODEL_ID, EVENTS
 from tests.integration.sqs_poller import EventSourceMapping
 

@@ -11,7 +11,7 @@ import pytest
 from quantfn.batch.jobs import parse_job_message
 from quantfn.batch.planner import plan_shards
 from quantfn.batch.sources import InputChanged, iter_records
-from quantfn.config import Settings
+from quantfn.config import BatchSettings, Settings
 
 
 class CountingS3:
@@ -67,11 +67,11 @@ def test_given_a_large_file_when_planned_then_shards_tile_it_at_line_starts_read
 def test_given_a_small_file_or_a_cap_then_the_shard_count_follows_the_settings(s3) -> None:
     body = b"".join(json.dumps({"id": n, "text": "t"}).encode() + b"\n" for n in range(1000))
     s3.put_object(Bucket="plan-bucket", Key="in.jsonl", Body=body)
-    settings = Settings(batch_shard_threshold_bytes=len(body), batch_shard_bytes=1024)
+    settings = Settings(batch=BatchSettings(shard_threshold_bytes=len(body), shard_bytes=1024))
     assert len(plan_shards(s3, job(), settings)["shards"]) == 1  # at the threshold: one shard, run in place
-    assert len(plan_shards(s3, job(), Settings(batch_shard_threshold_bytes=0, batch_shard_bytes=4096))["shards"]) == (
-        -(-len(body) // 4096)
-    )
+    assert len(
+        plan_shards(s3, job(), Settings(batch=BatchSettings(shard_threshold_bytes=0, shard_bytes=4096)))["shards"]
+    ) == (-(-len(body) // 4096))
     assert len(plan_shards(s3, job(shard_bytes=1024, max_shards=3), settings)["shards"]) == 3
 
 

@@ -18,10 +18,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from quantfn.build import BuildError, Gate  # noqa: E402
-from quantfn.build.architectures import plan_build  # noqa: E402
-from quantfn.build.pipeline import build_planned  # noqa: E402
-from quantfn.build.source import locate_source, read_hf_folder, read_onnx_file  # noqa: E402
+from quantfn.modelbuild import BuildError, Gate  # noqa: E402
+from quantfn.modelbuild.architectures import plan_build  # noqa: E402
+from quantfn.modelbuild.pipeline import build_planned  # noqa: E402
+from quantfn.modelbuild.source import locate_source, read_hf_folder, read_onnx_file  # noqa: E402
 from quantfn.models.manifest import Manifest, verify_folder  # noqa: E402
 
 TEXTS = ["a short one", "the quick brown fox jumps over the lazy dog", "Lambda cold starts, measured twice.", "x"]
@@ -41,15 +41,8 @@ TINY_GATE = Gate(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quality_data(tmp_path_factory: pytest.TempPathFactory):
-    """Every build runs the task-quality suite against its fp32 original: small fake wheels, no download."""
-    from tests.quality_data import small_suite
-
-    cache = small_suite(tmp_path_factory.mktemp("quality"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QUANTFN_QUALITY_CACHE", str(cache))
-        yield cache
+# Every build runs the task-quality suite against its fp32 original: small fake wheels, no download.
+pytestmark = pytest.mark.usefixtures("quality_data")
 
 
 def _hf_folder(root: Path, name: str, model) -> Path:

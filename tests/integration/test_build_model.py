@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from quantfn.build import BuildGateError, Gate, build_model
-from quantfn.build.evaluate import cosine_stats, recall_at_k
-from quantfn.build.reference import load_corpus, load_reference
+from quantfn.modelbuild import BuildGateError, Gate, build_model
+from quantfn.modelbuild.evaluate import cosine_stats, recall_at_k
+from quantfn.modelbuild.reference import load_corpus, load_reference
 from quantfn.models.manifest import Manifest, verify_folder
 
 MODEL_ID = "all-minilm-l6-v2"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quality_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The quality suite reads small fake wheels from a cache folder: the build downloads nothing in tests."""
-    from tests.quality_data import small_suite
-
-    cache = small_suite(tmp_path_factory.mktemp("quality"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QUANTFN_QUALITY_CACHE", str(cache))
-        yield cache
+# Every build runs the task-quality suite against its fp32 original: small fake wheels, no download.
+pytestmark = pytest.mark.usefixtures("quality_data")
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
-from quantfn.build import Gate
-from quantfn.build.reference import load_corpus
-from quantfn.build.standalone import write_standalone
-from quantfn.build.task_fidelity import items_for, run
 from quantfn.cli import main
+from quantfn.modelbuild import Gate
+from quantfn.modelbuild.reference import load_corpus
+from quantfn.modelbuild.standalone import write_standalone
+from quantfn.modelbuild.task_fidelity import items_for, run
 from quantfn.models.manifest import Manifest
 from quantfn.models.session import open_session
 
@@ -33,9 +33,9 @@ def tiny_weight_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random BERT built weight-only (the default's fallback): model.onnx plus weights.bin."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from quantfn.build.architectures import plan_build
-    from quantfn.build.pipeline import build_planned
-    from quantfn.build.source import locate_source, read_hf_folder
+    from quantfn.modelbuild.architectures import plan_build
+    from quantfn.modelbuild.pipeline import build_planned
+    from quantfn.modelbuild.source import locate_source, read_hf_folder
 
     torch.manual_seed(1)
     root = tmp_path_factory.mktemp("plain")

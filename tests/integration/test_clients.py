@@ -32,7 +32,7 @@ def api(models_root: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def embedder(model_dir: Path):
     manifest = Manifest.read(model_dir)
-    return open_pipeline(model_dir, manifest, threads=2, batch_size=Settings().batch_size)
+    return open_pipeline(model_dir, manifest, threads=2, batch_size=Settings().runtime.batch_size)
 
 
 def test_openai_client_embeddings_match_the_model(api: str, embedder) -> None:

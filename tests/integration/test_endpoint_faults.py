@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from quantfn.config import Settings
+from quantfn.config import EndpointSettings, Settings
 from quantfn.endpoint import EndpointClient
 from quantfn.errors import EndpointUnavailable, TooLarge, UpstreamFailed
 from tests.conftest import _free_port, load_event
@@ -19,16 +19,16 @@ TEXTS = ["first text", "second text"]
 
 def client_for(url: str, **overrides: int) -> EndpointClient:
     values = {
-        "endpoint_timeout_ms": 300,
-        "endpoint_connect_timeout_ms": 200,
-        "endpoint_max_attempts": 3,
-        "endpoint_backoff_base_ms": 10,
-        "endpoint_backoff_max_ms": 40,
-        "endpoint_breaker_failures": 2,
-        "endpoint_breaker_cooldown_ms": 300,
+        "timeout_ms": 300,
+        "connect_timeout_ms": 200,
+        "max_attempts": 3,
+        "backoff_base_ms": 10,
+        "backoff_max_ms": 40,
+        "breaker_failures": 2,
+        "breaker_cooldown_ms": 300,
         **overrides,
     }
-    return EndpointClient(Settings(endpoint_url=url, **values))
+    return EndpointClient(Settings(endpoint=EndpointSettings(url=url, **values)))
 
 
 def embed(client: EndpointClient, within_s: float = 3.0):
@@ -64,7 +64,7 @@ def test_a_stopped_server_fails_after_retries_then_the_circuit_fails_fast_withou
 def test_a_server_slower_than_the_timeout_is_abandoned_within_the_deadline() -> None:
     # Given a server that takes 5 s to answer and a 300 ms attempt timeout
     with StubEndpoint(default=Step(delay_s=5)) as stub:
-        client = client_for(stub.url, endpoint_max_attempts=2)
+        client = client_for(stub.url, max_attempts=2)
         # When the caller has 1 s left
         started = time.monotonic()
         with pytest.raises(UpstreamFailed, match="no answer within"):
@@ -76,7 +76,7 @@ def test_a_server_slower_than_the_timeout_is_abandoned_within_the_deadline() -> 
 
 def test_the_callers_remaining_time_bounds_an_attempt_below_the_configured_timeout() -> None:
     with StubEndpoint(default=Step(delay_s=5)) as stub:
-        client = client_for(stub.url, endpoint_timeout_ms=5000, endpoint_max_attempts=1)
+        client = client_for(stub.url, timeout_ms=5000, max_attempts=1)
         started = time.monotonic()
         with pytest.raises(UpstreamFailed):
             embed(client, within_s=0.4)
@@ -115,7 +115,7 @@ def test_4xx_is_not_retried() -> None:
 def test_the_endpoints_own_413_reaches_the_caller_and_does_not_trip_the_circuit() -> None:
     refusal = json.dumps({"error": {"message": "'input' has 5000 items; the limit is 4096."}}).encode()
     with StubEndpoint(default=Step(413, body=refusal)) as stub:
-        client = client_for(stub.url, endpoint_breaker_failures=1)
+        client = client_for(stub.url, breaker_failures=1)
         with pytest.raises(TooLarge, match="the limit is 4096"):
             embed(client)
         assert len(stub.requests) == 1 and client.breaker.state == "closed"
@@ -169,7 +169,7 @@ def test_the_api_answers_502_then_503_when_the_endpoint_is_down(monkeypatch, lam
 def test_a_reply_trickling_in_a_byte_at_a_time_is_abandoned_at_the_deadline() -> None:
     # Given an endpoint that sends its (valid) reply one byte every 0.4 s, each read well inside the timeout
     with StubEndpoint(default=Step(trickle_s=0.4)) as stub:
-        client = client_for(stub.url, endpoint_timeout_ms=1000, endpoint_max_attempts=1)
+        client = client_for(stub.url, timeout_ms=1000, max_attempts=1)
         started = time.monotonic()
         # When the call has a 1 s deadline
         with pytest.raises(UpstreamFailed, match="no answer within"):
@@ -180,7 +180,7 @@ def test_a_reply_trickling_in_a_byte_at_a_time_is_abandoned_at_the_deadline() ->
 
 def test_retry_after_on_a_429_is_waited_for_before_the_retry() -> None:
     with StubEndpoint([Step(429, headers={"Retry-After": "1"})]) as stub:
-        reply = embed(client_for(stub.url, endpoint_backoff_max_ms=10), within_s=5.0)
+        reply = embed(client_for(stub.url, backoff_max_ms=10), within_s=5.0)
         assert reply.attempts == 2
         assert stub.requests[1]["at"] - stub.requests[0]["at"] >= 0.95  # not the 0-10 ms backoff
 
@@ -197,7 +197,7 @@ def test_a_retry_after_past_the_deadline_fails_at_once_instead_of_retrying_early
 def test_endpoint_4xx_never_open_the_circuit(status: int) -> None:
     # Given a breaker that opens after 2 failures, and an endpoint that refuses three requests
     with StubEndpoint([Step(status)] * 3) as stub:
-        client = client_for(stub.url, endpoint_max_attempts=1)
+        client = client_for(stub.url, max_attempts=1)
         for _ in range(3):
             with pytest.raises(UpstreamFailed, match=f"HTTP {status}"):
                 embed(client)
@@ -208,7 +208,7 @@ def test_endpoint_4xx_never_open_the_circuit(status: int) -> None:
 
 def test_a_4xx_probe_in_half_open_does_not_wedge_the_circuit() -> None:
     with StubEndpoint([Step(500), Step(500), Step(400)]) as stub:
-        client = client_for(stub.url, endpoint_max_attempts=1)
+        client = client_for(stub.url, max_attempts=1)
         for _ in range(2):
             with pytest.raises(UpstreamFailed):
                 embed(client)

@@ -15,7 +15,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from quantfn.config import Settings
+from quantfn.config import EndpointSettings, Settings
 from quantfn.endpoint import EndpointClient
 from quantfn.errors import EndpointUnavailable, UpstreamFailed
 from tests.integration.endpoint_stub import DIMENSIONS, Step, StubEndpoint, embeddings_reply, unit_vectors
@@ -26,7 +26,7 @@ ENDPOINT = "quantfn-gpu"
 
 def client() -> EndpointClient:
     settings = Settings(
-        endpoint_name=ENDPOINT, endpoint_timeout_ms=2000, endpoint_backoff_base_ms=10, endpoint_backoff_max_ms=40
+        endpoint=EndpointSettings(name=ENDPOINT, timeout_ms=2000, backoff_base_ms=10, backoff_max_ms=40)
     )
     return EndpointClient(settings)
 

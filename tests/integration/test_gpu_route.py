@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantfn.config import Settings
+from quantfn.config import LimitSettings, RuntimeSettings, Settings
 from quantfn.inference import EmbedRequest, Result, run
 from quantfn.registry import Registry
 from tests.conftest import DEFAULT_MODEL_ID, gpu_container, load_event
@@ -38,10 +38,10 @@ def here(models_root: Path) -> Registry:
     """The in-Lambda answer: the same model in this process (with room for the 300 inputs)."""
     return Registry(
         Settings(
-            models=((DEFAULT_MODEL_ID, f"layer:{DEFAULT_MODEL_ID}"),),
-            models_root=models_root,
-            threads=2,
-            max_inputs=2048,
+            runtime=RuntimeSettings(
+                models=((DEFAULT_MODEL_ID, f"layer:{DEFAULT_MODEL_ID}"),), models_root=models_root, threads=2
+            ),
+            limits=LimitSettings(max_inputs=2048),
         )
     )
 

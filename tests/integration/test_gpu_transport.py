@@ -15,21 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from quantfn.config import Settings
+from quantfn.config import LimitSettings, RuntimeSettings, ServerSettings, Settings
 from tests.conftest import load_gpu_server
 
 server_module = load_gpu_server()
 MODEL = "all-MiniLM-L6-v2"
 
 
-def start(models_root: Path, **overrides) -> object:
+def start(models_root: Path, max_body_bytes: int = LimitSettings.max_body_bytes, **overrides) -> object:
     settings = Settings(
-        models_root=models_root,
-        gpu_provider="cpu",
-        server_host="127.0.0.1",
-        server_port=0,
-        threads=1,
-        **overrides,
+        runtime=RuntimeSettings(models_root=models_root, threads=1),
+        limits=LimitSettings(max_body_bytes=max_body_bytes),
+        server=ServerSettings(gpu_provider="cpu", host="127.0.0.1", port=0, **overrides),
     )
     server = server_module.EndpointServer(settings, server_module.choose_model(settings, ["CPUExecutionProvider"]))
     server.load()
@@ -39,7 +36,7 @@ def start(models_root: Path, **overrides) -> object:
 
 @pytest.fixture(scope="module")
 def endpoint(models_root: Path) -> Iterator[object]:
-    server = start(models_root, server_read_timeout_ms=500, max_body_bytes=1 << 20)
+    server = start(models_root, read_timeout_ms=500, max_body_bytes=1 << 20)
     yield server
     server.shutdown()
     server.server_close()
@@ -157,7 +154,7 @@ def test_a_burst_of_200_connections_is_answered_without_a_single_reset(endpoint)
 
 
 def test_requests_beyond_the_in_flight_cap_get_503_server_busy_never_a_reset(models_root: Path) -> None:
-    server = start(models_root, server_max_inflight=4, server_queue_max=2)
+    server = start(models_root, max_inflight=4, queue_max=2)
     try:
         statuses, failures = burst(port_of(server), 200)
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantfn.build.reference import load_corpus
+from quantfn.modelbuild.reference import load_corpus
 from quantfn.models.manifest import Manifest
 from quantfn.tasks import open_pipeline
 from tests.conftest import INTENT_MODEL_ID
@@ -85,7 +85,7 @@ def sklearn_decisions() -> tuple[list[str], np.ndarray]:
     head_file, label_file = HEADS / "LogisticRegression.joblib", HEADS / "label_map.joblib"
     if not head_file.is_file():
         pytest.skip(f"{head_file} is absent (make test downloads rag-intent-classifier==1.0.7)")
-    from quantfn.build.source import locate_source
+    from quantfn.modelbuild.source import locate_source
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pickled by scikit-learn 1.5: the arrays are what predict reads

@@ -78,7 +78,7 @@ def test_three_models_alternate_under_a_budget_that_fits_two(three_models, lambd
         np.testing.assert_allclose(vectors, expected[served], rtol=1e-4, atol=1e-5)
         loaded_counts.append(sum(model.loaded for model in registry.models))
         # And the loaded sessions never exceed the budget
-        assert registry.loaded_bytes <= registry.settings.model_memory_bytes
+        assert registry.loaded_bytes <= registry.settings.runtime.model_memory_bytes
     assert max(loaded_counts) == 2  # never three at once: the least recently used was dropped
     # The variants really differ (the test would pass trivially otherwise)
     assert not np.allclose(expected["mini"], expected["mini-cls"], atol=1e-3)

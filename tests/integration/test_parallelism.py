@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantfn.build.reference import load_corpus
 from quantfn.config import ConfigError, Settings
+from quantfn.modelbuild.reference import load_corpus
 from quantfn.models.manifest import Manifest
 from quantfn.tasks import Pipeline, open_pipeline
 
@@ -95,8 +95,8 @@ def test_concurrent_callers_get_their_own_rows(model_dir: Path, texts: list[str]
 
 
 def test_parallelism_setting_is_checked(model_dir: Path) -> None:
-    assert Settings.from_env({}).parallelism == "auto"
-    assert Settings.from_env({"QUANTFN_PARALLELISM": " Data "}).parallelism == "data"
+    assert Settings.from_env({}).runtime.parallelism == "auto"
+    assert Settings.from_env({"QUANTFN_PARALLELISM": " Data "}).runtime.parallelism == "data"
     with pytest.raises(ConfigError, match="QUANTFN_PARALLELISM must be one of auto, data, intra"):
         Settings.from_env({"QUANTFN_PARALLELISM": "threads"})
     with pytest.raises(ValueError, match="parallelism must be one of"):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantfn.build import quality
 from quantfn.cli import main
+from quantfn.modelbuild import quality
 from tests.quality_data import small_suite
 
 

@@ -11,7 +11,7 @@ import boto3
 import numpy as np
 import pytest
 
-from quantfn.config import Settings
+from quantfn.config import RuntimeSettings, Settings
 from quantfn.errors import IntegrityError, ModelUnavailable
 from quantfn.inference import EmbedRequest, run
 from quantfn.models.reference import parse_model_ref
@@ -44,7 +44,7 @@ def counted_client(counter: Counter):
 
 
 def test_download_is_verified_then_reused_from_the_cache(s3, tmp_path: Path) -> None:
-    settings = Settings(cache_dir=tmp_path)
+    settings = Settings(runtime=RuntimeSettings(cache_dir=tmp_path))
     first = ModelStore(settings).fetch(parse_model_ref(REF))
     assert first.source == "s3" and (first.path / "model.onnx").is_file()
     counter: Counter = Counter()
@@ -54,7 +54,7 @@ def test_download_is_verified_then_reused_from_the_cache(s3, tmp_path: Path) -> 
 
 
 def test_two_threads_asking_at_once_download_once(s3, tmp_path: Path) -> None:
-    settings = Settings(cache_dir=tmp_path)
+    settings = Settings(runtime=RuntimeSettings(cache_dir=tmp_path))
     counter: Counter = Counter()
     stores = [ModelStore(settings, s3_client=counted_client(counter)) for _ in range(2)]
     results, barrier = [], threading.Barrier(2)
@@ -78,30 +78,32 @@ def test_a_tampered_object_is_refused_and_nothing_is_cached(s3, tmp_path: Path, 
     data[10] ^= 0x01
     s3.put_object(Bucket=BUCKET, Key=PREFIX + "tokenizer.json", Body=bytes(data))
     with pytest.raises(IntegrityError, match=r"sha256 of tokenizer\.json"):
-        ModelStore(Settings(cache_dir=tmp_path)).fetch(parse_model_ref(REF))
+        ModelStore(Settings(runtime=RuntimeSettings(cache_dir=tmp_path))).fetch(parse_model_ref(REF))
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]
 
 
 def test_an_incomplete_upload_is_refused(s3, tmp_path: Path) -> None:
     s3.delete_object(Bucket=BUCKET, Key=PREFIX + "model.onnx")
     with pytest.raises(ModelUnavailable, match="incomplete"):
-        ModelStore(Settings(cache_dir=tmp_path)).fetch(parse_model_ref(REF))
+        ModelStore(Settings(runtime=RuntimeSettings(cache_dir=tmp_path))).fetch(parse_model_ref(REF))
 
 
 def test_a_truncated_object_is_refused(s3, tmp_path: Path, model_dir: Path) -> None:
     s3.put_object(Bucket=BUCKET, Key=PREFIX + "model.onnx", Body=(model_dir / "model.onnx").read_bytes()[:1000])
     with pytest.raises(IntegrityError, match="incomplete or altered"):
-        ModelStore(Settings(cache_dir=tmp_path)).fetch(parse_model_ref(REF))
+        ModelStore(Settings(runtime=RuntimeSettings(cache_dir=tmp_path))).fetch(parse_model_ref(REF))
 
 
 def test_a_missing_bucket_is_model_unavailable(aws, tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable, match="NoSuchBucket"):
-        ModelStore(Settings(cache_dir=tmp_path)).fetch(parse_model_ref("s3://no-such-bucket-here/m/x/"))
+        ModelStore(Settings(runtime=RuntimeSettings(cache_dir=tmp_path))).fetch(
+            parse_model_ref("s3://no-such-bucket-here/m/x/")
+        )
 
 
 def test_old_versions_are_evicted_when_the_cache_budget_is_short(s3, tmp_path: Path, model_dir: Path) -> None:
     size = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
-    settings = Settings(cache_dir=tmp_path, cache_max_bytes=int(size * 1.5))
+    settings = Settings(runtime=RuntimeSettings(cache_dir=tmp_path, cache_max_bytes=int(size * 1.5)))
     first = ModelStore(settings).fetch(parse_model_ref(REF))
     # Publish a new version under the same prefix: a different manifest is a different cache entry.
     manifest = json.loads((model_dir / "manifest.json").read_text())
@@ -115,12 +117,17 @@ def test_old_versions_are_evicted_when_the_cache_budget_is_short(s3, tmp_path: P
 
 def test_a_model_over_the_cache_budget_is_refused_with_the_setting_named(s3, tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable, match="QUANTFN_CACHE_MAX_MB"):
-        ModelStore(Settings(cache_dir=tmp_path, cache_max_bytes=1024)).fetch(parse_model_ref(REF))
+        ModelStore(Settings(runtime=RuntimeSettings(cache_dir=tmp_path, cache_max_bytes=1024))).fetch(
+            parse_model_ref(REF)
+        )
 
 
 def test_the_s3_model_embeds_exactly_like_the_layer_model(s3, tmp_path: Path, models_root: Path) -> None:
     texts = ["Models can live in S3.", "Or in a Lambda layer."]
     request = EmbedRequest(texts, "all-MiniLM-L6-v2")
-    from_s3 = run(request, registry=Registry(Settings(models=(("m", REF),), cache_dir=tmp_path, threads=1)))
-    from_layer = run(request, registry=Registry(Settings(models_root=models_root, threads=1)))
+    from_s3 = run(
+        request,
+        registry=Registry(Settings(runtime=RuntimeSettings(models=(("m", REF),), cache_dir=tmp_path, threads=1))),
+    )
+    from_layer = run(request, registry=Registry(Settings(runtime=RuntimeSettings(models_root=models_root, threads=1))))
     np.testing.assert_array_equal(from_s3.output, from_layer.output)

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantfn.build.evaluate import cosine_stats, recall_at_k
-from quantfn.build.reference import load_corpus, load_reference
-from quantfn.config import Settings
+from quantfn.config import LimitSettings, RuntimeSettings, Settings
 from quantfn.errors import ModelNotFound, TooLarge
 from quantfn.inference import EmbedRequest, Result, run
+from quantfn.modelbuild.evaluate import cosine_stats, recall_at_k
+from quantfn.modelbuild.reference import load_corpus, load_reference
 from quantfn.registry import Registry
 from tests.conftest import DEFAULT_MODEL_ID, load_event
 
@@ -25,10 +25,10 @@ def service(models_root: Path) -> Registry:
     # max_inputs: the fidelity gate embeds the whole 600-text corpus in one call
     return Registry(
         Settings(
-            models=((DEFAULT_MODEL_ID, f"layer:{DEFAULT_MODEL_ID}"),),
-            models_root=models_root,
-            threads=2,
-            max_inputs=1000,
+            runtime=RuntimeSettings(
+                models=((DEFAULT_MODEL_ID, f"layer:{DEFAULT_MODEL_ID}"),), models_root=models_root, threads=2
+            ),
+            limits=LimitSettings(max_inputs=1000),
         )
     )
 
@@ -81,7 +81,12 @@ def test_paraphrases_are_closer_than_unrelated_sentences(service: Registry) -> N
 
 
 def test_token_limits_are_413_naming_the_input(models_root: Path) -> None:
-    small = Registry(Settings(models_root=models_root, max_input_tokens=8, max_total_tokens=12))
+    small = Registry(
+        Settings(
+            runtime=RuntimeSettings(models_root=models_root),
+            limits=LimitSettings(max_input_tokens=8, max_total_tokens=12),
+        )
+    )
     with pytest.raises(TooLarge, match="QUANTFN_MAX_INPUT_TOKENS") as caught:
         embed(small, ["short", "this one has far too many tokens for the limit"])
     assert caught.value.code == "input_too_long" and "'input[1]'" in caught.value.message
@@ -91,7 +96,7 @@ def test_token_limits_are_413_naming_the_input(models_root: Path) -> None:
 
 
 def test_unknown_model_is_refused_without_loading_the_session(models_root: Path) -> None:
-    registry = Registry(Settings(models_root=models_root))
+    registry = Registry(Settings(runtime=RuntimeSettings(models_root=models_root)))
     with pytest.raises(ModelNotFound):
         embed(registry, ["hello"], "text-embedding-3-small")
     assert not registry.default.loaded

@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from quantfn.config import Settings
+from quantfn.config import RuntimeSettings, Settings
 from quantfn.errors import ModelUnavailable
 from quantfn.models import store as store_module
 from quantfn.models.manifest import Manifest, verify_folder
@@ -48,7 +48,9 @@ def s3(aws, model_dir: Path):
 
 def make_store(cache: Path) -> ModelStore:
     # A 5 s read timeout with 3 attempts would hold a stalled fetch for 15 s: only the deadline can stop it sooner.
-    return ModelStore(Settings(cache_dir=cache, s3_connect_timeout_ms=500, s3_read_timeout_ms=5000))
+    return ModelStore(
+        Settings(runtime=RuntimeSettings(cache_dir=cache, s3_connect_timeout_ms=500, s3_read_timeout_ms=5000))
+    )
 
 
 def entries(cache: Path) -> list[str]:

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from quantfn.build.evaluate import cosine_stats, recall_at_k, spearman_pairwise
-from quantfn.build.vocab import prune_tokenizer, unreachable_ids
+from quantfn.modelbuild.evaluate import cosine_stats, recall_at_k, spearman_pairwise
+from quantfn.modelbuild.vocab import prune_tokenizer, unreachable_ids
 
 
 def test_cosine_stats_of_identical_arrays_is_one() -> None:
@@ -68,7 +68,7 @@ def test_recall_at_k_exact_fraction() -> None:
 def test_vocab_pruning_renumbers_consistently() -> None:
     from tokenizers import Tokenizer
 
-    from quantfn.build.source import locate_source
+    from quantfn.modelbuild.source import locate_source
 
     data = json.loads(locate_source().tokenizer.read_text(encoding="utf-8"))
     drop = unreachable_ids(data)

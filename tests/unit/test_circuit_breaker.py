@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from quantfn.config import Settings
+from quantfn.config import EndpointSettings, Settings
 from quantfn.endpoint import CallFailed, CircuitBreaker, EndpointClient, HttpTransport, make_transport
 from quantfn.errors import EndpointUnavailable, UpstreamFailed
 
@@ -46,13 +47,15 @@ class ScriptedTransport:
 
 
 SETTINGS = Settings(
-    endpoint_url="http://unused",
-    endpoint_timeout_ms=2000,
-    endpoint_max_attempts=4,
-    endpoint_backoff_base_ms=100,
-    endpoint_backoff_max_ms=250,
-    endpoint_breaker_failures=2,
-    endpoint_breaker_cooldown_ms=10_000,
+    endpoint=EndpointSettings(
+        url="http://unused",
+        timeout_ms=2000,
+        max_attempts=4,
+        backoff_base_ms=100,
+        backoff_max_ms=250,
+        breaker_failures=2,
+        breaker_cooldown_ms=10_000,
+    )
 )
 
 
@@ -64,7 +67,7 @@ def make_client(clock: Clock, *outcomes: CallFailed | None, jitter: float = 1.0,
         pauses.append(seconds)
         clock.sleep(seconds)
 
-    settings = Settings(**{**SETTINGS.__dict__, **overrides})
+    settings = Settings(endpoint=replace(SETTINGS.endpoint, **overrides))
     client = EndpointClient(settings, transport, sleep=sleep, jitter=lambda: jitter, clock=clock)
     return client, transport, pauses
 
@@ -156,7 +159,7 @@ def test_failed_calls_open_the_circuit_and_then_no_attempt_is_made() -> None:
 
 def test_an_invalid_reply_counts_as_a_failure() -> None:
     clock = Clock()
-    client, _, _ = make_client(clock, endpoint_breaker_failures=1)
+    client, _, _ = make_client(clock, breaker_failures=1)
     with pytest.raises(UpstreamFailed, match="shape"):
         client.embed(["a", "b"], "m", dimensions=8, normalized=True, deadline_s=clock.now + 5)
     assert client.breaker.state == "open"
@@ -165,8 +168,8 @@ def test_an_invalid_reply_counts_as_a_failure() -> None:
 def test_the_transport_follows_the_settings() -> None:
     with pytest.raises(EndpointUnavailable, match="no GPU endpoint is configured"):
         make_transport(Settings())
-    assert make_transport(Settings(endpoint_name="gpu")).name == "sagemaker:gpu"
-    both = make_transport(Settings(endpoint_name="gpu", endpoint_url="http://10.0.0.5:8080"))
+    assert make_transport(Settings(endpoint=EndpointSettings(name="gpu"))).name == "sagemaker:gpu"
+    both = make_transport(Settings(endpoint=EndpointSettings(name="gpu", url="http://10.0.0.5:8080")))
     assert isinstance(both, HttpTransport) and both.path == "/invocations"
     assert HttpTransport("https://gpu.example/base/invocations", 1).path == "/base/invocations"
     with pytest.raises(EndpointUnavailable):

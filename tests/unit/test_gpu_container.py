@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantfn.config import ConfigError, Settings
+from quantfn.config import ConfigError, RuntimeSettings, ServerSettings, Settings
 from quantfn.tasks import Encoded
 from tests.conftest import load_gpu_server
 
@@ -26,7 +26,7 @@ def models(tmp_path: Path, *ids: str) -> Settings:
     for model_id in ids:
         (tmp_path / model_id).mkdir()
         (tmp_path / model_id / "manifest.json").write_text("{}")
-    return Settings(models_root=tmp_path)
+    return Settings(runtime=RuntimeSettings(models_root=tmp_path))
 
 
 def test_on_a_gpu_the_fp16_variant_runs_on_cuda(tmp_path: Path) -> None:
@@ -52,13 +52,15 @@ def test_without_cuda_the_default_model_runs_on_cpu(tmp_path: Path) -> None:
     assert choice.models == (("all-minilm-l6-v2", "layer:all-minilm-l6-v2"),) and choice.providers == (
         "CPUExecutionProvider",
     )
-    forced = server.choose_model(Settings(models_root=tmp_path, gpu_provider="cpu"), CUDA_ORT)
+    forced = server.choose_model(
+        Settings(runtime=RuntimeSettings(models_root=tmp_path), server=ServerSettings(gpu_provider="cpu")), CUDA_ORT
+    )
     assert forced.providers == ("CPUExecutionProvider",) and "QUANTFN_GPU_PROVIDER=cpu" in forced.reason
 
 
 def test_demanding_cuda_where_there_is_none_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError, match="CUDAExecutionProvider"):
-        server.choose_model(Settings(gpu_provider="cuda"), ["CPUExecutionProvider"])
+        server.choose_model(Settings(server=ServerSettings(gpu_provider="cuda")), ["CPUExecutionProvider"])
 
 
 def wait_until(condition, within_s: float = 5.0) -> None:

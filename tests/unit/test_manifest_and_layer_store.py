@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quantfn.config import Settings
+from quantfn.config import RuntimeSettings, Settings
 from quantfn.errors import IntegrityError, ModelUnavailable
 from quantfn.models.manifest import Manifest, describe_file, verify_folder
 from quantfn.models.reference import parse_model_ref
@@ -77,7 +77,7 @@ def test_an_invalid_manifest_is_refused(tmp_path: Path, mutate) -> None:
 
 def test_layer_store_returns_the_verified_folder(tmp_path: Path) -> None:
     make_model_folder(tmp_path)
-    store = ModelStore(Settings(models_root=tmp_path))
+    store = ModelStore(Settings(runtime=RuntimeSettings(models_root=tmp_path)))
     local = store.fetch(parse_model_ref("layer:tiny"))
     assert (local.path, local.source, local.manifest.model_id) == (tmp_path / "tiny", "layer", "tiny")
 
@@ -86,19 +86,19 @@ def test_layer_store_refuses_a_tampered_layer(tmp_path: Path) -> None:
     folder = make_model_folder(tmp_path)
     (folder / "tokenizer.json").write_text('{"version": "2.0"}')
     with pytest.raises(IntegrityError):
-        ModelStore(Settings(models_root=tmp_path)).fetch(parse_model_ref("layer:tiny"))
+        ModelStore(Settings(runtime=RuntimeSettings(models_root=tmp_path))).fetch(parse_model_ref("layer:tiny"))
 
 
 def test_layer_store_names_a_missing_model(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable, match="not in the model layer"):
-        ModelStore(Settings(models_root=tmp_path)).fetch(parse_model_ref("layer:absent"))
+        ModelStore(Settings(runtime=RuntimeSettings(models_root=tmp_path))).fetch(parse_model_ref("layer:absent"))
 
 
 def test_a_manifest_for_another_model_is_refused(tmp_path: Path) -> None:
     make_model_folder(tmp_path, "tiny")
     (tmp_path / "tiny").rename(tmp_path / "other")
     with pytest.raises(IntegrityError, match="manifest names model tiny"):
-        ModelStore(Settings(models_root=tmp_path)).fetch(parse_model_ref("layer:other"))
+        ModelStore(Settings(runtime=RuntimeSettings(models_root=tmp_path))).fetch(parse_model_ref("layer:other"))
 
 
 def _dequantize_entry(offset: int = 0) -> dict:

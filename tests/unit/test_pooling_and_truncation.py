@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantfn.build.source import locate_source
+from quantfn.modelbuild.source import locate_source
 from quantfn.models.manifest import Manifest
 from quantfn.tasks import EmbedPipeline, load_tokenizer
 from quantfn.tasks.embed import mean_pool

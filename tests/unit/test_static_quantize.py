@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from quantfn.build.quantize import normalized_projections, per_token_int8
+from quantfn.modelbuild.quantize import normalized_projections, per_token_int8
 
 K, N = 64, 48
 

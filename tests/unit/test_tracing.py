@@ -11,7 +11,7 @@ import pytest
 from aws_lambda_powertools import Tracer
 
 from quantfn import tracing
-from quantfn.config import Settings
+from quantfn.config import EndpointSettings, RuntimeSettings, Settings
 from quantfn.endpoint import CallFailed, EndpointClient
 from tests.conftest import ROOT
 
@@ -90,7 +90,9 @@ def test_with_tracing_on_the_endpoint_call_session_creation_and_model_fetch_are_
         def post(self, body: bytes, timeout_s: float) -> bytes:
             raise CallFailed("HTTP 500", retryable=False, status=500)
 
-    client = EndpointClient(Settings(endpoint_url="http://unused", endpoint_max_attempts=1), transport=Refusing())
+    client = EndpointClient(
+        Settings(endpoint=EndpointSettings(url="http://unused", max_attempts=1)), transport=Refusing()
+    )
     with pytest.raises(Exception, match="HTTP 500"):
         client.embed(["x"], "m", dimensions=4, normalized=False, deadline_s=1e12)
     from quantfn.models.manifest import Manifest
@@ -99,7 +101,9 @@ def test_with_tracing_on_the_endpoint_call_session_creation_and_model_fetch_are_
     from quantfn.models.store import ModelStore
 
     open_session(model_dir / "model.onnx", Manifest.read(model_dir), threads=1)
-    ModelStore(Settings(models_root=model_dir.parent)).fetch(parse_model_ref(f"layer:{model_dir.name}"))
+    ModelStore(Settings(runtime=RuntimeSettings(models_root=model_dir.parent))).fetch(
+        parse_model_ref(f"layer:{model_dir.name}")
+    )
     assert provider.names == ["## endpoint_call", "## session_create", "## model_fetch"]
     assert provider.annotations["## model_fetch"] == {"model": model_dir.name, "source": "layer"}
     assert provider.annotations["## endpoint_call"] == {"endpoint": "refusing", "task": "embed"}

@@ -24,10 +24,10 @@ _PROBE = 16 * 1024  # most lines are shorter; a longer one doubles the probe unt
 
 def shard_count(size: int, job: JobMessage, settings: Settings) -> int:
     """How many shards: one below the threshold (unless the message sets shard_bytes), else size / shard size."""
-    cap = min(job.max_shards or settings.batch_max_shards, settings.batch_max_shards)
-    if job.shard_bytes is None and size <= settings.batch_shard_threshold_bytes:
+    cap = min(job.max_shards or settings.batch.max_shards, settings.batch.max_shards)
+    if job.shard_bytes is None and size <= settings.batch.shard_threshold_bytes:
         return 1
-    return max(1, min(cap, math.ceil(size / (job.shard_bytes or settings.batch_shard_bytes))))
+    return max(1, min(cap, math.ceil(size / (job.shard_bytes or settings.batch.shard_bytes))))
 
 
 def next_boundary(s3: Any, location: S3Location, pinned: Shard, target: int, size: int) -> int:

@@ -82,7 +82,7 @@ class JobRunner:
                 return self._plan(job, remaining_ms, delivery)
             return self._run_shard(job, remaining_ms, delivery)
         except Exception as exc:
-            if job.shard is not None and delivery.receive_count >= self.settings.batch_max_receives:
+            if job.shard is not None and delivery.receive_count >= self.settings.batch.max_receives:
                 # Its last allowed receive: the message goes to the dead-letter queue, the job stays incomplete.
                 record = {"shard": job.shard.index, "code": getattr(exc, "code", "shard_failed"), "at": _now()}
                 record |= {
@@ -145,12 +145,12 @@ class JobRunner:
         if store.exists(self.s3, bucket, prefix + "failed/input.json"):
             return JobOutcome("failed", job.checkpoint)
         checkpoint = replace(job.checkpoint, invocations=job.checkpoint.invocations + 1)
-        records = _Peekable(iter_records(job, self.s3, self.settings.batch_max_line_bytes))
+        records = _Peekable(iter_records(job, self.s3, self.settings.batch.max_line_bytes))
         chunks_done = results = 0
         slowest_ms = 0.0
         try:
             while True:
-                chunk = records.take(self.settings.batch_chunk_lines)
+                chunk = records.take(self.settings.batch.chunk_lines)
                 if not chunk:
                     break
                 started = time.perf_counter()
@@ -166,7 +166,7 @@ class JobRunner:
                     slowest_ms = max(slowest_ms, elapsed)
                     store.put(self.s3, bucket, f"{prefix}progress/{shard.name}.json", json.dumps(asdict(checkpoint)))
                 # Continue only if the next chunk, as slow as the slowest so far, ends before the safety margin.
-                if records.has_more() and remaining_ms() - slowest_ms < self.settings.batch_safety_ms:
+                if records.has_more() and remaining_ms() - slowest_ms < self.settings.batch.safety_ms:
                     self.sqs.send_message(QueueUrl=delivery.queue_url, MessageBody=job.follow_up(checkpoint))
                     logger.info("job %s %s continues at chunk %d", job.job_id, shard.name, checkpoint.chunk)
                     return JobOutcome("continued", checkpoint, chunks_done, results)
@@ -233,7 +233,7 @@ class JobRunner:
             return False
         markers = store.read_markers(self.s3, bucket, prefix)
         record = store.read_json(self.s3, bucket, prefix + "job.json") or {}
-        summary = build_manifest(job, record, markers, self.settings.batch_chunk_lines, delivery.where or {})
+        summary = build_manifest(job, record, markers, self.settings.batch.chunk_lines, delivery.where or {})
         wrote = store.put_once(self.s3, bucket, prefix + "manifest.json", json.dumps(summary, indent=2) + "\n")
         if wrote:
             logger.info("job %s complete: %s", job.job_id, summary["counts"])

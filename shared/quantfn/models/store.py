@@ -111,7 +111,7 @@ class ModelStore:
 
     def _deadline(self, deadline_s: float | None) -> float:
         """The given deadline, else the enclosing ``fetch_deadline``; never past QUANTFN_MODEL_FETCH_TIMEOUT_MS."""
-        longest = time.monotonic() + self.settings.model_fetch_timeout_ms / 1000
+        longest = time.monotonic() + self.settings.runtime.model_fetch_timeout_ms / 1000
         chosen = deadline_s if deadline_s is not None else _deadline.get()
         return longest if chosen is None else min(chosen, longest)
 
@@ -125,7 +125,7 @@ class ModelStore:
         if local is None or local.source == "layer":
             return
         try:
-            with self._cache_lock(time.monotonic() + self.settings.model_fetch_timeout_ms / 1000):
+            with self._cache_lock(time.monotonic() + self.settings.runtime.model_fetch_timeout_ms / 1000):
                 shutil.rmtree(local.path, ignore_errors=True)
         except (OSError, ModelUnavailable) as exc:  # the entry is gone from memory; a stale folder is re-verified
             logger.warning("could not remove cached model %s: %s", local.path.name, exc)
@@ -136,7 +136,7 @@ class ModelStore:
         A layer folder's file is read; an S3 model's ``manifest.json`` object is fetched (a few kB).
         """
         if ref.kind == "layer":
-            folder = self.settings.models_root / ref.model_id
+            folder = self.settings.runtime.models_root / ref.model_id
             if not folder.is_dir():
                 raise ModelUnavailable(f"model {ref.model_id} is not in the model layer (looked in {folder})")
             manifest = Manifest.read(folder)
@@ -151,7 +151,7 @@ class ModelStore:
 
     # -- layer ---------------------------------------------------------------
     def _fetch_layer(self, ref: ModelRef) -> LocalModel:
-        folder = self.settings.models_root / ref.model_id
+        folder = self.settings.runtime.models_root / ref.model_id
         if not folder.is_dir():
             raise ModelUnavailable(f"model {ref.model_id} is not in the model layer (looked in {folder})")
         manifest = Manifest.read(folder)
@@ -167,8 +167,8 @@ class ModelStore:
 
             config = Config(
                 retries={"mode": "standard", "max_attempts": 3},
-                connect_timeout=self.settings.s3_connect_timeout_ms / 1000,
-                read_timeout=self.settings.s3_read_timeout_ms / 1000,
+                connect_timeout=self.settings.runtime.s3_connect_timeout_ms / 1000,
+                read_timeout=self.settings.runtime.s3_read_timeout_ms / 1000,
             )
             self._s3_client = boto3.client("s3", config=config)
         return self._s3_client
@@ -196,7 +196,7 @@ class ModelStore:
         self, ref: ModelRef, manifest: Manifest, manifest_bytes: bytes, entry: str, deadline_s: float
     ) -> LocalModel:
         """Under the cache lock: the verified cache entry, downloading it first when it is absent or damaged."""
-        cache = self.settings.cache_dir
+        cache = self.settings.runtime.cache_dir
         final = cache / entry
         if final.is_dir():
             try:
@@ -281,7 +281,7 @@ class ModelStore:
 
     @contextlib.contextmanager
     def _cache_lock(self, deadline_s: float) -> Iterator[None]:
-        cache = self.settings.cache_dir
+        cache = self.settings.runtime.cache_dir
         cache.mkdir(parents=True, exist_ok=True)
         with (cache / ".lock").open("w") as handle:
             # Another process (a second worker sharing /tmp) may hold it: wait no longer than the deadline.
@@ -303,14 +303,14 @@ class ModelStore:
 
     def _make_room(self, needed: int, keep: str) -> None:
         """Evict least recently used entries until ``needed`` bytes fit the budget and the disk."""
-        cache = self.settings.cache_dir
+        cache = self.settings.runtime.cache_dir
         entries = []
         for path in cache.iterdir():
             if path.is_dir() and not path.name.startswith(".") and path.name != keep:
                 size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
                 entries.append((path.stat().st_mtime, size, path))
         entries.sort()
-        budget = self.settings.cache_max_bytes
+        budget = self.settings.runtime.cache_max_bytes
         if needed > budget:
             raise ModelUnavailable(
                 f"model needs {needed // 2**20} MB, over the cache budget QUANTFN_CACHE_MAX_MB={budget // 2**20}"

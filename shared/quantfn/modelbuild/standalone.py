@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from quantfn.build.errors import BuildError
+from quantfn.modelbuild.errors import BuildError
 
 
 def write_standalone(folder: Path, out: Path) -> Path:

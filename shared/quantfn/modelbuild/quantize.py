@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from quantfn.build.export import WORD_EMBEDDINGS
+from quantfn.modelbuild.export import WORD_EMBEDDINGS
 
 if TYPE_CHECKING:
     import onnx

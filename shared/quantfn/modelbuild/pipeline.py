@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from quantfn.build.errors import BuildError, BuildGateError
-from quantfn.build.recipes import (
+from quantfn.modelbuild.errors import BuildError, BuildGateError
+from quantfn.modelbuild.recipes import (
     DEFAULT_LADDER,
     MAX_SEQUENCE_LENGTH,
     RECIPES,
@@ -50,7 +50,7 @@ def exporter_digest() -> str:
     exporter never reuses a graph the old one wrote)."""
     import hashlib
 
-    from quantfn.build import export, heads, onnx_graph
+    from quantfn.modelbuild import export, heads, onnx_graph
 
     digest = hashlib.sha256()
     for module in (export, heads, onnx_graph):
@@ -60,8 +60,8 @@ def exporter_digest() -> str:
 
 def fp32_graph(work_dir: Path, progress: Callable[[str], None]) -> Path:
     """The fp32 graph, cached in ``work_dir`` by the weights' sha256 and the exporter so recipes share it."""
-    from quantfn.build.export import export_fp32
-    from quantfn.build.source import locate_source
+    from quantfn.modelbuild.export import export_fp32
+    from quantfn.modelbuild.source import locate_source
     from quantfn.models.manifest import sha256_file
 
     source = locate_source()
@@ -80,7 +80,7 @@ def pruned_graph(fp32_path: Path, keep: np.ndarray) -> Path:
     """The fp32 graph without unreachable vocabulary rows, cached beside ``fp32_path``."""
     import onnx
 
-    from quantfn.build.quantize import keep_embedding_rows
+    from quantfn.modelbuild.quantize import keep_embedding_rows
 
     path = fp32_path.with_name(fp32_path.stem + f"-vocab{len(keep)}.onnx")
     if not path.is_file():
@@ -101,7 +101,7 @@ def write_tokenizer(
     BERT vocabularies). With ``prune_vocab`` the unreachable entries are dropped
     and ids renumbered; returns the kept old ids (the embedding rows to keep), else None.
     """
-    from quantfn.build.vocab import prune_tokenizer, unreachable_ids
+    from quantfn.modelbuild.vocab import prune_tokenizer, unreachable_ids
 
     data = json.loads(src.read_text(encoding="utf-8"))
     pad_id, pad_token = pad or source_pad(data)
@@ -218,9 +218,8 @@ def build_model(
 
     ``recipe`` ``default`` publishes the first recipe of ``DEFAULT_LADDER`` that passes
     the gate (the manifest names it and what was rejected on the way). ``gate``
-    overrides the recipe's gate. The task-quality suite (``quality``) runs
-    with its data cached in ``quality_cache`` (default ``$QUANTFN_QUALITY_CACHE`` or
-    ``out_dir/.work/quality``). Raises BuildError for an unknown recipe
+    overrides the recipe's gate. The task-quality suite (``quality``) runs with its data
+    cached in ``quality_cache`` (default ``$QUANTFN_QUALITY_CACHE``). Raises BuildError for an unknown recipe
     or missing weights, BuildGateError (nothing published) when fidelity or size
     misses the gate. An existing folder of the same id is replaced only on success.
     """
@@ -268,9 +267,9 @@ def _build_model(
     quality_cache: Path | None,
     rejected: list[dict[str, Any]] | None,
 ) -> dict[str, Any]:
-    from quantfn.build import dequantize_at_load, evaluate
-    from quantfn.build.reference import load_corpus, load_reference
-    from quantfn.build.source import locate_source
+    from quantfn.modelbuild import dequantize_at_load, evaluate
+    from quantfn.modelbuild.reference import load_corpus, load_reference
+    from quantfn.modelbuild.source import locate_source
     from quantfn.models.manifest import (
         SCHEMA_VERSION,
         DequantizeAtLoad,
@@ -410,11 +409,11 @@ def _gate_quality_and_publish(
     quality_cache: Path | None,
     say: Callable[[str], None],
 ) -> Path:
-    """The end of every build: the task-quality gate against the fp32 original (``quantfn.build.quality``:
+    """The end of every build: the task-quality gate against the fp32 original (``quantfn.modelbuild.quality``:
     retention of its task scores, cosine against its vectors), then ``staging`` replaces
     ``out_dir/<model_id>`` (an existing folder only on success; nothing is published on a failure), which
     is returned."""
-    from quantfn.build import quality
+    from quantfn.modelbuild import quality
     from quantfn.models.manifest import MANIFEST_NAME, Manifest
 
     Manifest.from_dict(manifest)
@@ -423,7 +422,7 @@ def _gate_quality_and_publish(
     if gate.task_retention is not None and manifest["task"] in ("embed", "classify"):
         say("task-quality suite against the fp32 original")
         baseline = quality.fp32_original(out_dir / ".work", fp32_path, tokenizer_source, manifest)
-        cache = quality.cache_dir(quality_cache, default=out_dir / ".work" / "quality")
+        cache = quality.cache_dir(quality_cache)
         manifest["quality"] = quality.gate_build(manifest["model_id"], gate, staging, baseline, cache)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     final = out_dir / manifest["model_id"]
@@ -467,7 +466,7 @@ def planned_fp32_graph(source: Any, plan: Any, work_dir: Path, say: Callable[[st
 
     import onnx
 
-    from quantfn.build import export, heads, onnx_graph
+    from quantfn.modelbuild import export, heads, onnx_graph
     from quantfn.models.manifest import sha256_file
 
     key = json.dumps(
@@ -550,8 +549,8 @@ def _build_planned(
     import onnx
     from tokenizers import Tokenizer
 
-    from quantfn.build import dequantize_at_load, task_fidelity
-    from quantfn.build.reference import load_corpus
+    from quantfn.modelbuild import dequantize_at_load, task_fidelity
+    from quantfn.modelbuild.reference import load_corpus
     from quantfn.models.manifest import (
         SCHEMA_VERSION,
         DequantizeAtLoad,
@@ -691,7 +690,7 @@ def _build_planned(
 
 def first_unreachable_id(tokenizer_path: Path) -> int:
     """The lowest id vocabulary pruning would drop (ids below it keep their number); -1 if none."""
-    from quantfn.build.vocab import unreachable_ids
+    from quantfn.modelbuild.vocab import unreachable_ids
 
     drop = unreachable_ids(json.loads(Path(tokenizer_path).read_text(encoding="utf-8")))
     return drop[0] if drop else -1
@@ -703,7 +702,7 @@ def ids_only_looked_up(graph_path: Path, stable_below: int = 0) -> bool:
     import onnx
     from onnx import numpy_helper
 
-    from quantfn.build.export import WORD_EMBEDDINGS
+    from quantfn.modelbuild.export import WORD_EMBEDDINGS
 
     graph = onnx.load(str(graph_path), load_external_data=False).graph
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if len(t.dims) <= 1}

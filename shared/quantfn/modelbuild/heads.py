@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from quantfn.build.errors import BuildError
+from quantfn.modelbuild.errors import BuildError
 
 if TYPE_CHECKING:
     import onnx

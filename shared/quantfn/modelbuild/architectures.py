@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantfn.build.errors import BuildError
-from quantfn.build.source import ModelSource
+from quantfn.modelbuild.errors import BuildError
+from quantfn.modelbuild.source import ModelSource
 
 SUPPORTED = "bert (encoders, sequence classification), mpnet (encoders), or an ONNX file (--onnx)"
 EXPORT_PATHS = {
-    "bert": "torch-free graph writer (quantfn.build.export)",
+    "bert": "torch-free graph writer (quantfn.modelbuild.export)",
     "mpnet": "torch.onnx.export (TorchScript exporter, build time only)",
     "onnx": "pass-through (one output kept, embedding table renamed)",
 }
@@ -138,7 +138,7 @@ def plan_build(
     st = source.st
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     if sklearn_head is not None:
-        from quantfn.build.heads import load_sklearn_linear
+        from quantfn.modelbuild.heads import load_sklearn_linear
 
         if is_classifier or task not in (None, "classify"):
             raise BuildError("a scikit-learn head goes on an embedding model, with task classify")
@@ -191,7 +191,7 @@ def _plan_onnx(
     max_length: int | None,
     output: str | None,
 ) -> BuildPlan:
-    from quantfn.build.onnx_graph import load_conformed
+    from quantfn.modelbuild.onnx_graph import load_conformed
 
     model, output, rank = load_conformed(source.weights, output, source.tokenizer)
     inputs = tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from quantfn.build.errors import BuildError
+from quantfn.modelbuild.errors import BuildError
 
 WEIGHTS_FILE = "weights.bin"
 _ALIGN = 64

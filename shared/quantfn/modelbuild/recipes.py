@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from quantfn.build.errors import BuildError
+from quantfn.modelbuild.errors import BuildError
 
 if TYPE_CHECKING:
-    from quantfn.build.quantize import Ranges
+    from quantfn.modelbuild.quantize import Ranges
 
 MAX_SEQUENCE_LENGTH = 256
 
@@ -27,7 +27,7 @@ class Gate:
     """Minimums a build must reach; ``None`` means the metric is reported but not gated.
 
     Every published model has a gate of this shape: task retention (score on
-    every task of the quality suite, ``quantfn.build.quality``, divided by the
+    every task of the quality suite, ``quantfn.modelbuild.quality``, divided by the
     fp32 original's), cosine mean and minimum against fp32 on the fidelity
     corpus, batch invariance and file size against fp32. recall@5 is reported
     and gated only where a recipe asks for it. A classifier's task is top-1
@@ -66,7 +66,7 @@ class Calibration:
 
     def _collected(self) -> tuple[dict[str, np.ndarray], Ranges]:
         if self._statistics is None:
-            from quantfn.build.quantize import collect_statistics
+            from quantfn.modelbuild.quantize import collect_statistics
 
             self._statistics = collect_statistics(str(self._fp32_path), self._feeds())
         return self._statistics
@@ -92,7 +92,7 @@ class Recipe:
     # SessionOptions config entries the runtime must set when loading this model.
     session_config: dict[str, str] = field(default_factory=dict)
     # Save the optimized graph with its folded int8 weights kept int8 in weights.bin, rebuilt at
-    # load (``quantfn.build.dequantize_at_load``): the cold path skips optimization and folding.
+    # load (``quantfn.modelbuild.dequantize_at_load``): the cold path skips optimization and folding.
     dequantize_at_load: bool = False
     # Drop unreachable vocabulary rows (renumbers tokenizer.json; see ``vocab``).
     prune_vocab: bool = True
@@ -120,13 +120,13 @@ def _fp32(src: Path, dst: Path, _: Calibration) -> None:
 
 
 def _fp16(src: Path, dst: Path, _: Calibration) -> None:
-    from quantfn.build import quantize as q
+    from quantfn.modelbuild import quantize as q
 
     _rewrite(src, dst, q.weights_fp16)
 
 
 def _int8_gptq(src: Path, dst: Path, calibration: Calibration) -> None:
-    from quantfn.build import quantize as q
+    from quantfn.modelbuild import quantize as q
 
     hessians = calibration.hessians()
     _rewrite(
@@ -139,7 +139,7 @@ def _int8_gptq(src: Path, dst: Path, calibration: Calibration) -> None:
 
 
 def _int8_token(src: Path, dst: Path, calibration: Calibration) -> None:
-    from quantfn.build import quantize as q
+    from quantfn.modelbuild import quantize as q
 
     hessians = calibration.hessians()
     _rewrite(
@@ -152,7 +152,7 @@ def _int8_token(src: Path, dst: Path, calibration: Calibration) -> None:
 
 
 def _int8_token7(src: Path, dst: Path, calibration: Calibration) -> None:
-    from quantfn.build import quantize as q
+    from quantfn.modelbuild import quantize as q
 
     hessians = calibration.hessians()
     _rewrite(
@@ -165,7 +165,7 @@ def _int8_token7(src: Path, dst: Path, calibration: Calibration) -> None:
 
 
 def _int8_static(src: Path, dst: Path, calibration: Calibration) -> None:
-    from quantfn.build import quantize as q
+    from quantfn.modelbuild import quantize as q
 
     hessians, ranges = calibration.hessians(), calibration.ranges()
     _rewrite(
@@ -199,7 +199,7 @@ MIXED_FP32_COMPUTE = (
 
 
 def _int8_mixed(src: Path, dst: Path, calibration: Calibration) -> None:
-    from quantfn.build import quantize as q
+    from quantfn.modelbuild import quantize as q
 
     hessians = calibration.hessians()
     _rewrite(
@@ -216,7 +216,7 @@ def _int8_mixed(src: Path, dst: Path, calibration: Calibration) -> None:
 def _int8_dynamic(src: Path, dst: Path, _: Calibration) -> None:
     import tempfile
 
-    from quantfn.build import quantize as q
+    from quantfn.modelbuild import quantize as q
 
     with tempfile.TemporaryDirectory() as tmp:
         mid = Path(tmp) / "embedding.onnx"
@@ -225,7 +225,7 @@ def _int8_dynamic(src: Path, dst: Path, _: Calibration) -> None:
 
 
 def _int4(src: Path, dst: Path, calibration: Calibration) -> None:
-    from quantfn.build import quantize as q
+    from quantfn.modelbuild import quantize as q
 
     hessians = calibration.hessians()
     _rewrite(

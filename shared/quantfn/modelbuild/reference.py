@@ -1,6 +1,6 @@
 """The fp32 reference: sentence-transformers embeddings of the fidelity corpus.
 
-Run once by a maintainer (``python -m quantfn.build.reference``); the result is
+Run once by a maintainer (``python -m quantfn.modelbuild.reference``); the result is
 committed as ``data/reference_fp32.npy`` so builds never need torch.
 """
 
@@ -30,7 +30,7 @@ def write_reference(path: Path = REFERENCE_PATH) -> np.ndarray:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from quantfn.build.source import locate_source
+    from quantfn.modelbuild.source import locate_source
 
     torch.set_num_threads(2)
     model = SentenceTransformer(str(locate_source().folder), device="cpu")

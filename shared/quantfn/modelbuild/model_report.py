@@ -1,6 +1,6 @@
 """``make models`` report: for each built folder its size, where it fits, fidelity and speed.
 
-``python -m quantfn.build.model_report MODELS_DIR WEIGHTS_DIR`` prints a Markdown table.
+``python -m quantfn.modelbuild.model_report MODELS_DIR WEIGHTS_DIR`` prints a Markdown table.
 Task quality is the manifest's ``quality`` record (the build's gate against the fp32
 original: Lee & Pincombe Spearman and the Rotten Tomatoes probe for embedders, top-1
 agreement for the classifier). Speed is texts/s at batch 32 on 1 thread through onnxruntime (the folder's own session),
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from quantfn.build.evaluate import spearman_pairwise
-from quantfn.build.reference import load_corpus, load_reference
-from quantfn.build.task_fidelity import items_for, run
+from quantfn.modelbuild.evaluate import spearman_pairwise
+from quantfn.modelbuild.reference import load_corpus, load_reference
+from quantfn.modelbuild.task_fidelity import items_for, run
 from quantfn.models.manifest import Manifest
 from quantfn.models.session import open_session
 
@@ -60,7 +60,7 @@ def report(models: Path, weights: Path, texts: int = 256) -> str:
         notes.append(f"- L3 vs L6 pairwise-similarity Spearman on {texts} texts: {rho:.3f} (vocabulary check)")
     head = weights / "intent/rag_intent_classifier/models/LogisticRegression.joblib"
     if "intent-minilm-l6-v2" in vectors and head.is_file():
-        from quantfn.build.heads import load_sklearn_linear
+        from quantfn.modelbuild.heads import load_sklearn_linear
 
         coef, intercept, _ = load_sklearn_linear(head)
         sklearn = (load_reference()[:texts] @ coef.T + intercept).argmax(1)
