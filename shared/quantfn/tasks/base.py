@@ -193,7 +193,10 @@ class Pipeline:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="quantfn-run")
         return self._pool
 
-    def _run(self, batch: list[list[int]], type_batch: list[list[int]], session: Any) -> np.ndarray:
+    def feeds(self, batch: Sequence[Sequence[int]], type_batch: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """Every input a graph may take for one sub-batch of token ids, padded with the manifest's pad id to
+        the longest: ``input_ids``, ``attention_mask``, ``token_type_ids`` (a graph is fed the ones its manifest
+        names; a build's calibration feeds its graph exactly so)."""
         longest = max(len(seq) for seq in batch)
         input_ids = np.full((len(batch), longest), self.manifest.pad_id, dtype=np.int64)
         mask = np.zeros((len(batch), longest), dtype=np.int64)
@@ -202,9 +205,12 @@ class Pipeline:
             input_ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
             token_types[row, : len(types)] = types
-        feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_types}
+        return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_types}
+
+    def _run(self, batch: list[list[int]], type_batch: list[list[int]], session: Any) -> np.ndarray:
+        feeds = self.feeds(batch, type_batch)
         (output,) = session.run([self.manifest.output], {name: feeds[name] for name in self.manifest.inputs})
-        return self.postprocess(output, mask)
+        return self.postprocess(output, feeds["attention_mask"])
 
     def postprocess(self, output: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """What the task makes of one sub-batch's graph output; ``mask`` [B, S] marks real tokens."""
