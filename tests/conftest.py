@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,3 +200,18 @@ def gpu_container(models_root: Path, log_dir: Path, **env: str) -> Iterator[str]
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def embed_on_endpoint(
+    client: Any, texts: list[str], model: str, *, dimensions: int, normalized: bool, deadline_s: float
+) -> Any:
+    """What the embed task asks of the GPU endpoint for ``texts`` (served there as ``model``), through the
+    client's one call: its reply (``.output`` the checked vectors) or the error the call raises."""
+    from quantfn.models.manifest import Manifest
+    from quantfn.tasks import TASKS, EmbedRequest
+
+    manifest = Manifest(
+        "m", "embed", {}, dimensions, 256, ("input_ids", "attention_mask"), "last_hidden_state",
+        normalize=normalized, upstream=model,
+    )  # fmt: skip
+    return TASKS["embed"].on_endpoint(EmbedRequest(list(texts), model), manifest, client, deadline_s)

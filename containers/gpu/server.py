@@ -43,20 +43,19 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from quantfn import inference
 from quantfn.config import ConfigError, Settings
 from quantfn.errors import BadRequest, ModelUnavailable, QuantfnError, TooLarge
 from quantfn.models.reference import parse_model_ref
 from quantfn.registry import Registry
 from quantfn.serialize import dumps
 from quantfn.tasks import Encoded, Pipeline
-from quantfn.wire import body, classify, openai, rerank
+from quantfn.wire import routes
 
 logger = logging.getLogger("quantfn.gpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 JOB_TIMEOUT_S = 55.0  # SageMaker gives an invocation 60 s
-ROUTES = {"/v1/embeddings": "embed", "/v1/rerank": "rerank", "/v2/rerank": "rerank", "/v1/classify": "classify"}
+_GET = routes.Route("GET")
 
 
 class ServerBusy(QuantfnError):
@@ -363,9 +362,22 @@ class EndpointServer(HttpServer):
             return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE), status
         if method == "GET" and path == "/stats":
             return HTTPStatus.OK, self.stats()
-        if method == "POST" and (path == "/invocations" or path in ROUTES):
-            return HTTPStatus.OK, self.invoke(path, raw)
-        raise BadRequest(f"No route for {method} {path[:100]}.", code="not_found")
+        if method != "POST" or (path != "/invocations" and routes.ROUTES.get(path, _GET).method != "POST"):
+            raise BadRequest(f"No route for {method} {path[:100]}.", code="not_found")
+        if not self.ready.is_set():
+            raise ModelUnavailable(self.load_error or "model is still loading")
+        # The route table answers, through the same entry point as the functions; this server adds its batching.
+        options = {"remaining_ms": JOB_TIMEOUT_S * 1000, "registry": self.registry, "forward": self._forward}
+        if path == "/invocations":
+            reply = routes.invocation(raw, **options)
+        else:
+            reply = routes.respond("POST", path, lambda: raw, allow_endpoint=False, **options)
+        if reply.unexpected is not None:
+            logger.error("unexpected error", exc_info=reply.unexpected)
+        elif reply.error is not None:
+            log = logger.info if reply.status < 500 else logger.warning
+            log("refused %s: %s", reply.status, reply.error.message)
+        return reply.status, reply.body
 
     @property
     def active_providers(self) -> list[str]:
@@ -415,31 +427,6 @@ class EndpointServer(HttpServer):
                 batcher.pipeline = pipeline
                 self._batchers[pipeline.manifest.model_id] = batcher
         return batcher.submit(encoded)
-
-    def invoke(self, path: str, raw: bytes) -> dict[str, Any]:
-        """One invocation: parse, run through the inference entry point, shape the reply; raises QuantfnError."""
-        if not self.ready.is_set():
-            raise ModelUnavailable(self.load_error or "model is still loading")
-        settings = self.settings
-        data = body.load_json_body(raw, settings.limits.max_body_bytes)
-        task = ROUTES.get(path, "embed")
-        if path == "/invocations" and isinstance(data, dict) and "task" in data:
-            data = dict(data)
-            task = data.pop("task")
-            if task not in ("embed", "rerank", "classify"):
-                raise BadRequest("'task' must be embed, rerank or classify.", param="task")
-        budget = inference.Budget(remaining_ms=JOB_TIMEOUT_S * 1000, payload_bytes=len(raw), allow_endpoint=False)
-        if task == "rerank":
-            version = 2 if path == "/v2/rerank" else 1
-            request = rerank.parse_rerank_request(data, version, None)
-            result = inference.run(request, budget, self.registry, self._forward)
-            return rerank.rerank_response(result, request, version)
-        if task == "classify":
-            request = classify.parse_classify_request(data, None)
-            return classify.classify_response(inference.run(request, budget, self.registry, self._forward), request)
-        request = openai.parse_embeddings_request(data, None)
-        result = inference.run(request, budget, self.registry, self._forward)
-        return openai.embeddings_response(result, request.encoding_format)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,8 @@ are retried with full-jitter exponential backoff on throttling, 5xx and connecti
 failures, never on other 4xx, and a 429's or 503's ``Retry-After`` is honoured when
 it fits the deadline; a circuit breaker stops calling an endpoint that keeps
 failing (a 4xx is the request's fault, not the endpoint's: it never opens it).
-A reply is checked (count, dimensions, finite numbers) before anyone sees it:
-the caller gets the whole answer or an error.
+The task that makes a call checks its reply (count, dimensions, finite numbers,
+``quantfn.tasks``) before anyone sees it: the caller gets the whole answer or an error.
 
 Errors: ``EndpointUnavailable`` (503: not configured, not found, circuit open),
 ``UpstreamFailed`` (502: failed, timed out, invalid reply), ``TooLarge`` (413:
@@ -17,8 +17,6 @@ the endpoint's own limit refused the request).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import email.utils
 import http.client
@@ -28,7 +26,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -273,7 +271,7 @@ def _sagemaker_failure(exc: Any) -> CallFailed:
 
 
 class EndpointClient:
-    """Runs embed, rerank and classify requests on the GPU endpoint within a deadline (see the module docstring)."""
+    """Calls the GPU endpoint within a deadline, with retries and a circuit breaker (see the module docstring)."""
 
     def __init__(
         self,
@@ -291,27 +289,10 @@ class EndpointClient:
         )
         self._sleep, self._jitter, self._clock = sleep, jitter, clock
 
-    def embed(
-        self, texts: Sequence[str], model: str, *, dimensions: int, normalized: bool, deadline_s: float
-    ) -> EndpointReply:
-        """Embeddings [len(texts), dimensions] from the endpoint; ``deadline_s`` is on ``time.monotonic``."""
-        body = {"model": model, "input": list(texts), "encoding_format": "base64"}
-        return self._call(body, deadline_s, lambda data: parse_reply(data, len(texts), dimensions, normalized))
-
-    def rerank(self, query: str, documents: Sequence[str], model: str, *, deadline_s: float) -> EndpointReply:
-        """Relevance scores [len(documents)] in document order."""
-        body = {"task": "rerank", "model": model, "query": query, "documents": list(documents)}
-        return self._call(body, deadline_s, lambda data: parse_rerank_reply(data, len(documents)))
-
-    def classify(
-        self, texts: Sequence[str], model: str, labels: Sequence[str], raw_scores: bool, *, deadline_s: float
-    ) -> EndpointReply:
-        """Scores [len(texts), len(labels)] in label order (logits with ``raw_scores``)."""
-        body = {"task": "classify", "model": model, "input": list(texts), "raw_scores": raw_scores}
-        return self._call(body, deadline_s, lambda data: parse_classify_reply(data, len(texts), labels))
-
-    def _call(self, body: dict[str, Any], deadline_s: float, parse: Callable[[bytes], np.ndarray]) -> EndpointReply:
-        """POST ``body`` (the task's wire request; ``task`` absent means embeddings) and parse the reply."""
+    def call(self, body: dict[str, Any], deadline_s: float, parse: Callable[[bytes], np.ndarray]) -> EndpointReply:
+        """POST ``body`` (a task's request in the container's contract: ``task`` absent means embeddings) and
+        ``parse`` the reply (the task checks it: count, shape, finite numbers); ``deadline_s`` is on
+        ``time.monotonic`` and bounds the whole call, retries included."""
         if not self.breaker.allow():
             raise EndpointUnavailable(
                 f"GPU endpoint {self.transport.name}: circuit open after {self.breaker.failures} consecutive "
@@ -381,96 +362,6 @@ def make_transport(settings: Settings) -> HttpTransport | SageMakerTransport:
     raise EndpointUnavailable(
         "no GPU endpoint is configured (QUANTFN_ENDPOINT_NAME or QUANTFN_ENDPOINT_URL)", code="endpoint_not_configured"
     )
-
-
-def parse_reply(data: bytes, count: int, dimensions: int, normalized: bool) -> np.ndarray:
-    """Check an OpenAI embeddings reply and return its vectors in index order; UpstreamFailed if anything is off."""
-    try:
-        reply = json.loads(data)
-        items = reply["data"]
-        if not isinstance(items, list):
-            raise TypeError("'data' is not a list")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UpstreamFailed(f"GPU endpoint reply is not an embeddings list: {exc.__class__.__name__}") from exc
-    if len(items) != count:
-        raise UpstreamFailed(f"GPU endpoint returned {len(items)} embeddings for {count} inputs")
-    out = np.empty((count, dimensions), dtype=np.float32)
-    seen = set()
-    for item in items:
-        index = item.get("index") if isinstance(item, dict) else None
-        if not isinstance(index, int) or not 0 <= index < count or index in seen:
-            raise UpstreamFailed(f"GPU endpoint reply has a bad or repeated index: {index!r}")
-        seen.add(index)
-        out[index] = _vector(item.get("embedding"), dimensions, index)
-    if not np.isfinite(out).all():
-        raise UpstreamFailed("GPU endpoint returned non-finite numbers")
-    if normalized and not np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-2):
-        raise UpstreamFailed("GPU endpoint returned embeddings that are not unit length")
-    return out
-
-
-def _reply_list(data: bytes, key: str, what: str) -> list[Any]:
-    try:
-        items = json.loads(data)[key]
-        if not isinstance(items, list):
-            raise TypeError(f"'{key}' is not a list")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UpstreamFailed(f"GPU endpoint reply is not a {what} reply: {exc.__class__.__name__}") from exc
-    return items
-
-
-def _score(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise UpstreamFailed(f"GPU endpoint returned a bad score at {where}")
-    return float(value)
-
-
-def parse_rerank_reply(data: bytes, count: int) -> np.ndarray:
-    """Scores in document order from a rerank reply that ranks all ``count`` documents."""
-    items = _reply_list(data, "results", "rerank")
-    out = np.full(count, np.nan, dtype=np.float32)
-    for item in items:
-        index = item.get("index") if isinstance(item, dict) else None
-        if not isinstance(index, int) or not 0 <= index < count or not np.isnan(out[index]):
-            raise UpstreamFailed(f"GPU endpoint rerank reply has a bad or repeated index: {index!r}")
-        out[index] = _score(item.get("relevance_score"), f"results[{index}]")
-    if np.isnan(out).any():
-        raise UpstreamFailed(f"GPU endpoint ranked {len(items)} of {count} documents")
-    return out
-
-
-def parse_classify_reply(data: bytes, count: int, labels: Sequence[str]) -> np.ndarray:
-    """Scores [count, labels] in label order from a classify reply that lists every label of every input."""
-    items = _reply_list(data, "data", "classify")
-    column = {label: i for i, label in enumerate(labels)}
-    out = np.full((count, len(labels)), np.nan, dtype=np.float32)
-    if len(items) != count:
-        raise UpstreamFailed(f"GPU endpoint classified {len(items)} of {count} inputs")
-    for item in items:
-        index = item.get("index") if isinstance(item, dict) else None
-        if not isinstance(index, int) or not 0 <= index < count or not np.isnan(out[index]).all():
-            raise UpstreamFailed(f"GPU endpoint classify reply has a bad or repeated index: {index!r}")
-        for entry in item.get("labels") or ():
-            label = entry.get("label") if isinstance(entry, dict) else None
-            if label not in column:
-                raise UpstreamFailed(f"GPU endpoint returned an unknown label for input {index}")
-            out[index, column[label]] = _score(entry.get("score"), f"data[{index}]")
-    if np.isnan(out).any():
-        raise UpstreamFailed("GPU endpoint did not score every label")
-    return out
-
-
-def _vector(embedding: Any, dimensions: int, index: int) -> np.ndarray:
-    try:
-        if isinstance(embedding, str):
-            vector = np.frombuffer(base64.b64decode(embedding, validate=True), dtype="<f4")
-        else:
-            vector = np.asarray(embedding, dtype=np.float32)
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise UpstreamFailed(f"GPU endpoint embedding {index} cannot be decoded") from exc
-    if vector.shape != (dimensions,):
-        raise UpstreamFailed(f"GPU endpoint embedding {index} has shape {vector.shape}, expected ({dimensions},)")
-    return vector
 
 
 def _error_message(body: bytes) -> str:

@@ -56,6 +56,20 @@ class BadRequest(QuantfnError):
     code = "invalid_request"
 
 
+class RouteNotFound(BadRequest):
+    """No route has the request's path (404)."""
+
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(BadRequest):
+    """The route exists but not for the request's method (405; the reply names the one allowed)."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
 class ModelNotFound(QuantfnError):
     """The request names a model this deployment does not serve (404)."""
 

@@ -26,12 +26,10 @@ from quantfn.errors import BadRequest, ModelNotFound, ModelUnavailable, QuantfnE
 from quantfn.models.manifest import Manifest
 from quantfn.models.reference import ModelRef, parse_model_ref
 from quantfn.models.store import ModelStore
-from quantfn.tasks import Pipeline, load_tokenizer, open_pipeline, parallel_mode
+from quantfn.tasks import Pipeline, Task, open_pipeline, parallel_mode
+from quantfn.tasks.base import tokenizer_from_json
 
 logger = logging.getLogger(__name__)
-
-#: The manifest tasks each route accepts: an embedding model can rerank (by cosine), not the reverse.
-ROUTE_TASKS = {"embed": ("embed",), "rerank": ("rerank", "embed"), "classify": ("classify",)}
 
 
 def estimate_memory_bytes(manifest: Manifest, sessions: int = 1) -> int:
@@ -89,7 +87,7 @@ class Registry:
         self.models = [ServedModel(name, parse_model_ref(ref)) for name, ref in (models or settings.runtime.models)]
         self._lock = threading.RLock()
         self._lru: OrderedDict[str, ServedModel] = OrderedDict()  # loaded models, least recently used first
-        self.endpoint: Any = None  # the GPU endpoint client, made on first use (quantfn.inference)
+        self._endpoint: Any = None  # the GPU endpoint client, made on first use
 
     @property
     def default(self) -> ServedModel:
@@ -114,19 +112,21 @@ class Registry:
             names += list(self.settings.runtime.model_aliases)
         return list(dict.fromkeys(names))
 
-    def resolve(self, name: str | None, task: str) -> ServedModel:
-        """The served model for a request's ``model`` on a route of ``task``.
+    def resolve(self, name: str | None, task: Task) -> ServedModel:
+        """The served model for a request's ``model`` on a route of ``task`` (a model whose manifest
+        task is one of ``task.serves``).
 
         ``None`` picks the first served model that can do the task. Unknown: ModelNotFound (404);
         the wrong task: BadRequest (400); a manifest that cannot be read: ModelUnavailable (503).
         """
-        accepted = ROUTE_TASKS[task]
+        accepted = task.serves
+        task_name = task.name
         if name is None:
             for model in self.models:
                 if self._readable(model) and self.manifest(model).task in accepted:
                     return model
             self._raise_if_unreadable()
-            raise BadRequest(f"No served model can do {task}; name one with 'model'.", param="model")
+            raise BadRequest(f"No served model can do {task_name}; name one with 'model'.", param="model")
         model = next((m for m in self.models if m.name == name), None)
         unreadable: list[str] = []
         for candidate in self.models if model is None else ():
@@ -148,7 +148,7 @@ class Registry:
         if manifest.task not in accepted:
             able = [m.name for m in self.models if self._readable(m) and self.manifest(m).task in accepted]
             raise BadRequest(
-                f"The model {echo(name)} is a model for {manifest.task}, not {task}; "
+                f"The model {echo(name)} is a model for {manifest.task}, not {task_name}; "
                 f"models that can: {', '.join(able) or 'none'}.",
                 param="model",
                 code="wrong_model_task",
@@ -173,15 +173,20 @@ class Registry:
 
     # -- tokenizer and pipeline ----------------------------------------------------------------------------
     def tokenizer(self, model: ServedModel) -> Any:
-        """The model's tokenizer, without a session (the router counts tokens before deciding where to run)."""
+        """The model's tokenizer, without a session or its weights (the router counts tokens before deciding
+        where to run: a request sent to the GPU endpoint never fetches an S3 model's weights)."""
         pipeline = model.pipeline
         if pipeline is not None:
             return pipeline.tokenizer
         with model.load_lock:
             if model.tokenizer is None:
-                local = self._fetch(model)
                 started = time.perf_counter()
-                model.tokenizer = self._guard(model, lambda: load_tokenizer(local.path / "tokenizer.json"))
+                try:
+                    model.manifest, data = self.store.read_verified(model.ref, "tokenizer.json")
+                except QuantfnError as exc:
+                    model.error = exc.message
+                    raise
+                model.tokenizer = self._guard(model, lambda: tokenizer_from_json(data.decode("utf-8")))
                 model.load_phases_ms["tokenizer"] = (time.perf_counter() - started) * 1000
             return model.tokenizer
 
@@ -267,6 +272,15 @@ class Registry:
             model.memory_bytes = 0
             model.load_phases_ms.clear()
             self.store.forget(model.ref)
+
+    def endpoint_client(self) -> Any:
+        """The GPU endpoint client, made on first use and kept (its circuit breaker lives as long as the registry)."""
+        with self._lock:
+            if self._endpoint is None:
+                from quantfn.endpoint import EndpointClient
+
+                self._endpoint = EndpointClient(self.settings)
+            return self._endpoint
 
     def load_ms(self, model: ServedModel) -> float:
         return sum(model.load_phases_ms.values())

@@ -11,7 +11,7 @@ import pytest
 from quantfn.config import EndpointSettings, Settings
 from quantfn.endpoint import EndpointClient
 from quantfn.errors import EndpointUnavailable, TooLarge, UpstreamFailed
-from tests.conftest import _free_port, load_event
+from tests.conftest import _free_port, embed_on_endpoint, load_event
 from tests.integration.endpoint_stub import DIMENSIONS, Step, StubEndpoint, embeddings_reply, unit_vectors
 
 TEXTS = ["first text", "second text"]
@@ -32,8 +32,13 @@ def client_for(url: str, **overrides: int) -> EndpointClient:
 
 
 def embed(client: EndpointClient, within_s: float = 3.0):
-    return client.embed(
-        TEXTS, "all-MiniLM-L6-v2", dimensions=DIMENSIONS, normalized=True, deadline_s=time.monotonic() + within_s
+    return embed_on_endpoint(
+        client,
+        TEXTS,
+        "all-MiniLM-L6-v2",
+        dimensions=DIMENSIONS,
+        normalized=True,
+        deadline_s=time.monotonic() + within_s,
     )
 
 

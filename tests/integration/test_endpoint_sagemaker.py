@@ -18,6 +18,7 @@ import pytest
 from quantfn.config import EndpointSettings, Settings
 from quantfn.endpoint import EndpointClient
 from quantfn.errors import EndpointUnavailable, UpstreamFailed
+from tests.conftest import embed_on_endpoint
 from tests.integration.endpoint_stub import DIMENSIONS, Step, StubEndpoint, embeddings_reply, unit_vectors
 
 TEXTS = ["first text", "second text"]
@@ -32,8 +33,8 @@ def client() -> EndpointClient:
 
 
 def embed(endpoint: EndpointClient):
-    return endpoint.embed(
-        TEXTS, "all-MiniLM-L6-v2", dimensions=DIMENSIONS, normalized=True, deadline_s=time.monotonic() + 5
+    return embed_on_endpoint(
+        endpoint, TEXTS, "all-MiniLM-L6-v2", dimensions=DIMENSIONS, normalized=True, deadline_s=time.monotonic() + 5
     )
 
 

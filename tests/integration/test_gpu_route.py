@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from quantfn.config import LimitSettings, RuntimeSettings, Settings
-from quantfn.inference import EmbedRequest, Result, run
+from quantfn.inference import Result, run
 from quantfn.registry import Registry
+from quantfn.tasks import EmbedRequest
 from tests.conftest import DEFAULT_MODEL_ID, gpu_container, load_event
 
 MODEL = "all-MiniLM-L6-v2"

@@ -13,10 +13,11 @@ import pytest
 
 from quantfn.config import RuntimeSettings, Settings
 from quantfn.errors import IntegrityError, ModelUnavailable
-from quantfn.inference import EmbedRequest, run
+from quantfn.inference import run
 from quantfn.models.reference import parse_model_ref
 from quantfn.models.store import ModelStore
 from quantfn.registry import Registry
+from quantfn.tasks import EmbedRequest
 
 BUCKET = "quantfn-models-test"
 PREFIX = "models/all-minilm-l6-v2/"

@@ -7,7 +7,6 @@ so each mode can be checked as CloudFormation would deploy it.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -83,21 +82,10 @@ def _param(value: Any, template: dict[str, Any], params: dict[str, str]) -> Any:
 
 
 def handler_routes() -> dict[str, str]:
-    """The ROUTES table of functions/api/app.py (path -> (method, handler)) as path -> method, read without
-    importing the handler."""
-    tree = ast.parse((ROOT / "functions" / "api" / "app.py").read_text())
-    for node in tree.body:
-        target = (
-            node.target
-            if isinstance(node, ast.AnnAssign)
-            else (node.targets[0] if isinstance(node, ast.Assign) else None)
-        )
-        if getattr(target, "id", "") == "ROUTES" and isinstance(node.value, ast.Dict):
-            return {
-                ast.literal_eval(key): ast.literal_eval(value.elts[0])
-                for key, value in zip(node.value.keys, node.value.values, strict=True)
-            }
-    raise AssertionError("functions/api/app.py defines no ROUTES")
+    """The route table the API function serves (quantfn.wire.routes.ROUTES) as path -> method."""
+    from quantfn.wire.routes import ROUTES
+
+    return {path: route.method for path, route in ROUTES.items()}
 
 
 def _of_type(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:

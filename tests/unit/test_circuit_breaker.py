@@ -12,6 +12,7 @@ import pytest
 from quantfn.config import EndpointSettings, Settings
 from quantfn.endpoint import CallFailed, CircuitBreaker, EndpointClient, HttpTransport, make_transport
 from quantfn.errors import EndpointUnavailable, UpstreamFailed
+from tests.conftest import embed_on_endpoint
 
 
 class Clock:
@@ -73,7 +74,7 @@ def make_client(clock: Clock, *outcomes: CallFailed | None, jitter: float = 1.0,
 
 
 def call(client: EndpointClient, clock: Clock, within_s: float = 20.0):
-    return client.embed(["a", "b"], "m", dimensions=4, normalized=True, deadline_s=clock.now + within_s)
+    return embed_on_endpoint(client, ["a", "b"], "m", dimensions=4, normalized=True, deadline_s=clock.now + within_s)
 
 
 def throttled() -> CallFailed:
@@ -161,7 +162,7 @@ def test_an_invalid_reply_counts_as_a_failure() -> None:
     clock = Clock()
     client, _, _ = make_client(clock, breaker_failures=1)
     with pytest.raises(UpstreamFailed, match="shape"):
-        client.embed(["a", "b"], "m", dimensions=8, normalized=True, deadline_s=clock.now + 5)
+        embed_on_endpoint(client, ["a", "b"], "m", dimensions=8, normalized=True, deadline_s=clock.now + 5)
     assert client.breaker.state == "open"
 
 

@@ -5,9 +5,12 @@ import base64
 import numpy as np
 import pytest
 
+from quantfn.config import LimitSettings, Settings
 from quantfn.errors import BadRequest, QuantfnError, TooLarge
 from quantfn.inference import Result
 from quantfn.models.manifest import Manifest
+from quantfn.routing import Shape, by_size
+from quantfn.tasks import EmbedRequest
 from quantfn.wire.body import load_json_body
 from quantfn.wire.openai import embeddings_response, parse_embeddings_request
 
@@ -15,7 +18,7 @@ MODEL = "all-MiniLM-L6-v2"
 
 
 def test_a_string_input_becomes_one_text() -> None:
-    request = parse_embeddings_request({"model": MODEL, "input": "hello"}, max_inputs=4)
+    request = parse_embeddings_request({"model": MODEL, "input": "hello"})
     assert request.texts == ["hello"]
     assert request.encoding_format == "float"
 
@@ -43,14 +46,18 @@ def test_a_string_input_becomes_one_text() -> None:
 )
 def test_bad_requests_name_the_field(body: object, param: str | None) -> None:
     with pytest.raises(BadRequest) as caught:
-        parse_embeddings_request(body, max_inputs=4)
+        parse_embeddings_request(body)
     assert caught.value.status == 400
     assert caught.value.param == param
 
 
 def test_too_many_inputs_is_413_naming_the_limit() -> None:
+    request = parse_embeddings_request({"model": MODEL, "input": ["a"] * 5})
+    settings = Settings(limits=LimitSettings(max_inputs=4))
+    plan = by_size(Shape(len(request.texts), 100, 5000, 256), settings)  # the router counts, not the parser
+    assert plan is not None
     with pytest.raises(TooLarge) as caught:
-        parse_embeddings_request({"model": MODEL, "input": ["a"] * 5}, max_inputs=4)
+        raise plan.refusal()
     assert caught.value.status == 413
     assert "QUANTFN_MAX_INPUTS" in caught.value.message and "4" in caught.value.message
 
@@ -70,8 +77,8 @@ def test_base64_is_little_endian_float32_of_the_same_vectors() -> None:
     vectors = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
     manifest = Manifest("m", "embed", {}, 5, 256, ("input_ids", "attention_mask"), "last_hidden_state")
     result = Result("m", manifest, vectors, token_counts=[3, 4], ok=[0, 1])
-    as_float = embeddings_response(result)
-    as_b64 = embeddings_response(result, encoding_format="base64")
+    as_float = embeddings_response(result, EmbedRequest(["a", "b"], "m"))
+    as_b64 = embeddings_response(result, EmbedRequest(["a", "b"], "m", encoding_format="base64"))
     for float_item, b64_item in zip(as_float["data"], as_b64["data"], strict=True):
         decoded = np.frombuffer(base64.b64decode(b64_item["embedding"]), dtype="<f4")
         assert decoded.tolist() == pytest.approx(float_item["embedding"], abs=0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import FrozenInstanceError, replace
 
 import numpy as np
@@ -12,9 +12,11 @@ import pytest
 from quantfn.config import EndpointSettings, LimitSettings, RuntimeSettings, Settings
 from quantfn.inference import Result
 from quantfn.models.manifest import Manifest
-from quantfn.routing import RoutePlan, Work, embedding_advice, estimate_embedding_bytes, estimate_local_ms
+from quantfn.routing import RoutePlan, Shape, by_size, estimate_local_ms
 from quantfn.routing import plan as plan_work
 from quantfn.serialize import dumps
+from quantfn.tasks import EmbedRequest
+from quantfn.tasks.embed import embedding_advice, estimate_embedding_bytes
 from quantfn.wire.openai import embeddings_response
 
 LOCAL = Settings(runtime=RuntimeSettings(threads=1, vcpu_share=1.0))
@@ -31,31 +33,19 @@ def plan(
     remaining_ms: float | None = 29_000,
     cold: bool = False,
 ) -> RoutePlan:
-    return plan_work(
-        embedding_work(
-            inputs,
-            payload_bytes,
-            encoding_format,
-            lambda: list(counts if counts is not None else [12] * inputs),
-            settings,
-        ),
-        remaining_ms=remaining_ms,
-        cold=cold,
-        settings=settings,
-    )
+    counts = list(counts if counts is not None else [12] * inputs)
+    shape = embedding_shape(inputs, payload_bytes, encoding_format, settings)
+    return plan_work(shape, counts, remaining_ms=remaining_ms, cold=cold, settings=settings)
 
 
-def embedding_work(
-    inputs: int, payload_bytes: int, encoding_format: str, token_counts: Callable[[], list[int]], settings: Settings
-) -> Work:
-    """The Work of an embeddings request to a 384-dimension model of 256 tokens, as quantfn.inference makes it."""
-    return Work(
+def embedding_shape(inputs: int, payload_bytes: int, encoding_format: str, settings: Settings) -> Shape:
+    """The Shape of an embeddings request to a 384-dimension model of 256 tokens, as the embed task makes it."""
+    return Shape(
         inputs=inputs,
         payload_bytes=payload_bytes,
-        response_bytes=estimate_embedding_bytes(inputs, 384, encoding_format),
+        reply_bytes=estimate_embedding_bytes(inputs, 384, encoding_format),
         max_length=256,
-        token_counts=token_counts,
-        response_advice=lambda: embedding_advice(inputs, 384, encoding_format, settings),
+        reply_advice=embedding_advice(inputs, 384, encoding_format, settings),
     )
 
 
@@ -67,11 +57,8 @@ def test_a_small_request_runs_here() -> None:
 
 
 def test_too_many_inputs_go_to_the_endpoint_without_tokenizing_first() -> None:
-    def never() -> list[int]:
-        raise AssertionError("the count alone decides")
-
-    work = embedding_work(300, 10_000, "float", never, WITH_ENDPOINT)
-    decided = plan_work(work, remaining_ms=29_000, cold=False, settings=WITH_ENDPOINT)
+    decided = by_size(embedding_shape(300, 10_000, "float", WITH_ENDPOINT), WITH_ENDPOINT)  # no tokens given
+    assert decided is not None
     assert decided.header == "endpoint; reason=too_many_inputs" and decided.limit == "QUANTFN_MAX_INPUTS"
 
 
@@ -167,7 +154,8 @@ def test_the_response_estimate_bounds_the_real_reply_closely(encoding_format: st
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     manifest = Manifest("all-minilm-l6-v2", "embed", {}, 384, 256, ("input_ids",), "last_hidden_state")
     result = Result("all-minilm-l6-v2", manifest, vectors, token_counts=[20] * 50, ok=list(range(50)))
-    body = dumps(embeddings_response(result, encoding_format))  # as the API writes it
+    request = EmbedRequest(["x"] * 50, "all-minilm-l6-v2", encoding_format=encoding_format)
+    body = dumps(embeddings_response(result, request))  # as the API writes it
     # When the reply is wrapped as Lambda's proxy reply is (the body is a JSON string)
     wrapped = len(json.dumps({"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": body}))
     # Then the estimate is an upper bound, and not a wasteful one

@@ -13,7 +13,7 @@ from aws_lambda_powertools import Tracer
 from quantfn import tracing
 from quantfn.config import EndpointSettings, RuntimeSettings, Settings
 from quantfn.endpoint import CallFailed, EndpointClient
-from tests.conftest import ROOT
+from tests.conftest import ROOT, embed_on_endpoint
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +94,7 @@ def test_with_tracing_on_the_endpoint_call_session_creation_and_model_fetch_are_
         Settings(endpoint=EndpointSettings(url="http://unused", max_attempts=1)), transport=Refusing()
     )
     with pytest.raises(Exception, match="HTTP 500"):
-        client.embed(["x"], "m", dimensions=4, normalized=False, deadline_s=1e12)
+        embed_on_endpoint(client, ["x"], "m", dimensions=4, normalized=False, deadline_s=1e12)
     from quantfn.models.manifest import Manifest
     from quantfn.models.reference import parse_model_ref
     from quantfn.models.session import open_session

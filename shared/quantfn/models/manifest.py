@@ -310,16 +310,29 @@ def verify_folder(folder: Path, manifest: Manifest) -> None:
     Raises IntegrityError naming the first file that fails. Sizes are checked
     before hashes so an incomplete copy fails fast.
     """
-    for name, entry in manifest.files.items():
-        path = folder / name
-        if not path.is_file():
-            raise IntegrityError(f"model {manifest.model_id} is incomplete: {name} is missing")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise IntegrityError(
-                f"model {manifest.model_id} is incomplete or altered: {name} has {size} bytes, "
-                f"manifest says {entry.size}"
-            )
-    for name, entry in manifest.files.items():
-        if sha256_file(folder / name) != entry.sha256:
-            raise IntegrityError(f"model {manifest.model_id} failed verification: sha256 of {name} does not match")
+    for name in manifest.files:
+        _check_size(folder, manifest, name)
+    for name in manifest.files:
+        _check_sha256(folder, manifest, name)
+
+
+def verify_file(folder: Path, manifest: Manifest, name: str) -> None:
+    """Check one file the manifest names, as ``verify_folder`` checks each; IntegrityError if it fails."""
+    _check_size(folder, manifest, name)
+    _check_sha256(folder, manifest, name)
+
+
+def _check_size(folder: Path, manifest: Manifest, name: str) -> None:
+    path, expected = folder / name, manifest.files[name].size
+    if not path.is_file():
+        raise IntegrityError(f"model {manifest.model_id} is incomplete: {name} is missing")
+    size = path.stat().st_size
+    if size != expected:
+        raise IntegrityError(
+            f"model {manifest.model_id} is incomplete or altered: {name} has {size} bytes, manifest says {expected}"
+        )
+
+
+def _check_sha256(folder: Path, manifest: Manifest, name: str) -> None:
+    if sha256_file(folder / name) != manifest.files[name].sha256:
+        raise IntegrityError(f"model {manifest.model_id} failed verification: sha256 of {name} does not match")

@@ -40,7 +40,7 @@ from typing import Any
 
 from quantfn.config import Settings
 from quantfn.errors import IntegrityError, ModelUnavailable
-from quantfn.models.manifest import MANIFEST_NAME, Manifest, verify_folder
+from quantfn.models.manifest import MANIFEST_NAME, Manifest, verify_file, verify_folder
 from quantfn.models.reference import ModelRef
 from quantfn.tracing import subsegment
 
@@ -136,10 +136,7 @@ class ModelStore:
         A layer folder's file is read; an S3 model's ``manifest.json`` object is fetched (a few kB).
         """
         if ref.kind == "layer":
-            folder = self.settings.runtime.models_root / ref.model_id
-            if not folder.is_dir():
-                raise ModelUnavailable(f"model {ref.model_id} is not in the model layer (looked in {folder})")
-            manifest = Manifest.read(folder)
+            manifest = Manifest.read(self._layer_folder(ref))
         else:
             data = self._read_object(ref, MANIFEST_NAME, self._deadline(deadline_s))
             try:
@@ -149,11 +146,38 @@ class ModelStore:
         self._check_identity(ref, manifest)
         return manifest
 
+    def read_verified(self, ref: ModelRef, name: str, deadline_s: float | None = None) -> tuple[Manifest, bytes]:
+        """One small file of the model (its tokenizer.json) and the manifest it was checked against.
+
+        Without the model's other files: the router counts tokens before it knows whether the request runs
+        here, and a request sent to the GPU endpoint must not download an S3 model's weights. A folder already
+        fetched and verified is read from; otherwise the manifest is read afresh (a layer file, or one small
+        S3 object) and the file alone read and its size and sha256 checked (IntegrityError on a mismatch).
+        """
+        with self._lock:
+            local = self._verified.get(str(ref))
+        if local is not None:
+            return local.manifest, (local.path / name).read_bytes()
+        deadline_s = self._deadline(deadline_s)
+        manifest = self.read_manifest(ref, deadline_s)
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise ModelUnavailable(f"model {ref.model_id} lists no {name}")
+        if ref.kind == "layer":
+            folder = self._layer_folder(ref)
+            verify_file(folder, manifest, name)
+            return manifest, (folder / name).read_bytes()
+        return manifest, b"".join(self._verified_chunks(ref, name, entry.size, entry.sha256, deadline_s))
+
     # -- layer ---------------------------------------------------------------
-    def _fetch_layer(self, ref: ModelRef) -> LocalModel:
+    def _layer_folder(self, ref: ModelRef) -> Path:
         folder = self.settings.runtime.models_root / ref.model_id
         if not folder.is_dir():
             raise ModelUnavailable(f"model {ref.model_id} is not in the model layer (looked in {folder})")
+        return folder
+
+    def _fetch_layer(self, ref: ModelRef) -> LocalModel:
+        folder = self._layer_folder(ref)
         manifest = Manifest.read(folder)
         self._check_identity(ref, manifest)
         verify_folder(folder, manifest)
@@ -261,16 +285,21 @@ class ModelStore:
         self, ref: ModelRef, name: str, target: Path, size: int, sha256: str, deadline_s: float
     ) -> None:
         """Stream one object to ``target`` while hashing it; raise IntegrityError on any mismatch."""
+        with target.open("wb") as out:
+            for chunk in self._verified_chunks(ref, name, size, sha256, deadline_s):
+                out.write(chunk)
+
+    def _verified_chunks(self, ref: ModelRef, name: str, size: int, sha256: str, deadline_s: float) -> Iterator[bytes]:
+        """One object's chunks, hashed as they stream; IntegrityError (after the last) on any mismatch."""
         digest = hashlib.sha256()
         written = 0
         missing = f"model {ref.model_id} is incomplete in S3: {name}"
-        with target.open("wb") as out:
-            for chunk in self._stream(ref, name, deadline_s, missing=missing):
-                digest.update(chunk)
-                written += len(chunk)
-                if written > size:
-                    break
-                out.write(chunk)
+        for chunk in self._stream(ref, name, deadline_s, missing=missing):
+            digest.update(chunk)
+            written += len(chunk)
+            if written > size:
+                break
+            yield chunk
         if written != size:
             raise IntegrityError(
                 f"model {ref.model_id} is incomplete or altered: {name} has {'more than ' if written > size else ''}"

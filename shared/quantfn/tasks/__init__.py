@@ -1,8 +1,11 @@
-"""Tasks: one base pipeline (tokenize -> run -> post-process) and a small class per task.
+"""Tasks: what differs by task, one module each (embed, rerank, classify).
 
-``open_pipeline`` is the one place a model folder becomes a runnable pipeline:
-the manifest's ``task`` picks the class, ``quantfn.models.session`` opens the
-onnxruntime session.
+Each module holds the task's request, its ``Task`` (the request-level work
+``quantfn.inference.run`` asks for: checks, tokens, reply size, running here or on
+the endpoint) and its ``Pipeline`` (tokenize -> run -> post-process on a session).
+``TASKS`` maps a request's ``task`` to its ``Task``. ``open_pipeline`` is the one
+place a model folder becomes a runnable pipeline: the manifest's ``task`` picks the
+class, ``quantfn.models.session`` opens the onnxruntime session.
 """
 
 from __future__ import annotations
@@ -14,11 +17,15 @@ from quantfn.config import PARALLELISM
 from quantfn.models.manifest import Manifest
 from quantfn.models.session import cpu_only
 from quantfn.tasks.base import Encoded, Pipeline, load_tokenizer
-from quantfn.tasks.classify import ClassifyPipeline
-from quantfn.tasks.embed import EmbedPipeline
-from quantfn.tasks.rerank import RerankPipeline
+from quantfn.tasks.classify import ClassifyPipeline, ClassifyRequest, ClassifyTask
+from quantfn.tasks.embed import EmbedPipeline, EmbedRequest, EmbedTask
+from quantfn.tasks.rerank import RerankPipeline, RerankRequest, RerankTask
+from quantfn.tasks.task import Forward, Task, Tokens, ranked
 
 PIPELINES: dict[str, type[Pipeline]] = {"embed": EmbedPipeline, "rerank": RerankPipeline, "classify": ClassifyPipeline}
+#: Each request's ``task`` -> the Task that does its work.
+TASKS: dict[str, Task] = {task.name: task for task in (EmbedTask(), RerankTask(), ClassifyTask())}
+Request = EmbedRequest | RerankRequest | ClassifyRequest
 
 
 def parallel_mode(parallelism: str, threads: int, providers: Sequence[str]) -> str:
@@ -64,12 +71,21 @@ def open_pipeline(
 __all__ = [
     "PARALLELISM",
     "PIPELINES",
+    "TASKS",
     "ClassifyPipeline",
+    "ClassifyRequest",
     "EmbedPipeline",
+    "EmbedRequest",
     "Encoded",
+    "Forward",
     "Pipeline",
+    "Request",
     "RerankPipeline",
+    "RerankRequest",
+    "Task",
+    "Tokens",
     "load_tokenizer",
     "open_pipeline",
     "parallel_mode",
+    "ranked",
 ]

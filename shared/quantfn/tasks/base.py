@@ -73,9 +73,14 @@ class Encoded:
 
 def load_tokenizer(path: Path) -> Any:
     """A ``tokenizers.Tokenizer`` with the file's padding and truncation turned off (the pipeline does both)."""
+    return tokenizer_from_json(path.read_text(encoding="utf-8"))
+
+
+def tokenizer_from_json(text: str) -> Any:
+    """``load_tokenizer`` for a tokenizer.json's text."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer = Tokenizer.from_str(text)
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer

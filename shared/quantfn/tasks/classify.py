@@ -1,12 +1,34 @@
-"""Classification: the graph's logits -> softmax (single-label) or sigmoid (multi-label) scores per label."""
+"""Classification: the graph's logits -> softmax (single-label) or sigmoid (multi-label) scores per label.
+
+``activate`` is the one place scores are made from logits (a cross-encoder's relevance too).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from quantfn.errors import BadRequest, UpstreamFailed
 from quantfn.tasks.base import Pipeline
+from quantfn.tasks.task import Forward, Task, Tokens, reply_list, reply_score
+
+if TYPE_CHECKING:
+    from quantfn.models.manifest import Manifest
+
+_LABEL_ITEM_BYTES = 48  # {"label": "...", "score": 0.123456789} less the label
+_ENVELOPE = 4096
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    texts: list[str]
+    model: str | None = None
+    top_k: int | None = None
+    raw_scores: bool = False
+    task = "classify"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -27,6 +49,63 @@ def activate(logits: np.ndarray, scoring: str) -> np.ndarray:
     return logits
 
 
+def label_scores(logits: np.ndarray, scoring: str, raw_scores: bool = False) -> np.ndarray:
+    """A classifier's scores per label: probabilities as ``scoring`` says, or the logits with ``raw_scores``."""
+    return logits if raw_scores else activate(logits, scoring).astype(np.float32, copy=False)
+
+
+class ClassifyTask(Task):
+    """Scores per label for each text (probabilities, or the logits with ``raw_scores``)."""
+
+    name = "classify"
+    serves = ("classify",)
+
+    def check(self, request: ClassifyRequest, manifest: Manifest) -> None:
+        if request.top_k is not None and request.top_k > len(manifest.labels):
+            raise BadRequest(
+                f"'top_k' is {request.top_k}; model {manifest.model_id} has {len(manifest.labels)} labels.",
+                param="top_k",
+            )
+
+    def reply_bytes(self, request: ClassifyRequest, manifest: Manifest) -> int:
+        labels = manifest.labels[: request.top_k] if request.top_k else manifest.labels
+        per_input = sum(len(label.encode("utf-8")) * 2 + _LABEL_ITEM_BYTES for label in labels) + 64
+        return _ENVELOPE + len(request.texts) * per_input
+
+    def reply_advice(self, request: ClassifyRequest, manifest: Manifest, settings: Any) -> str:
+        return "Ask for fewer labels (top_k) or split the request."
+
+    def run(
+        self, request: ClassifyRequest, pipeline: Pipeline, tokens: Tokens, ok: list[int], forward: Forward
+    ) -> np.ndarray:
+        logits = super().run(request, pipeline, tokens, ok, forward)
+        return label_scores(logits, pipeline.manifest.scoring, request.raw_scores)
+
+    def endpoint_request(self, request: ClassifyRequest, manifest: Manifest) -> dict[str, Any]:
+        return {"task": "classify", "input": list(request.texts), "raw_scores": request.raw_scores}
+
+    def endpoint_output(self, data: bytes, request: ClassifyRequest, manifest: Manifest) -> np.ndarray:
+        """Scores [texts, labels] in label order from a classify reply that lists every label of every input."""
+        count, labels = len(request.texts), manifest.labels
+        items = reply_list(data, "data", "classify")
+        column = {label: i for i, label in enumerate(labels)}
+        out = np.full((count, len(labels)), np.nan, dtype=np.float32)
+        if len(items) != count:
+            raise UpstreamFailed(f"GPU endpoint classified {len(items)} of {count} inputs")
+        for item in items:
+            index = item.get("index") if isinstance(item, dict) else None
+            if not isinstance(index, int) or not 0 <= index < count or not np.isnan(out[index]).all():
+                raise UpstreamFailed(f"GPU endpoint classify reply has a bad or repeated index: {index!r}")
+            for entry in item.get("labels") or ():
+                label = entry.get("label") if isinstance(entry, dict) else None
+                if label not in column:
+                    raise UpstreamFailed(f"GPU endpoint returned an unknown label for input {index}")
+                out[index, column[label]] = reply_score(entry.get("score"), f"data[{index}]")
+        if np.isnan(out).any():
+            raise UpstreamFailed("GPU endpoint did not score every label")
+        return out
+
+
 class ClassifyPipeline(Pipeline):
     task = "classify"
 
@@ -36,11 +115,7 @@ class ClassifyPipeline(Pipeline):
 
     def classify(self, texts: Sequence[str], raw_scores: bool = False) -> np.ndarray:
         """Scores [n, labels] float32 in label order, for ``texts`` in order (logits with ``raw_scores``)."""
-        return self.scores(self.forward(self.encode(texts)), raw_scores)
-
-    def scores(self, logits: np.ndarray, raw_scores: bool = False) -> np.ndarray:
-        """Probabilities from logits as the manifest's ``scoring`` says, or the logits themselves."""
-        return logits if raw_scores else activate(logits, self.manifest.scoring).astype(np.float32, copy=False)
+        return label_scores(self.forward(self.encode(texts)), self.manifest.scoring, raw_scores)
 
     def postprocess(self, output: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return output.astype(np.float32, copy=False)  # logits: forward() callers choose scores or raw

@@ -4,18 +4,100 @@ A cross-encoder (manifest task ``rerank``, ``pair: true``) reads the pair as one
 input built by the tokenizer's own pair template, token types included, and its
 one logit becomes the score through a sigmoid (a relevance probability in 0..1).
 An embedding model can rerank too: the score is then the cosine of the query's
-and the document's embeddings (-1..1), with the model's query/document prompts.
+and the document's embeddings (-1..1), with the model's query/document prompts;
+the limits then count the query's tokens with each document's. Results are
+ranked by ``quantfn.tasks.task.ranked``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from quantfn.tasks.base import Encoded, Pipeline
+from quantfn.errors import UpstreamFailed
+from quantfn.tasks.base import Encoded, Pipeline, encode_with
 from quantfn.tasks.classify import activate
-from quantfn.tasks.embed import EmbedPipeline
+from quantfn.tasks.embed import EmbedPipeline, apply_prompt
+from quantfn.tasks.task import Forward, Task, Tokens, reply_list, reply_score
+
+if TYPE_CHECKING:
+    from quantfn.models.manifest import Manifest
+
+_ITEM_BYTES = 64  # {"index": N, "relevance_score": 0.123456789}
+_ENVELOPE = 4096
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    query: str
+    documents: list[str]
+    model: str | None = None
+    top_n: int | None = None
+    return_documents: bool = False
+    task = "rerank"
+
+
+class RerankTask(Task):
+    """Relevance of each document to the query, by a cross-encoder or an embedder's cosine."""
+
+    name = "rerank"
+    serves = ("rerank", "embed")
+    field = "documents"
+
+    def texts(self, request: RerankRequest) -> Sequence[str]:
+        return request.documents
+
+    def reply_bytes(self, request: RerankRequest, manifest: Manifest) -> int:
+        documents = request.documents
+        shown = len(documents) if request.top_n is None else min(request.top_n, len(documents))
+        texts = sum(len(d.encode("utf-8")) * 2 for d in documents) if request.return_documents else 0
+        return _ENVELOPE + shown * _ITEM_BYTES + texts
+
+    def reply_advice(self, request: RerankRequest, manifest: Manifest, settings: Any) -> str:
+        return "Ask for fewer documents back (top_n, return_documents=false) or split the documents."
+
+    def encode(self, request: RerankRequest, manifest: Manifest, tokenizer: Any) -> Tokens:
+        if manifest.task == "rerank":
+            return Tokens.of(encode_with(tokenizer, [(request.query, d) for d in request.documents]))
+        # An embedder: the query, then the documents, each with its prompt where the model declares one.
+        prompts = manifest.prompts
+        inputs = apply_prompt(prompts, [request.query], "query" if "query" in prompts else None, "")
+        inputs += apply_prompt(prompts, request.documents, "document" if "document" in prompts else None, "")
+        encoded = encode_with(tokenizer, inputs)
+        counts, readable = encoded.counts, encoded.content or [1] * len(inputs)
+        return Tokens(
+            encoded,
+            [counts[0] + count for count in counts[1:]],
+            [min(readable[0], count) for count in readable[1:]],
+        )
+
+    def run(
+        self, request: RerankRequest, pipeline: Pipeline, tokens: Tokens, ok: list[int], forward: Forward
+    ) -> np.ndarray:
+        if isinstance(pipeline, EmbedPipeline):
+            vectors = forward(pipeline, tokens.encoded)
+            return cosine_scores(pipeline, vectors[0], vectors[1:])[ok]
+        return super().run(request, pipeline, tokens, ok, forward)
+
+    def endpoint_request(self, request: RerankRequest, manifest: Manifest) -> dict[str, Any]:
+        return {"task": "rerank", "query": request.query, "documents": list(request.documents)}
+
+    def endpoint_output(self, data: bytes, request: RerankRequest, manifest: Manifest) -> np.ndarray:
+        """Scores in document order from a rerank reply that ranks every document."""
+        count = len(request.documents)
+        items = reply_list(data, "results", "rerank")
+        out = np.full(count, np.nan, dtype=np.float32)
+        for item in items:
+            index = item.get("index") if isinstance(item, dict) else None
+            if not isinstance(index, int) or not 0 <= index < count or not np.isnan(out[index]):
+                raise UpstreamFailed(f"GPU endpoint rerank reply has a bad or repeated index: {index!r}")
+            out[index] = reply_score(item.get("relevance_score"), f"results[{index}]")
+        if np.isnan(out).any():
+            raise UpstreamFailed(f"GPU endpoint ranked {len(items)} of {count} documents")
+        return out
 
 
 class RerankPipeline(Pipeline):
@@ -23,11 +105,8 @@ class RerankPipeline(Pipeline):
 
     task = "rerank"
 
-    def pairs(self, query: str, documents: Sequence[str]) -> list[tuple[str, str]]:
-        return [(query, document) for document in documents]
-
     def encode_pairs(self, query: str, documents: Sequence[str]) -> Encoded:
-        return self.encode(self.pairs(query, documents))
+        return self.encode([(query, document) for document in documents])
 
     def score(self, query: str, documents: Sequence[str]) -> np.ndarray:
         """Relevance of each document to ``query`` [n] float32, in document order."""

@@ -10,23 +10,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantfn.inference import ClassifyRequest, Result
-from quantfn.wire.openai import optional_flag, optional_model, optional_positive_int, parse_texts, require_object, usage
+from quantfn.inference import Result
+from quantfn.tasks import ClassifyRequest, ranked
+from quantfn.wire.fields import optional_flag, optional_model, optional_positive_int, parse_texts, require_object
+from quantfn.wire.openai import usage
 
 _FIELDS = {"model", "input", "top_k", "raw_scores"}
 
 
-def parse_classify_request(body: Any, max_inputs: int | None) -> ClassifyRequest:
+def parse_classify_request(body: Any) -> ClassifyRequest:
     body = require_object(body, _FIELDS)
     model = optional_model(body, required=False)
-    texts = parse_texts(body.get("input"), "input" in body, "input", max_inputs)
+    texts = parse_texts(body.get("input"), "input" in body, "input")
     return ClassifyRequest(texts, model, optional_positive_int(body, "top_k"), optional_flag(body, "raw_scores"))
 
 
 def classify_response(result: Result, request: ClassifyRequest) -> dict[str, Any]:
-    labels = result.manifest.labels
-    data = []
-    for index, row in enumerate(result.output):
-        order = sorted(range(len(labels)), key=lambda j: (-float(row[j]), j))[: request.top_k or len(labels)]
-        data.append({"index": index, "labels": [{"label": labels[j], "score": float(row[j])} for j in order]})
+    data = [
+        {"index": index, "labels": ranked_labels(result, row, request.top_k)} for index, row in enumerate(result.output)
+    ]
     return {"object": "list", "data": data, "model": result.model, "usage": usage(result)}
+
+
+def ranked_labels(result: Result, scores: Any, top_k: int | None = None) -> list[dict[str, Any]]:
+    """One input's ``[{"label", "score"}]``, best first (the API's item and a batch job's record)."""
+    labels = result.manifest.labels
+    return [{"label": labels[j], "score": float(scores[j])} for j in ranked(scores, top_k)]

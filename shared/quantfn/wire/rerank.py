@@ -15,17 +15,16 @@ from typing import Any
 import numpy as np
 
 from quantfn.errors import BadRequest
-from quantfn.inference import RerankRequest, Result
-from quantfn.wire.openai import optional_flag, optional_model, optional_positive_int, require_object
+from quantfn.inference import Result
+from quantfn.tasks import RerankRequest, ranked
+from quantfn.wire.fields import optional_flag, optional_model, optional_positive_int, parse_texts, require_object
 
 _V1_FIELDS = {"model", "query", "documents", "top_n", "return_documents", "rank_fields", "max_chunks_per_doc"}
 _V2_FIELDS = {"model", "query", "documents", "top_n", "return_documents", "max_tokens_per_doc"}
 
 
-def parse_rerank_request(body: Any, version: int, max_documents: int | None) -> RerankRequest:
-    """Validate a decoded body of ``/v{version}/rerank``; raises BadRequest or TooLarge naming the field."""
-    from quantfn.wire.openai import parse_texts
-
+def parse_rerank_request(body: Any, version: int) -> RerankRequest:
+    """Validate a decoded body of ``/v{version}/rerank``; raises BadRequest naming the field."""
     body = require_object(body, _V1_FIELDS if version == 1 else _V2_FIELDS)
     model = optional_model(body, required=version == 2)
     query = body.get("query")
@@ -34,7 +33,7 @@ def parse_rerank_request(body: Any, version: int, max_documents: int | None) -> 
     documents = body.get("documents")
     if isinstance(documents, list):
         documents = [_document_text(item, i) for i, item in enumerate(documents)]
-    texts = parse_texts(documents, "documents" in body, "documents", max_documents)
+    texts = parse_texts(documents, "documents" in body, "documents")
     top_n = optional_positive_int(body, "top_n")
     return_documents = optional_flag(body, "return_documents")
     rank_fields = body.get("rank_fields")
@@ -59,17 +58,11 @@ def _document_text(item: Any, index: int) -> Any:
 
 
 def rerank_response(result: Result, request: RerankRequest, version: int) -> dict[str, Any]:
-    """Results sorted by score (ties by index), cut to ``top_n``, with the documents if asked."""
-    scores = result.output
-    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
-    if request.top_n is not None:
-        order = order[: request.top_n]
-    results = []
-    for index in order:
-        item: dict[str, Any] = {"index": index, "relevance_score": float(np.float32(scores[index]))}
-        if request.return_documents:
-            item["document"] = {"text": request.documents[index]}
-        results.append(item)
+    """Results best first (ties by index), cut to ``top_n``, with the documents if asked."""
+    results = ranked_results(result, request.top_n)
+    if request.return_documents:
+        for item in results:
+            item["document"] = {"text": request.documents[item["index"]]}
     return {
         "id": str(uuid.uuid4()),
         "results": results,
@@ -77,3 +70,10 @@ def rerank_response(result: Result, request: RerankRequest, version: int) -> dic
         "usage": {"total_tokens": result.tokens},
         "meta": {"api_version": {"version": str(version)}, "billed_units": {"search_units": 1}},
     }
+
+
+def ranked_results(result: Result, top_n: int | None = None) -> list[dict[str, Any]]:
+    """``[{"index", "relevance_score"}]`` best first, indices into the request's documents (the API's
+    results and a batch job's record)."""
+    scores = result.output
+    return [{"index": result.ok[i], "relevance_score": float(np.float32(scores[i]))} for i in ranked(scores, top_n)]
