@@ -45,7 +45,7 @@ def main() -> int:
     seen: dict[tuple[str, str], None] = {}
     root = str(REPO)
 
-    def profile(frame, kind, _arg) -> None:  # noqa: ANN001
+    def profile(frame, kind, _arg) -> None:
         if kind == "call" and frame.f_code.co_filename.startswith(root):
             path = os.path.relpath(frame.f_code.co_filename, root)
             if path.split(os.sep)[0] in ("shared", "functions"):  # not a virtualenv inside the checkout

@@ -16,13 +16,8 @@ from quantfn.wire import body, routes
 
 logger = Logger(service="quantfn-api", json_serializer=log_json)
 metrics = Metrics(namespace="quantfn", service="quantfn-api")
-TIMING_METRICS = {
-    "model_load_ms": "ModelLoadMs",
-    "tokenize_ms": "TokenizeMs",
-    "inference_ms": "InferenceMs",
-    "endpoint_ms": "EndpointMs",
-}
-ROUTES = routes.ROUTES
+TIMING_METRICS = {"model_load_ms": "ModelLoadMs", "tokenize_ms": "TokenizeMs", "inference_ms": "InferenceMs"}
+TIMING_METRICS["endpoint_ms"] = "EndpointMs"
 prepare_init()  # loads the default model now only with QUANTFN_PRELOAD or under SnapStart
 
 

@@ -37,6 +37,7 @@ class RerankRequest:
     model: str | None = None
     top_n: int | None = None
     return_documents: bool = False
+    max_tokens_per_doc: int | None = None  # Cohere v2: each document is cut to this many tokens first
     task = "rerank"
 
 
@@ -60,12 +61,15 @@ class RerankTask(Task):
         return "Ask for fewer documents back (top_n, return_documents=false) or split the documents."
 
     def encode(self, request: RerankRequest, manifest: Manifest, tokenizer: Any) -> Tokens:
+        documents = request.documents
+        if request.max_tokens_per_doc is not None:
+            documents = cut_to_tokens(tokenizer, documents, request.max_tokens_per_doc)
         if manifest.task == "rerank":
-            return Tokens.of(encode_with(tokenizer, [(request.query, d) for d in request.documents]))
+            return Tokens.of(encode_with(tokenizer, [(request.query, d) for d in documents]))
         # An embedder: the query, then the documents, each with its prompt where the model declares one.
         prompts = manifest.prompts
         inputs = apply_prompt(prompts, [request.query], "query" if "query" in prompts else None, "")
-        inputs += apply_prompt(prompts, request.documents, "document" if "document" in prompts else None, "")
+        inputs += apply_prompt(prompts, documents, "document" if "document" in prompts else None, "")
         encoded = encode_with(tokenizer, inputs)
         counts, readable = encoded.counts, encoded.content or [1] * len(inputs)
         return Tokens(
@@ -114,6 +118,16 @@ class RerankPipeline(Pipeline):
 
     def postprocess(self, output: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return activate(output[:, 0].astype(np.float32, copy=False), self.manifest.scoring).astype(np.float32)
+
+
+def cut_to_tokens(tokenizer: Any, documents: Sequence[str], limit: int) -> list[str]:
+    """Each document cut after its first ``limit`` tokens (by the tokenizer's own offsets, so the text kept is
+    exactly what those tokens cover); shorter documents unchanged."""
+    encodings = tokenizer.encode_batch(list(documents), add_special_tokens=False)
+    return [
+        text if len(encoding.offsets) <= limit else text[: encoding.offsets[limit - 1][1]]
+        for text, encoding in zip(documents, encodings, strict=True)
+    ]
 
 
 def cosine_scores(embedder: EmbedPipeline, query_vector: np.ndarray, document_vectors: np.ndarray) -> np.ndarray:

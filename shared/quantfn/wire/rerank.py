@@ -2,8 +2,9 @@
 Jina's API is the v1 shape).
 
 Request: ``{model, query, documents: [string | {text}], top_n?, return_documents?}``
-(v1 also takes ``rank_fields`` naming ``text`` alone and ``max_chunks_per_doc``; v2 takes
-``max_tokens_per_doc``, which truncates each document further). Reply:
+(v1 also takes ``rank_fields`` naming ``text`` alone and ``max_chunks_per_doc``, accepted and ignored: a
+document longer than the model reads is truncated, not chunked; v2 takes ``max_tokens_per_doc``, which cuts
+each document to that many tokens before it is paired with the query). Reply:
 ``{id, results: [{index, relevance_score, document?}], model, usage, meta}``, best first.
 """
 
@@ -41,9 +42,10 @@ def parse_rerank_request(body: Any, version: int) -> RerankRequest:
         raise BadRequest(
             "'rank_fields' can only be [\"text\"]: documents are ranked by their text.", param="rank_fields"
         )
-    for name in ("max_chunks_per_doc", "max_tokens_per_doc"):
-        optional_positive_int(body, name)
-    return RerankRequest(query, texts, model, top_n, return_documents)
+    optional_positive_int(body, "max_chunks_per_doc")
+    return RerankRequest(
+        query, texts, model, top_n, return_documents, optional_positive_int(body, "max_tokens_per_doc")
+    )
 
 
 def _document_text(item: Any, index: int) -> Any:
