@@ -1,9 +1,10 @@
-"""Serving many models must not cost the one-model case: this checkout against an earlier commit, side by side.
+"""A change must not cost speed: this checkout against an earlier commit, side by side, on the same model files.
 
-    python bench/before_after.py [--base a61b563] [--rounds 8] [--threads 1]
+    python bench/before_after.py [--base 46f2764] [--rounds 8] [--threads 1] [--schema2]
 
 The earlier commit is checked out into build/bench-base (git worktree); both serve the same default model
-files (the earlier code reads schema 2, so its folder gets the same files under a schema 2 manifest).
+files (``--schema2``: for a base from before manifest schema 3, its folder gets them under a schema 2
+manifest). Used for the many-models change (base a61b563, --schema2) and the task/route reshape (base 46f2764).
 Rounds alternate which version goes first; each round is one fresh process per version (cold start to the
 first answer, then warm batch-32 passes through the handler). Reported: medians of per-round ratios
 (this / base) of cold start and of warm throughput. Writes bench/before_after.json.
@@ -71,14 +72,15 @@ def one(checkout: Path, models: Path, threads: int, passes: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--base", default="a61b563")
+    parser.add_argument("--base", default="46f2764")
+    parser.add_argument("--schema2", action="store_true", help="the base reads manifest schema 2 only")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
     models = REPO / "build" / "models"
     base = base_checkout(args.base)
-    base_models = schema2_models(models)
+    base_models = schema2_models(models) if args.schema2 else models
     cold, warm = [], []
     for round_ in range(args.rounds):
         runs = {}
