@@ -233,3 +233,50 @@ def test_given_each_family_and_head_when_built_with_the_default_ladder_then_it_p
     assert np.isfinite([item["embedding"] for item in embed["data"]]).all()
     rerank = serve("api-rerank.json", {"model": f"{family}-rerank-default", "query": QUERY, "documents": DOCUMENTS})
     assert len(rerank["results"]) == len(DOCUMENTS)
+
+
+@pytest.mark.parametrize("mode", ["max", "lasttoken", "mean_sqrt_len_tokens", "cls"])
+def test_given_a_sentence_transformers_folder_when_built_then_the_api_answers_as_sentence_transformers(
+    mode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lambda_context
+) -> None:
+    """Saved by the installed sentence-transformers: pooling ``mode``, a Dense module, Normalize, e5's prompts."""
+    st = pytest.importorskip("sentence_transformers")
+    from functions.api.app import lambda_handler
+    from quantfn.registry import reset_registry
+    from tests.conftest import load_event
+
+    torch.manual_seed(1)
+    hf = tmp_path / "hf"
+    config = transformers.BertConfig(vocab_size=30522, **SMALL)
+    transformers.BertModel(config, add_pooling_layer=False).eval().save_pretrained(hf)
+    shutil.copy(locate_source().tokenizer, hf / "tokenizer.json")
+    from sentence_transformers import models as modules  # the 2.x-6.x import path
+    model = st.SentenceTransformer(
+        modules=[
+            modules.Transformer(str(hf), max_seq_length=128),
+            modules.Pooling(32, pooling_mode=mode),
+            modules.Dense(32, 16, activation_function=torch.nn.Tanh()),
+            modules.Normalize(),
+        ],
+        prompts={"query": "query: ", "passage": "passage: "},
+    )
+    model.save(str(tmp_path / "st"))
+    (tmp_path / "st" / ".cache").mkdir(exist_ok=True)  # stray files are ignored
+    (tmp_path / "st" / "train.py").write_text("print('training')\n")
+    source = read_hf_folder(tmp_path / "st")
+    plan = plan_build(source, model_id="st-model")
+    assert plan.prompts == {"query": "query: ", "document": "passage: "} and plan.pooling == mode
+    build_model(tmp_path / "models", source, plan, recipe="fp32", corpus_size=CORPUS)
+    monkeypatch.setenv("QUANTFN_MODELS", "st-model=layer:st-model")
+    monkeypatch.setenv("QUANTFN_MODELS_ROOT", str(tmp_path / "models"))
+    reset_registry()
+    event = load_event("api-embeddings.json")
+    event["body"] = json.dumps({"model": "st-model", "input": TEXTS, "input_type": "query"})
+    try:
+        reply = lambda_handler(event, lambda_context)
+    finally:
+        reset_registry()
+    assert reply["statusCode"] == 200, reply["body"]
+    got = np.array([item["embedding"] for item in json.loads(reply["body"])["data"]])
+    want = model.encode(TEXTS, prompt_name="query", convert_to_numpy=True)
+    assert got.shape == (len(TEXTS), 16) and _cosine(got, want).min() >= 0.9999

@@ -24,7 +24,8 @@ LOGITS = "logits"
 def _add(model: onnx.ModelProto, name: str, array: np.ndarray) -> str:
     from onnx import numpy_helper
 
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    # np.ascontiguousarray makes a 0-d array 1-d, and a scalar Gather index must stay 0-d (it drops the axis).
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array) if array.ndim else array, name))
     return name
 
 

@@ -341,7 +341,7 @@ def build_model(
             cache,
             say,
             rejected,
-        ),  # fmt: skip
+        ),
         progress,
     )
 
