@@ -251,6 +251,7 @@ def test_given_a_sentence_transformers_folder_when_built_then_the_api_answers_as
     transformers.BertModel(config, add_pooling_layer=False).eval().save_pretrained(hf)
     shutil.copy(locate_source().tokenizer, hf / "tokenizer.json")
     from sentence_transformers import models as modules  # the 2.x-6.x import path
+
     model = st.SentenceTransformer(
         modules=[
             modules.Transformer(str(hf), max_seq_length=128),
