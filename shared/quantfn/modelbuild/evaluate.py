@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from quantfn.modelbuild import metrics
+from quantfn.tasks.classify import label_scores
 
 if TYPE_CHECKING:
     from quantfn.tasks import Pipeline
@@ -85,10 +86,10 @@ def outputs(
     return result
 
 
-def compare(task: str, got: np.ndarray, want: np.ndarray, scores: Pipeline | None = None) -> dict[str, float]:
+def compare(task: str, got: np.ndarray, want: np.ndarray, scoring: str = "none") -> dict[str, float]:
     """The task's fidelity figures of answers ``got`` against the fp32 original's ``want`` (same items).
 
-    ``scores`` (a classify pipeline) turns logits into the probabilities the API serves.
+    ``scoring`` (a classifier's manifest's) turns logits into the probabilities the API serves.
     """
     if task == "embed":
         mean, low = metrics.cosine_stats(got, want)
@@ -99,10 +100,9 @@ def compare(task: str, got: np.ndarray, want: np.ndarray, scores: Pipeline | Non
             "recall_at_5": metrics.recall_at_k(got, want, 5),
         }
     if task == "classify":
-        served = (lambda x: x) if scores is None else scores.scores
         return {
             "top1_agreement": float((got.argmax(axis=1) == want.argmax(axis=1)).mean()),
-            "max_abs_score_diff": float(np.abs(served(got) - served(want)).max()),
+            "max_abs_score_diff": float(np.abs(label_scores(got, scoring) - label_scores(want, scoring)).max()),
         }
     return {
         "score_spearman": metrics.spearman(got, want),
@@ -127,6 +127,6 @@ def measure(
     pipeline = open_model(folder, threads)
     got = outputs(folder, {"corpus": items}, cache, threads, pipeline)["corpus"]
     want = outputs(baseline, {"corpus": items}, cache, threads)["corpus"]
-    figures = compare(pipeline.task, got, want, pipeline)
+    figures = compare(pipeline.task, got, want, pipeline.manifest.scoring)
     figures.update(batch_invariance(pipeline, items[:INVARIANCE_ITEMS]))
     return {name: round(value, 6) for name, value in figures.items()}

@@ -232,7 +232,7 @@ def evaluate_quality(
     pipeline = open_model(folder, threads)
     got = outputs(folder, parts, cache, threads, pipeline)
     want = outputs(fp32_folder, parts, cache, threads)
-    fidelity = compare(task, got["corpus"], want["corpus"], pipeline)
+    fidelity = compare(task, got["corpus"], want["corpus"], pipeline.manifest.scoring)
     return Quality(
         scores=task_scores(task, got, cache, want),
         fp32_scores=task_scores(task, want, cache, want),
