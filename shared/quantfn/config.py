@@ -300,6 +300,9 @@ class BatchSettings:
     shard_bytes: int = _setting("QUANTFN_BATCH_SHARD_BYTES", 4 * MB, minimum=1024)
     max_shards: int = _setting("QUANTFN_BATCH_MAX_SHARDS", 1000, minimum=1)
     max_receives: int = _setting("QUANTFN_BATCH_MAX_RECEIVES", 3, minimum=1)
+    #: Where a message that can never succeed (a bad job message) goes at once, with the reason; empty: it is
+    #: retried until the queue's redrive moves it (MaxReceiveCount receives, each after the visibility timeout).
+    dead_letter_url: str = _setting("QUANTFN_BATCH_DEAD_LETTER_URL", "")
 
 
 @dataclass(frozen=True)
