@@ -8,15 +8,14 @@ must never appear in the output, and the keys are named so that a leaked one wou
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
 import pytest
 
+from tests.conftest import HandlerOutput, handler_output
 from tests.integration.test_batch_jobs import MODEL, TimedContext, batch_env, queues  # noqa: F401 (fixtures)
 
 SECRET = "Zanzibar-7734"  # in every input text: never in a log record
@@ -37,36 +36,6 @@ def event(body: str, message_id: str = "msg-1", receives: int = 1) -> dict[str, 
 
 
 @pytest.fixture
-def log_stream(world) -> Iterator[io.StringIO]:
-    """The handler's Powertools log records, here (its handler keeps the stdout it found when it was made)."""
-    app, _ = world
-    stream = io.StringIO()
-    handlers = logging.getLogger(app.logger.name).handlers
-    previous = [handler.setStream(stream) for handler in handlers]
-    yield stream
-    for handler, old in zip(handlers, previous, strict=True):
-        handler.setStream(old)
-
-
-def printed(capsys: pytest.CaptureFixture[str], logs: io.StringIO) -> tuple[list[dict], set[str], str]:
-    """The log records, the EMF metric names (EMF is printed to stdout), and all text the handler printed."""
-    out = capsys.readouterr()
-    text = out.out + out.err + logs.getvalue()
-    logs.seek(0)
-    logs.truncate()
-    records, metrics = [], set()
-    for line in text.splitlines():
-        if not line.startswith("{"):
-            continue
-        data = json.loads(line)
-        if "_aws" in data:
-            metrics |= {m["Name"] for block in data["_aws"]["CloudWatchMetrics"] for m in block["Metrics"]}
-        else:
-            records.append(data)
-    return records, metrics, text
-
-
-@pytest.fixture
 def world(batch_env):  # noqa: F811
     s3 = boto3.client("s3")
     for bucket in ("in-bucket", "out-bucket"):
@@ -74,6 +43,12 @@ def world(batch_env):  # noqa: F811
     lines = [json.dumps({"id": n, "text": f"{SECRET} line {n}"}) for n in range(30)]
     s3.put_object(Bucket="in-bucket", Key=IN_KEY, Body="\n".join(lines).encode())
     return batch_env, s3
+
+
+@pytest.fixture
+def output(world, capsys: pytest.CaptureFixture[str]) -> Iterator[HandlerOutput]:
+    with handler_output(world[0].logger.name, capsys) as printed:
+        yield printed
 
 
 def run(app, body: str, receives: int = 1) -> dict:
@@ -152,30 +127,30 @@ CASES: dict[str, tuple[Callable[[Any, Any], str], str, str | None, int | None, s
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_given_a_failing_message_then_one_record_says_which_job_and_why_and_a_metric_counts_it(
-    name: str, world, capsys: pytest.CaptureFixture[str], log_stream: io.StringIO
+    name: str, world, output: HandlerOutput
 ) -> None:
     app, s3 = world
     make, code, job_id, shard, action, level = CASES[name]
     body = make(app, s3)
-    printed(capsys, log_stream)  # only what the failing message prints
+    output.read()  # only what the failing message prints
     # When the handler gets the message
     reply = run(app, body)
     # Then a message that may succeed later is reported failed (SQS returns it); one whose job failed is not
     assert reply["batchItemFailures"] == ([{"itemIdentifier": "msg-1"}] if action == "retry" else [])
-    records, metrics, text = printed(capsys, log_stream)
-    (failure,) = [r for r in records if r["level"] in {"WARNING", "ERROR"}]
+    printed = output.read()
+    (failure,) = printed.at("WARNING", "ERROR")
     assert (failure["level"], failure["error_code"], failure["action"]) == (level, code, action), failure
     # (Powertools leaves out a key whose value is None: a job id that could not be read, a job without a shard)
     assert (failure.get("job_id"), failure.get("shard"), failure["message_id"]) == (job_id, shard, "msg-1")
     assert failure["reason"] and failure["message"] == "job message failed"
-    assert "MessagesFailed" in metrics
+    assert printed.metrics["MessagesFailed"] == [{"namespace": "quantfn", "service": "quantfn-batch"}]
     # and nothing printed holds the input's text or the input's or output's key
     for leaked in (SECRET, "private-folder-q9", "secret-prefix-k4"):
-        assert leaked not in text, (leaked, text)
+        assert leaked not in printed.text, (leaked, printed.text)
 
 
 def test_given_a_shard_failing_its_last_receive_then_the_record_says_dead_lettered_and_the_job_names_it(
-    world, capsys: pytest.CaptureFixture[str], log_stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+    world, output: HandlerOutput, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app, s3 = world
     body = planned_shard_message(app, s3)
@@ -187,13 +162,14 @@ def test_given_a_shard_failing_its_last_receive_then_the_record_says_dead_letter
         raise OSError("/opt/models/x: disk gone")
 
     monkeypatch.setattr(runner, "model_record", disk_gone)  # fails as the shard writes its marker
-    printed(capsys, log_stream)
+    output.read()
     reply = run(app, body, receives=3)  # MaxReceiveCount 3: the queue's redrive moves it after this receive
     assert reply["batchItemFailures"] == [{"itemIdentifier": "msg-1"}]
-    records, metrics, _ = printed(capsys, log_stream)
-    (failure,) = [r for r in records if r["level"] in {"WARNING", "ERROR"}]
+    printed = output.read()
+    (failure,) = printed.at("WARNING", "ERROR")
     assert (failure["level"], failure["error_code"], failure["action"]) == ("ERROR", "internal_error", "dead_lettered")
-    assert failure["reason"] == "OSError" and failure["shard"] == 0 and "MessagesFailed" in metrics
+    assert failure["reason"] == "OSError" and failure["shard"] == 0 and "MessagesFailed" in printed.metrics
+    assert "/opt/models" not in printed.text  # the exception's message held a path: the reason is its class
     dead = json.loads(
         s3.get_object(Bucket="out-bucket", Key="secret-prefix-k4/j1/failed/shard-00000.json")["Body"].read()
     )
@@ -203,8 +179,7 @@ def test_given_a_shard_failing_its_last_receive_then_the_record_says_dead_letter
 def test_given_a_dead_letter_queue_then_a_bad_message_goes_there_at_once_with_its_reason(
     world,
     queues,  # noqa: F811
-    capsys: pytest.CaptureFixture[str],
-    log_stream: io.StringIO,
+    output: HandlerOutput,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     app, _ = world
@@ -222,8 +197,7 @@ def test_given_a_dead_letter_queue_then_a_bad_message_goes_there_at_once_with_it
     assert json.loads(dead["Body"])["model"] == "gpt-17"
     attributes = {k: v["StringValue"] for k, v in dead["MessageAttributes"].items()}
     assert attributes["quantfn_error_code"] == "model_not_found" and attributes["quantfn_message_id"] == "msg-1"
-    records, _, _ = printed(capsys, log_stream)
-    (failure,) = [r for r in records if r["level"] in {"WARNING", "ERROR"}]
+    (failure,) = output.read().at("WARNING", "ERROR")
     assert (failure["level"], failure["action"], failure["status"]) == ("ERROR", "dead_lettered", "dead_lettered")
     # and a message that may succeed later is still retried, not dead-lettered
     assert run(app, json.dumps(job(output="s3://no-such-bucket-z/out/"))) == {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from quantfn.errors import QuantfnError
+from quantfn.errors import QuantfnError, dependency_reason
 
 #: What happened to the message: it comes back after its visibility timeout, went to the dead-letter queue (now, or
 #: by the queue's redrive after this receive), or was acknowledged because its job cannot finish.
@@ -34,12 +34,9 @@ def failure_of(exc: BaseException) -> Failure:
         if exc.status < 500:  # the message asks for something this deployment refuses: a retry gives the same
             return Failure(exc.code, exc.message[:500], permanent=True)
         return Failure(exc.code, f"{type(exc).__name__}: {exc.public_message}", permanent=False)
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict) and "Error" in response:  # botocore's ClientError: the service answered
-        code = str(response["Error"].get("Code", "?"))[:64]
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
-        operation = getattr(exc, "operation_name", "the call")
-        return Failure("dependency_failed", f"{operation} answered {code} (HTTP {status})", permanent=False)
+    reason = dependency_reason(exc)
+    if reason != type(exc).__name__:  # the service answered: a retry may find it fixed (a bucket made, a grant)
+        return Failure("dependency_failed", reason, permanent=False)
     if type(exc).__module__.startswith(("botocore", "urllib3")):  # no answer: connection, timeout, credentials
-        return Failure("dependency_unreachable", type(exc).__name__, permanent=False)
-    return Failure("internal_error", type(exc).__name__, permanent=False)
+        return Failure("dependency_unreachable", reason, permanent=False)
+    return Failure("internal_error", reason, permanent=False)
