@@ -223,7 +223,9 @@ class HandlerOutput:
 
         self.capsys, self.stream = capsys, io.StringIO()
         self.handlers = logging.getLogger(logger_name).handlers
-        self.previous = [handler.setStream(self.stream) for handler in self.handlers]
+        self.previous = [handler.stream for handler in self.handlers]
+        for handler in self.handlers:
+            handler.stream = self.stream  # not setStream(): it flushes the old stream, maybe a closed capture
 
     def read(self) -> Printed:
         out = self.capsys.readouterr()
@@ -246,7 +248,7 @@ class HandlerOutput:
 
     def close(self) -> None:
         for handler, previous in zip(self.handlers, self.previous, strict=True):
-            handler.setStream(previous)
+            handler.stream = previous
 
 
 @contextmanager
