@@ -74,8 +74,8 @@ def _condition(expr: Any, template: dict[str, Any], params: dict[str, str]) -> b
         return not _condition(expr["Fn::Not"][0], template, params)
     if "Fn::And" in expr:
         return all(_condition(e, template, params) for e in expr["Fn::And"])
-    if "Fn::Condition" in expr:  # the loader's long form of !Condition
-        return condition(expr["Fn::Condition"], template, params)
+    if "Condition" in expr or "Fn::Condition" in expr:  # !Condition, as sam build writes it or as read here
+        return condition(expr.get("Condition") or expr["Fn::Condition"], template, params)
     raise AssertionError(f"condition form not handled by this test: {expr}")
 
 
