@@ -193,13 +193,14 @@ $(WHEELS_DIR)/.downloaded: $(RUNTIME_REQUIREMENTS) | $(VENV)/.installed
 	$(BIN)/pip download -q --no-deps $(LAYER_WHEEL_TARGET) --dest $(WHEELS_DIR) -r $(RUNTIME_REQUIREMENTS)
 	touch $@
 
-.PHONY: build-ApiFunction build-BatchFunction build-RuntimeLayer build-ModelLayer
+.PHONY: build-ApiFunction build-BatchFunction build-AuthorizerFunction build-RuntimeLayer build-ModelLayer
 
-# functions/api and quantfn at the artifact's root (/var/task), without quantfn.modelbuild: the model
+# functions/<name> and quantfn at the artifact's root (/var/task), without quantfn.modelbuild: the model
 # pipeline is never imported by the functions (DESIGN.md).
 build-ApiFunction: FUNCTION_DIR := api
 build-BatchFunction: FUNCTION_DIR := batch
-build-ApiFunction build-BatchFunction:
+build-AuthorizerFunction: FUNCTION_DIR := authorizer
+build-ApiFunction build-BatchFunction build-AuthorizerFunction:
 	mkdir -p "$(ARTIFACTS_DIR)/functions"
 	cp -R functions/$(FUNCTION_DIR) "$(ARTIFACTS_DIR)/functions/$(FUNCTION_DIR)"
 	cp -R shared/quantfn "$(ARTIFACTS_DIR)/quantfn"

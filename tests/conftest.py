@@ -215,3 +215,63 @@ def embed_on_endpoint(
         normalize=normalized, upstream=model,
     )  # fmt: skip
     return TASKS["embed"].on_endpoint(EmbedRequest(list(texts), model), manifest, client, deadline_s)
+
+
+@dataclass
+class Printed:
+    """What a handler printed: its Powertools log records, the EMF metrics (name -> dimension sets) and the text."""
+
+    records: list[dict]
+    metrics: dict[str, list[dict]]
+    text: str
+
+    def at(self, *levels: str) -> list[dict]:
+        return [record for record in self.records if record.get("level") in levels]
+
+
+class HandlerOutput:
+    """Reads what a Lambda handler module printed. Powertools' Logger keeps the stdout it found when it was made
+    (another test's capture, maybe), so its handlers are pointed here; EMF metrics are printed to sys.stdout."""
+
+    def __init__(self, logger_name: str, capsys: pytest.CaptureFixture[str]) -> None:
+        import io
+        import logging
+
+        self.capsys, self.stream = capsys, io.StringIO()
+        self.handlers = logging.getLogger(logger_name).handlers
+        self.previous = [handler.stream for handler in self.handlers]
+        for handler in self.handlers:
+            handler.stream = self.stream  # not setStream(): it flushes the old stream, maybe a closed capture
+
+    def read(self) -> Printed:
+        out = self.capsys.readouterr()
+        text = out.out + out.err + self.stream.getvalue()
+        self.stream.seek(0)
+        self.stream.truncate()
+        records, metrics = [], {}
+        for line in text.splitlines():
+            if not line.startswith("{"):
+                continue
+            data = json.loads(line)
+            if "_aws" not in data:
+                records.append(data)
+                continue
+            for block in data["_aws"]["CloudWatchMetrics"]:
+                dimensions = {name: data[name] for names in block["Dimensions"] for name in names}
+                for metric in block["Metrics"]:
+                    metrics.setdefault(metric["Name"], []).append({"namespace": block["Namespace"], **dimensions})
+        return Printed(records, metrics, text)
+
+    def close(self) -> None:
+        for handler, previous in zip(self.handlers, self.previous, strict=True):
+            handler.stream = previous
+
+
+@contextmanager
+def handler_output(logger_name: str, capsys: pytest.CaptureFixture[str]) -> Iterator[HandlerOutput]:
+    output = HandlerOutput(logger_name, capsys)
+    try:
+        output.read()  # start from nothing
+        yield output
+    finally:
+        output.close()

@@ -37,3 +37,18 @@ API_EVENTS: dict[str, tuple[int, str | None]] = {
     # 300 inputs: over QUANTFN_MAX_INPUTS, legal for the GPU endpoint; without one configured, a 413 that says so.
     "api-embeddings-oversized.json": (413, "too_many_inputs"),
 }
+
+# The keys the authorizer events carry (tests store their records: tests/integration/test_authorizer.py).
+EXAMPLE_KEY = "qfn_examplekey01_ExampleSecretForTheTestsOnly-0123456789abcd"  # active
+REVOKED_KEY = "qfn_examplekey02_ExampleSecretForTheTestsOnly-0123456789abcd"  # its record revoked
+
+# file -> (isAuthorized, the reason logged, the key id in the answer's context)
+AUTHORIZER_EVENTS: dict[str, tuple[bool, str, str]] = {
+    "authorizer-key-valid.json": (True, "accepted", "examplekey01"),
+    "authorizer-key-valid-cohere.json": (True, "accepted", "examplekey01"),  # "bearer": the scheme in any case
+    "authorizer-key-wrong-secret.json": (False, "wrong_secret", "examplekey01"),
+    "authorizer-key-unknown.json": (False, "unknown", "unknownkey99"),
+    "authorizer-key-revoked.json": (False, "revoked", "examplekey02"),
+    "authorizer-key-malformed.json": (False, "malformed", ""),
+    "authorizer-key-missing.json": (False, "missing", ""),
+}

@@ -206,6 +206,8 @@ class HttpServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    #: A refused body up to this size is read and dropped before the 413 (see RequestHandler._read_body).
+    discard_body_bytes: ClassVar[int] = 64 << 20
 
     def __init__(
         self, address: tuple[str, int], *, backlog: int, max_inflight: int, read_timeout_s: float, max_body_bytes: int
@@ -241,7 +243,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._serve("POST", raw)
 
     def _read_body(self) -> bytes | None:
-        """The body, or None after replying 400/408/411/413 (then the connection closes)."""
+        """The body, or None after replying 400/408/411/413 (the connection then closes, except after a 413 whose
+        body was read to its end: ``discard_body_bytes``)."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             error: QuantfnError = BadRequest("Send the body with a Content-Length.", code="length_required")
             self._refuse(HTTPStatus.LENGTH_REQUIRED, error)
@@ -253,13 +256,14 @@ class RequestHandler(BaseHTTPRequestHandler):
             shown = header[:40]
             self._refuse(400, BadRequest(f"Content-Length must be a whole number of bytes, got {shown!r}."))
             return None
-        length, limit = int(header), self.server.max_body_bytes
-        if length > limit:
-            error = TooLarge(
-                f"The request body has {length} bytes; the limit is {limit} (QUANTFN_MAX_BODY_BYTES).",
-                code="body_too_large",
-            )
-            self._refuse(413, error)
+        length = int(header)
+        if length > self.server.max_body_bytes:
+            # Most clients (http.client, requests, the SDKs) write the whole body before they read: answered
+            # mid-send they see a broken pipe, not the 413. So a body up to the discard bound is read first.
+            if length <= self.server.discard_body_bytes and self._discard(length):
+                self._reply(413, self._too_large(length).to_body())
+            else:
+                self._refuse(413, self._too_large(length))
             return None
         try:
             raw = self.rfile.read(length)
@@ -271,6 +275,33 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return None
         return raw
+
+    def _discard(self, length: int) -> bool:
+        """Read and drop ``length`` body bytes within the read timeout; True if all of them arrived."""
+        deadline = time.monotonic() + self.server.read_timeout_s
+        left = length
+        try:
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except (TimeoutError, OSError):
+            pass
+        return left == 0
+
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue`` (curl, for large bodies): refuse an oversized body before it is sent."""
+        header = self.headers.get("Content-Length", "")
+        if header.strip().isdigit() and int(header) > self.server.max_body_bytes:
+            self._refuse(413, self._too_large(int(header)))
+            return False
+        return super().handle_expect_100()
+
+    def _too_large(self, length: int) -> TooLarge:
+        limit = self.server.max_body_bytes
+        message = f"The request body has {length} bytes; the limit is {limit} (QUANTFN_MAX_BODY_BYTES)."
+        return TooLarge(message, code="body_too_large")
 
     def _serve(self, method: str, raw: bytes) -> None:
         if method == "POST" and not self.server.inflight.acquire(blocking=False):

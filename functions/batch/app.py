@@ -11,7 +11,6 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from quantfn.batch.jobs import parse_job_message
 from quantfn.batch.runner import Delivery, JobRunner
 from quantfn.registry import get_registry
 from quantfn.serialize import log_json
@@ -42,18 +41,30 @@ def queue_url_of(record: SQSRecord) -> str:
     return f"https://sqs.{region}.amazonaws.com/{account}/{name}"
 
 
+class RetryLater(Exception):
+    """Marks the message failed in the partial-batch reply, so SQS hands it out again (or its redrive moves it)."""
+
+
 def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     runner = get_runner()
-    job = parse_job_message(record.body, runner.settings.limits.max_inputs)
-    logger.append_keys(job_id=job.job_id, shard=job.shard.index if job.shard else None, chunk=job.checkpoint.chunk)
     where = {"function": lambda_context.function_name, "memory_mb": int(lambda_context.memory_limit_in_mb)}
     where |= {"request_id": lambda_context.aws_request_id, "threads": runner.settings.runtime.threads}
     receives = int(record.attributes.approximate_receive_count or 1)
     delivery = Delivery(queue_url_of(record), record.message_id, receives, where)
-    outcome = runner.run(job, lambda_context.get_remaining_time_in_millis, delivery)
-    logger.info("job step done", extra={"status": outcome.status, "chunks": outcome.chunks_done})
-    metrics.add_metric(name="Results", unit=MetricUnit.Count, value=outcome.results)
+    outcome = runner.process(record.body, lambda_context.get_remaining_time_in_millis, delivery)
+    # One record per message: what it did, or why it failed and what became of it (ids and codes, never input text).
+    fields = outcome.log_fields() | {"message_id": record.message_id, "receives": receives, "status": outcome.status}
     metrics.add_metric(name="Jobs" + outcome.status.title().replace("_", ""), unit=MetricUnit.Count, value=1)
+    for name, value in (("Lines", outcome.lines), ("Results", outcome.results), ("LineErrors", outcome.errors)):
+        metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
+    if outcome.failure is None:
+        logger.info("job step done", extra=fields | {"chunks": outcome.chunks_done})
+        return
+    log = logger.warning if outcome.failure.action == "retry" else logger.error
+    log("job message failed", extra=fields | outcome.failure.log_fields())
+    metrics.add_metric(name="MessagesFailed", unit=MetricUnit.Count, value=1)
+    if outcome.status == "retry":
+        raise RetryLater(outcome.failure.code)
 
 
 @capture_lambda_handler  # X-Ray in Lambda with Tracing: Active; a no-op locally

@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     from quantfn.batch.cli import add_job_commands  # light: no boto3 until a job command runs
 
     add_job_commands(commands)
+    from quantfn.auth.cli import add_key_commands  # light: no boto3 until a keys command runs
+
+    add_key_commands(commands)
 
     args = parser.parse_args(argv)
     return int(args.run(args))

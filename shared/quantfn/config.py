@@ -1,8 +1,8 @@
-"""Settings: every environment variable quantfn reads, parsed once into a frozen object of six groups.
+"""Settings: every environment variable quantfn reads, parsed once into a frozen object of seven groups.
 
 ``runtime`` (models, threads, caches), ``limits`` (what one request may ask, and the cost
 model that decides whether it runs in time), ``endpoint`` (the GPU route), ``batch`` (SQS
-jobs), ``server`` (the GPU container) and ``build`` (the model build). Each field names its
+jobs), ``server`` (the GPU container), ``auth`` (API keys) and ``build`` (the model build). Each field names its
 variable and its default once, in the ``_setting`` call that declares it; ``from_env`` reads
 them all from those declarations. Every variable is documented in the README's configuration
 table (a test holds the two together). ``get_settings()`` caches the parsed object for the
@@ -207,7 +207,7 @@ def _server_port(env: Env) -> int:
     return _read_int("SAGEMAKER_BIND_TO_PORT", raw, 1) if raw else ServerSettings.port
 
 
-# ---- the six groups ---------------------------------------------------------------------------------------
+# ---- the seven groups ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RuntimeSettings:
     """The served models and how they run: where they come from, caches, threads, memory."""
@@ -300,6 +300,9 @@ class BatchSettings:
     shard_bytes: int = _setting("QUANTFN_BATCH_SHARD_BYTES", 4 * MB, minimum=1024)
     max_shards: int = _setting("QUANTFN_BATCH_MAX_SHARDS", 1000, minimum=1)
     max_receives: int = _setting("QUANTFN_BATCH_MAX_RECEIVES", 3, minimum=1)
+    #: Where a message that can never succeed (a bad job message) goes at once, with the reason; empty: it is
+    #: retried until the queue's redrive moves it (MaxReceiveCount receives, each after the visibility timeout).
+    dead_letter_url: str = _setting("QUANTFN_BATCH_DEAD_LETTER_URL", "")
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,17 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """API keys (quantfn.auth; the authorizer function and ``quantfn keys``)."""
+
+    #: The SSM Parameter Store path of the key records (template: /quantfn/<stack name>/keys/).
+    keys_prefix: str = _setting("QUANTFN_AUTH_KEYS_PREFIX", "/quantfn/quantfn/keys/")
+    #: How long the authorizer keeps a key record it read (a revoked key may pass this long, plus API
+    #: Gateway's own cache of the answer, KeyCacheSeconds).
+    cache_seconds: float = _setting("QUANTFN_AUTH_CACHE_SECONDS", 60.0)
+
+
+@dataclass(frozen=True)
 class BuildSettings:
     """The model build (quantfn.modelbuild, never read by the functions)."""
 
@@ -332,6 +346,7 @@ _GROUPS = {
     "endpoint": EndpointSettings,
     "batch": BatchSettings,
     "server": ServerSettings,
+    "auth": AuthSettings,
     "build": BuildSettings,
 }
 
@@ -345,6 +360,7 @@ class Settings:
     endpoint: EndpointSettings = field(default_factory=EndpointSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     build: BuildSettings = field(default_factory=BuildSettings)
 
     @classmethod

@@ -20,6 +20,17 @@ def echo(value: object) -> str:
     return repr(text[:_ECHO] + ("..." if len(text) > _ECHO else ""))
 
 
+def dependency_reason(exc: BaseException) -> str:
+    """Why a call to AWS failed, in words safe to log: the operation and the error code the service answered, or
+    the exception's class when nothing answered. Never the message, which may quote a key, a path or a name."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:  # botocore's ClientError: the service answered
+        code = str(response["Error"].get("Code", "?"))[:64]
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        return f"{getattr(exc, 'operation_name', 'the call')} answered {code} (HTTP {status})"
+    return type(exc).__name__
+
+
 class QuantfnError(Exception):
     """Base class. ``status`` is the HTTP status this error maps to."""
 

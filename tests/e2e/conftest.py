@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import DEFAULT_MODEL_ID, MotoServer
 from tests.e2e.sam_cli import ROOT, SAM, SamLocal, sam_environment, write_e2e_template
+from tests.integration.test_authorizer import seed_example_keys
 
 BUILD_DIR = ROOT / ".aws-sam" / "build"
 BUILD_INPUTS = [
@@ -33,6 +34,7 @@ BUILD_INPUTS = [
     f"build/models/{DEFAULT_MODEL_ID}",
 ]
 SKIP_VARIABLE = "QUANTFN_SKIP_E2E"
+KEYS_PREFIX = "/quantfn/e2e/keys/"
 
 
 def _in_ci() -> bool:
@@ -106,7 +108,8 @@ def aws_resources(moto_server: MotoServer) -> dict[str, str]:
         s3.create_bucket(Bucket=bucket)
     write_jsonl(s3, "quantfn-example-input", "corpus/sentences.jsonl", 20, {})
     queue_url = boto3.client("sqs", endpoint_url=moto_server.url).create_queue(QueueName="quantfn-jobs")["QueueUrl"]
-    return {"endpoint": moto_server.url, "queue_url": queue_url}
+    seed_example_keys(boto3.client("ssm", endpoint_url=moto_server.url), KEYS_PREFIX)
+    return {"endpoint": moto_server.url, "queue_url": queue_url, "keys_prefix": KEYS_PREFIX}
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +121,8 @@ def sam(docker_env: dict[str, str], sam_template: Path, e2e_dir: Path, aws_resou
     env_vars = {
         "ApiFunction": endpoint,
         "BatchFunction": {**endpoint, "QUANTFN_BATCH_QUEUE_URL": aws_resources["queue_url"]},
+        # the template's AuthMode default is KEY: every API request passes the authorizer, reading keys from moto
+        "AuthorizerFunction": {**endpoint, "QUANTFN_AUTH_KEYS_PREFIX": KEYS_PREFIX, "QUANTFN_AUTH_CACHE_SECONDS": "0"},
     }
     return SamLocal(sam_template, sam_environment(docker_env, e2e_dir), logs, env_vars)
 

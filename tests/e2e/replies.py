@@ -11,7 +11,7 @@ from tests.conftest import load_event
 from tests.events_expected import API_EVENTS
 
 # Which function each events/ file is for, by its name's prefix.
-EVENT_PREFIXES = {"api-": "ApiFunction", "sqs-": "BatchFunction"}
+EVENT_PREFIXES = {"api-": "ApiFunction", "sqs-": "BatchFunction", "authorizer-": "AuthorizerFunction"}
 
 
 def function_for(event_name: str) -> str | None:

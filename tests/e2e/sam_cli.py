@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.integration.test_template import resolve
+
 ROOT = Path(__file__).resolve().parents[2]
 SAM = Path(os.environ.get("QUANTFN_SAM", ROOT / ".venv-sam" / "bin" / "sam"))
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
@@ -54,7 +56,8 @@ def write_e2e_template(built_dir: Path, out: Path) -> Path:
     """The `sam build` output's template, with absolute code paths and AWS_ENDPOINT_URL declared.
 
     `sam local --env-vars` only sets variables the template declares. AWS_ENDPOINT_URL is declared
-    here, empty (botocore ignores an empty one), so the tests can point the functions at moto.
+    here, empty (botocore ignores an empty one), so the tests can point the functions at moto; and
+    QUANTFN_AUTH_CACHE_SECONDS (empty: the default), so the authorizer may read every key afresh.
     """
     template = yaml.safe_load((built_dir / "template.yaml").read_text())  # sam build writes long-form intrinsics
     for resource in template["Resources"].values():
@@ -62,8 +65,20 @@ def write_e2e_template(built_dir: Path, out: Path) -> Path:
         for key in ("CodeUri", "ContentUri"):
             if isinstance(properties.get(key), str) and "://" not in properties[key]:
                 properties[key] = str((built_dir / properties[key]).resolve())
+    # sam local does not evaluate Fn::If inside an API's DefinitionBody (CloudFormation does, at deploy), and it
+    # gives the routes of functions' HttpApi events only the definition's root-level security, not that of the
+    # paths. So the definition is resolved for the template's defaults (AuthMode KEY), and the one security every
+    # path declares becomes the root's: each request passes the authorizer, as when deployed.
+    api = template["Resources"]["HttpApi"]["Properties"]
+    definition = api["DefinitionBody"] = resolve(api["DefinitionBody"], template, {})
+    securities = {json.dumps(op.get("security")) for path in definition["paths"].values() for op in path.values()}
+    assert len(securities) == 1, f"the routes' security differs; sam local cannot apply it: {securities}"
+    if securities != {"null"}:
+        definition["security"] = json.loads(securities.pop())
     function_globals = template.setdefault("Globals", {}).setdefault("Function", {})
-    function_globals.setdefault("Environment", {}).setdefault("Variables", {}).setdefault("AWS_ENDPOINT_URL", "")
+    variables = function_globals.setdefault("Environment", {}).setdefault("Variables", {})
+    variables.setdefault("AWS_ENDPOINT_URL", "")
+    variables.setdefault("QUANTFN_AUTH_CACHE_SECONDS", "")  # so a test may see a revocation at once
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(template, indent=1))
     return out

@@ -16,7 +16,7 @@ from quantfn.batch.jobs import parse_job_message
 from tests.conftest import EVENTS, load_event
 from tests.e2e.replies import check_lambda_reply, function_for
 from tests.e2e.sam_cli import functions_of
-from tests.events_expected import API_EVENTS
+from tests.events_expected import API_EVENTS, AUTHORIZER_EVENTS
 from tests.integration.test_batch_jobs import SQS_EVENTS, read_outputs
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +44,14 @@ def invoke(client, function: str, event: dict) -> dict:
 def test_every_function_has_events_and_every_event_a_function(sam_template) -> None:
     names = sorted(p.name for p in EVENTS.glob("*.json"))
     assert {function_for(name) for name in names} == set(functions_of(sam_template))
-    assert sorted(API_EVENTS) + sorted(SQS_EVENTS) == sorted(names, key=lambda n: (not n.startswith("api-"), n))
+    assert set(API_EVENTS) | set(SQS_EVENTS) | set(AUTHORIZER_EVENTS) == set(names)
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORIZER_EVENTS))
+def test_authorizer_event_gives_its_simple_answer(name: str, lambda_client) -> None:
+    authorized, _, key_id = AUTHORIZER_EVENTS[name]
+    answer = invoke(lambda_client, "AuthorizerFunction", load_event(name))
+    assert answer == {"isAuthorized": authorized, "context": {"key_id": key_id}}
 
 
 @pytest.mark.parametrize("name", sorted(API_EVENTS))

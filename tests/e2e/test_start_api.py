@@ -10,9 +10,10 @@ import pytest
 
 from tests.conftest import load_event
 from tests.e2e.replies import check_api_reply, request_body
-from tests.events_expected import API_EVENTS
+from tests.events_expected import API_EVENTS, EXAMPLE_KEY
 
 pytestmark = pytest.mark.e2e
+WITH_KEY = {"content-type": "application/json", "Authorization": f"Bearer {EXAMPLE_KEY}"}
 
 
 def send(base_url: str, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, dict, str]:
@@ -41,6 +42,7 @@ def test_event_as_an_http_request(name: str, api_endpoint: str, sam_template) ->
     event = load_event(name)
     method, path = event["requestContext"]["http"]["method"], event["rawPath"]
     headers = {k: v for k, v in event.get("headers", {}).items() if k.lower() not in {"host", "content-length"}}
+    headers["Authorization"] = f"Bearer {EXAMPLE_KEY}"  # AuthMode KEY, the template's default
     body = request_body(event) if method in {"POST", "PUT", "PATCH"} else None
     # When it is sent over HTTP
     status, reply_headers, text = send(api_endpoint, method, path, body, headers)
@@ -54,14 +56,12 @@ def test_event_as_an_http_request(name: str, api_endpoint: str, sam_template) ->
 
 
 def test_malformed_json_is_a_400_with_a_json_error_body(api_endpoint: str) -> None:
-    status, headers, text = send(
-        api_endpoint, "POST", "/v1/embeddings", b'{"input": ["a", ', {"content-type": "application/json"}
-    )
+    status, headers, text = send(api_endpoint, "POST", "/v1/embeddings", b'{"input": ["a", ', WITH_KEY)
     assert status == 400 and headers["Content-Type"].startswith("application/json")
     assert json.loads(text)["error"]["code"] == "invalid_request"
 
 
 def test_an_oversized_batch_is_refused_with_413_naming_the_limit(api_endpoint: str) -> None:
     body = json.dumps({"model": "all-MiniLM-L6-v2", "input": ["x"] * 257}).encode()
-    status, _, text = send(api_endpoint, "POST", "/v1/embeddings", body, {"content-type": "application/json"})
+    status, _, text = send(api_endpoint, "POST", "/v1/embeddings", body, WITH_KEY)
     assert status == 413 and "QUANTFN_MAX_INPUTS" in json.loads(text)["error"]["message"]

@@ -162,3 +162,45 @@ def test_requests_beyond_the_in_flight_cap_get_503_server_busy_never_a_reset(mod
         server.server_close()
     assert failures == [] and sum(statuses.values()) == 200
     assert statuses["503 server_busy"] > 0 and statuses["200"] > 0 and set(statuses) == {"200", "503 server_busy"}
+
+
+OVERSIZED = 7 * 2**20  # over the fixture's 1 MiB limit, under the discard bound: the body is read, then refused
+
+
+def test_given_an_oversized_body_from_http_client_then_it_reads_the_413_not_a_broken_pipe(endpoint) -> None:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port_of(endpoint), timeout=30)
+    try:
+        # When http.client writes all 7 MiB before it reads (it always does)
+        connection.request("POST", "/invocations", body=b"x" * OVERSIZED, headers={"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        body = json.loads(reply.read())
+        # Then it gets the 413 with the JSON error naming the limit
+        assert reply.status == 413 and body["error"]["code"] == "body_too_large"
+        assert "QUANTFN_MAX_BODY_BYTES" in body["error"]["message"]
+        # and the connection, its body read to the end, still serves the next request
+        connection.request("POST", "/invocations", body=json.dumps({"model": MODEL, "input": ["ok"]}).encode())
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
+
+
+def test_given_an_oversized_body_from_requests_then_it_reads_the_413(endpoint) -> None:
+    import requests
+
+    reply = requests.post(f"http://127.0.0.1:{port_of(endpoint)}/invocations", data=b"x" * OVERSIZED, timeout=30)
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "body_too_large"
+
+
+def test_given_expect_100_continue_then_an_oversized_body_is_refused_before_it_is_sent(endpoint) -> None:
+    head = b"POST /invocations HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % OVERSIZED
+    status, body = exchange(port_of(endpoint), head)  # the client sends no body: it waits for 100 Continue
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+
+
+def test_given_a_body_past_the_discard_bound_then_the_413_comes_at_once(endpoint, monkeypatch) -> None:
+    monkeypatch.setattr(type(endpoint), "discard_body_bytes", 2 * 2**20)
+    head = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % OVERSIZED
+    status, body = exchange(port_of(endpoint), head + b"x" * 1000, timeout_s=5)
+    assert status == 413 and body["error"]["code"] == "body_too_large"

@@ -67,11 +67,20 @@ def resolve(value: Any, template: dict[str, Any], params: dict[str, str]) -> Any
 
 def _condition(expr: Any, template: dict[str, Any], params: dict[str, str]) -> bool:
     if "Fn::Equals" in expr:
-        left, right = (_param(v, template, params) for v in expr["Fn::Equals"])
+        left, right = (str(_param(v, template, params)) for v in expr["Fn::Equals"])
         return left == right
     if "Fn::Not" in expr:
         return not _condition(expr["Fn::Not"][0], template, params)
+    if "Fn::And" in expr:
+        return all(_condition(e, template, params) for e in expr["Fn::And"])
+    if "Condition" in expr or "Fn::Condition" in expr:  # !Condition, as sam build writes it or as read here
+        return condition(expr.get("Condition") or expr["Fn::Condition"], template, params)
     raise AssertionError(f"condition form not handled by this test: {expr}")
+
+
+def condition(name: str, template: dict[str, Any], params: dict[str, str]) -> bool:
+    """Whether the template's condition ``name`` holds with these parameters (the rest at their defaults)."""
+    return _condition(template["Conditions"][name], template, params)
 
 
 def _param(value: Any, template: dict[str, Any], params: dict[str, str]) -> Any:
@@ -145,16 +154,33 @@ def test_functions_start_numpy_without_an_openblas_thread_pool(template):
         assert "OPENBLAS_NUM_THREADS" not in variables, name
 
 
-def test_iam_authorization_is_the_default_on_every_route(template):
+def _definition(template: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
+    return resolve(template["Resources"]["HttpApi"]["Properties"]["DefinitionBody"], template, params)
+
+
+def test_key_authorization_is_the_default_on_every_route(template):
     auth_mode = template["Parameters"]["AuthMode"]
-    assert auth_mode["Default"] == "IAM"
-    assert set(auth_mode["AllowedValues"]) == {"IAM", "JWT", "NONE"}
-    # When deployed with default parameters, Then each route demands SigV4 and only that scheme exists
-    body = resolve(template["Resources"]["HttpApi"]["Properties"]["DefinitionBody"], template, {})
+    assert auth_mode["Default"] == "KEY"
+    assert set(auth_mode["AllowedValues"]) == {"KEY", "IAM", "JWT", "NONE"}
+    # When deployed with default parameters, Then each route asks the key authorizer, and only that scheme exists
+    body = _definition(template, {})
     operations = [op for path in body["paths"].values() for op in path.values()]
-    assert operations
-    for operation in operations:
-        assert operation.get("security") == [{"AWS_IAM": []}]
+    assert operations and all(operation.get("security") == [{"ApiKey": []}] for operation in operations)
+    (scheme,) = body["components"]["securitySchemes"].values()
+    authorizer = scheme["x-amazon-apigateway-authorizer"]
+    # a REQUEST authorizer reading the header the OpenAI and Cohere clients send, answering {isAuthorized, context}
+    assert authorizer["type"] == "request" and authorizer["identitySource"] == "$request.header.Authorization"
+    assert (authorizer["authorizerPayloadFormatVersion"], authorizer["enableSimpleResponses"]) == ("2.0", True)
+    assert (
+        isinstance(authorizer["authorizerResultTtlInSeconds"], int) and authorizer["authorizerResultTtlInSeconds"] > 0
+    )
+    assert "${AuthorizerFunction.Arn}" in authorizer["authorizerUri"]["Fn::Sub"]
+
+
+def test_iam_mode_demands_sigv4_on_every_route(template):
+    body = _definition(template, {"AuthMode": "IAM"})
+    operations = [op for path in body["paths"].values() for op in path.values()]
+    assert operations and all(operation.get("security") == [{"AWS_IAM": []}] for operation in operations)
     assert body["components"]["securitySchemes"] == {
         "AWS_IAM": {
             "type": "apiKey",
@@ -163,6 +189,35 @@ def test_iam_authorization_is_the_default_on_every_route(template):
             "x-amazon-apigateway-authtype": "awsSigv4",
         }
     }
+
+
+def test_the_key_authorizer_exists_only_in_key_mode_and_reads_only_its_stacks_key_records(template):
+    from quantfn.auth.store import keys_prefix
+
+    resources = template["Resources"]
+    parts = ("AuthorizerFunction", "AuthorizerFunctionRole", "AuthorizerFunctionLogs", "AuthorizerPermission")
+    assert all(resources[name]["Condition"] == "UseKeyAuth" for name in parts)
+    assert condition("UseKeyAuth", template, {}) and not condition("UseKeyAuth", template, {"AuthMode": "IAM"})
+    function = resources["AuthorizerFunction"]["Properties"]
+    module, _, attr = function["Handler"].rpartition(".")
+    assert re.search(rf"^def {attr}\(", (ROOT / Path(*module.split("."))).with_suffix(".py").read_text(), re.M)
+    assert not function.get("Events")  # API Gateway calls it as an authorizer, never as a route
+    # the function reads the path `quantfn keys --stack <stack>` writes
+    prefix = function["Environment"]["Variables"]["QUANTFN_AUTH_KEYS_PREFIX"]
+    assert prefix == {"Fn::Sub": keys_prefix("${AWS::StackName}")}
+    statements = [
+        s
+        for p in resources["AuthorizerFunctionRole"]["Properties"]["Policies"]
+        for s in p["PolicyDocument"]["Statement"]
+    ]
+    assert {a for s in statements for a in _as_list(s["Action"])} == {
+        "logs:CreateLogStream", "logs:PutLogEvents", "ssm:GetParameter"
+    }  # fmt: skip
+    (read,) = [s for s in statements if s["Action"] == "ssm:GetParameter"]
+    assert read["Resource"]["Fn::Sub"].endswith(":parameter" + keys_prefix("${AWS::StackName}") + "*")
+    permission = resources["AuthorizerPermission"]["Properties"]
+    assert permission["Principal"] == "apigateway.amazonaws.com"
+    assert permission["SourceArn"]["Fn::Sub"].endswith(":${HttpApi}/authorizers/*")
 
 
 def test_jwt_mode_puts_the_jwt_authorizer_on_every_route(template):
@@ -180,7 +235,7 @@ def test_jwt_mode_puts_the_jwt_authorizer_on_every_route(template):
 
 
 def test_none_mode_is_the_only_way_to_open_a_route(template):
-    for mode in ("IAM", "JWT"):
+    for mode in ("KEY", "IAM", "JWT"):
         body = resolve(template["Resources"]["HttpApi"]["Properties"]["DefinitionBody"], template, {"AuthMode": mode})
         assert all(op.get("security") for path in body["paths"].values() for op in path.values()), mode
     body = resolve(template["Resources"]["HttpApi"]["Properties"]["DefinitionBody"], template, {"AuthMode": "NONE"})
@@ -366,12 +421,16 @@ def test_batch_role_reaches_only_its_queue_job_bucket_models_and_logs(template):
         for resource in _as_list(resolve(statement["Resource"], template, {})):
             assert resource != "*"
             target = json.dumps(resource)
-            assert any(name in target for name in ("JobQueue", "JobBucket", "ModelBucket", "BatchFunctionLogs")), target
+            allowed = ("JobQueue", "JobDeadLetterQueue", "JobBucket", "ModelBucket", "BatchFunctionLogs")
+            assert any(name in target for name in allowed), target
     writes = [s for s in statements if {"s3:PutObject", "sqs:SendMessage"} & set(_as_list(s["Action"]))]
     assert {json.dumps(s["Resource"]) for s in writes} == {
         json.dumps({"Fn::Sub": "${JobBucket.Arn}/*"}),
         json.dumps({"Fn::GetAtt": ["JobQueue", "Arn"]}),
+        json.dumps({"Fn::GetAtt": ["JobDeadLetterQueue", "Arn"]}),  # a bad job message, dead-lettered at once
     }
+    variables = template["Resources"]["BatchFunction"]["Properties"]["Environment"]["Variables"]
+    assert variables["QUANTFN_BATCH_DEAD_LETTER_URL"] == {"Ref": "JobDeadLetterQueue"}
 
 
 def test_function_role_grants_only_its_logs_and_model_reads(template):
@@ -421,3 +480,37 @@ def test_every_makefile_built_resource_has_its_make_target(template):
     assert {"ApiFunction", "RuntimeLayer", "ModelLayer"} <= set(built)
     for name in built:
         assert re.search(rf"^build-{name}:", makefile, re.MULTILINE), name
+
+
+# Each alarm and its off switch: the parameter and the value that removes it.
+ALARMS = {
+    "Api5xxAlarm": ("Alarm5xxRatePercent", "0"),
+    "ApiLatencyAlarm": ("AlarmP99LatencyMs", "0"),
+    "ThrottleAlarm": ("AlarmThrottles", "false"),
+    "JobDeadLetterAlarm": ("AlarmDeadLetter", "false"),
+    "CircuitOpenAlarm": ("AlarmCircuitOpen", "false"),
+}
+GPU = {"GpuImageUri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/quantfn-gpu:1"}
+
+
+def test_every_alarm_is_on_by_default_off_by_its_parameter_and_notifies_the_topic(template):
+    alarms = _of_type(template, "AWS::CloudWatch::Alarm")
+    assert set(alarms) == set(ALARMS)
+    for name, (parameter, off) in ALARMS.items():
+        alarm = alarms[name]
+        assert condition(alarm["Condition"], template, GPU), name
+        assert not condition(alarm["Condition"], template, GPU | {parameter: off}), name
+        actions = alarm["Properties"]["AlarmActions"]
+        assert resolve(actions, template, {"AlarmTopicArn": "arn:aws:sns:us-east-1:1:t"}) == [{"Ref": "AlarmTopicArn"}]
+        assert alarm["Properties"]["TreatMissingData"] == "notBreaching"
+    # the circuit breaker's alarm exists only with a GPU endpoint
+    assert not condition(alarms["CircuitOpenAlarm"]["Condition"], template, {})
+
+
+def test_the_dashboard_and_the_per_route_metrics_it_reads_follow_one_parameter(template):
+    dashboard = template["Resources"]["OperationsDashboard"]
+    assert condition(dashboard["Condition"], template, {})
+    assert not condition(dashboard["Condition"], template, {"Dashboard": "false"})
+    settings = template["Resources"]["HttpApi"]["Properties"]["DefaultRouteSettings"]
+    assert resolve(settings["DetailedMetricsEnabled"], template, {}) is True
+    assert resolve(settings["DetailedMetricsEnabled"], template, {"Dashboard": "false"}) is False

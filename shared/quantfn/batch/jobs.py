@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from quantfn.errors import BadRequest
+from quantfn.errors import BadRequest, echo
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TASKS = ("embed", "classify", "rerank")
@@ -141,30 +142,102 @@ class JobMessage:
         return json.dumps(body)
 
 
-def _positive_int(data: dict[str, Any], name: str, minimum: int) -> int | None:
+_FIELDS = ("job_id", "model", "task", "input", "output", "shard_bytes", "max_shards", "shard", "checkpoint")
+
+
+def _integer(data: dict[str, Any], name: str, where: str, minimum: int = 0) -> int:
+    """``data[name]``, an integer >= ``minimum`` (a bool is not one); BadJob naming ``where.name`` otherwise."""
     value = data.get(name)
-    if value is None:
-        return None
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise BadJob(f"'{name}' must be an integer >= {minimum}.", param=name)
+        raise BadJob(f"'{where}{name}' must be an integer >= {minimum}.", param=f"{where}{name}")
     return value
 
 
-def _dataclass_field(cls: type, data: Any, name: str) -> Any:
+def _optional_int(data: dict[str, Any], name: str, minimum: int) -> int | None:
+    return None if data.get(name) is None else _integer(data, name, "", minimum)
+
+
+def _object(value: Any, name: str, required: set[str], optional: set[str]) -> dict[str, Any]:
+    """``value`` as an object holding every ``required`` key and no key outside ``required | optional``."""
+    if not isinstance(value, dict):
+        raise BadJob(f"'{name}' must be an object.", param=name)
+    missing, unknown = sorted(required - set(value)), sorted(set(value) - required - optional)
+    problems = [f"missing {', '.join(missing)}"] if missing else []
+    problems += [f"unknown {', '.join(echo(key) for key in unknown[:5])}"] if unknown else []
+    if problems:
+        raise BadJob(f"'{name}' is malformed ({'; '.join(problems)}).", param=name)
+    return value
+
+
+def _shard(value: Any) -> Shard:
+    data = _object(value, "shard", {"index", "count", "start", "end"}, {"etag", "version_id"})
+    index, count = _integer(data, "index", "shard."), _integer(data, "count", "shard.", 1)
+    start, end = _integer(data, "start", "shard."), _integer(data, "end", "shard.")
+    if index >= count:
+        raise BadJob(f"'shard.index' {index} is not below 'shard.count' {count}.", param="shard.index")
+    if end < start:
+        raise BadJob(f"'shard.end' {end} is before 'shard.start' {start}.", param="shard.end")
+    pins = {}
+    for name in ("etag", "version_id"):
+        pin = data.get(name, "")
+        if not isinstance(pin, str) or len(pin) > 1024:
+            raise BadJob(f"'shard.{name}' must be a string of at most 1024 characters.", param=f"shard.{name}")
+        pins[name] = pin
+    return Shard(index, count, start, end, **pins)
+
+
+def _checkpoint(value: Any, shard: Shard | None, inline: bool) -> Checkpoint:
+    """A follow-up's checkpoint, each field checked and the whole checked against its shard's byte range."""
+    if shard is None:
+        raise BadJob("'checkpoint' comes only with a 'shard' (quantfn writes both).", param="checkpoint")
+    counts = ("chunk", "offset", "line", "results", "errors", "invocations")
+    data = _object(value, "checkpoint", set(counts), {"compute_ms"})
+    chunk, offset, line, results, errors, invocations = (_integer(data, name, "checkpoint.") for name in counts)
+    compute_ms = data.get("compute_ms", 0.0)
+    if isinstance(compute_ms, bool) or not isinstance(compute_ms, (int, float)) or not 0 <= compute_ms < math.inf:
+        raise BadJob("'checkpoint.compute_ms' must be a finite number >= 0.", param="checkpoint.compute_ms")
+    if not shard.start <= offset <= shard.end:
+        raise BadJob(
+            f"'checkpoint.offset' {offset} is outside the shard's range [{shard.start}, {shard.end}].",
+            param="checkpoint.offset",
+        )
+    if results + errors > line:
+        raise BadJob("'checkpoint' counts more results and errors than lines.", param="checkpoint")
+    # Nothing done, or something: a checkpoint's chunk, line and offset agree (an inline record is one line).
+    if (inline and line != offset - shard.start) or not (chunk == 0) == (line == 0) == (offset == shard.start):
+        raise BadJob("'checkpoint' chunk, line and offset disagree.", param="checkpoint")
+    return Checkpoint(chunk, offset, line, results, errors, invocations, float(compute_ms))
+
+
+def job_identity(body: str) -> tuple[str | None, int | None]:
+    """The job id and shard index of a message body, as far as they can be read: for the record of a message
+    that failed before (or while) it was parsed. Either is None where the body does not hold a valid one."""
     try:
-        return cls(**data)
-    except TypeError as exc:
-        raise BadJob(f"'{name}' is malformed.", param=name) from exc
+        data = json.loads(body)
+    except (TypeError, ValueError, RecursionError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    job_id = data.get("job_id")
+    shard = data.get("shard")
+    index = shard.get("index") if isinstance(shard, dict) else None
+    valid_index = isinstance(index, int) and not isinstance(index, bool) and 0 <= index < 2**31
+    return (job_id if isinstance(job_id, str) and _JOB_ID.match(job_id) else None), (index if valid_index else None)
 
 
 def parse_job_message(body: str, max_inline: int) -> JobMessage:
-    """Validate a message body; raises BadJob naming the field."""
+    """Validate a message body field by field; raises BadJob naming the field. Nothing is read or defaulted
+    silently: an unknown field, a wrong type or a checkpoint outside its shard is refused."""
     try:
         data = json.loads(body)
     except (TypeError, ValueError, RecursionError) as exc:
         raise BadJob("The message body is not valid JSON.") from exc
     if not isinstance(data, dict):
         raise BadJob("The message body must be a JSON object.")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        shown = ", ".join(echo(name) for name in unknown[:5])
+        raise BadJob(f"Unknown field(s) {shown}; a job message has {', '.join(_FIELDS)}.", param=unknown[0][:64])
     job_id = data.get("job_id")
     if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
         raise BadJob("'job_id' must be 1-128 characters of letters, digits, '.', '_' or '-'.", param="job_id")
@@ -187,11 +260,12 @@ def parse_job_message(body: str, max_inline: int) -> JobMessage:
         if not isinstance(texts, list) or not texts or len(texts) > max_inline:
             raise BadJob(f"'input.texts' must be a list of 1 to {max_inline} records.", param="input.texts")
         inline = tuple(texts)
-    shard = _dataclass_field(Shard, data["shard"], "shard") if "shard" in data else None
-    if shard is not None and not (0 <= shard.index < shard.count and 0 <= shard.start <= shard.end):
-        raise BadJob("'shard' is malformed.", param="shard")
-    checkpoint = _dataclass_field(Checkpoint, data["checkpoint"], "checkpoint") if "checkpoint" in data else None
-    if checkpoint is None:
+    shard = _shard(data["shard"]) if "shard" in data else None
+    if shard is not None and inline and shard.end > len(inline):
+        raise BadJob(f"'shard.end' {shard.end} is past the {len(inline)} inline records.", param="shard.end")
+    if "checkpoint" in data:
+        checkpoint = _checkpoint(data["checkpoint"], shard, inline=input_uri is None)
+    else:
         checkpoint = Checkpoint(offset=shard.start if shard else 0)
     return JobMessage(
         job_id,
@@ -202,6 +276,6 @@ def parse_job_message(body: str, max_inline: int) -> JobMessage:
         inline,
         checkpoint,
         shard,
-        _positive_int(data, "shard_bytes", MIN_SHARD_BYTES),
-        _positive_int(data, "max_shards", 1),
+        _optional_int(data, "shard_bytes", MIN_SHARD_BYTES),
+        _optional_int(data, "max_shards", 1),
     )

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from quantfn.batch.jobs import JobMessage, S3Location, Shard
+from quantfn.batch.jobs import BadJob, JobMessage, S3Location, Shard
 from quantfn.batch.sources import ranged_get
 from quantfn.config import Settings
 
@@ -43,13 +43,25 @@ def next_boundary(s3: Any, location: S3Location, pinned: Shard, target: int, siz
     return size
 
 
+def head_input(s3: Any, location: S3Location) -> dict[str, Any]:
+    """The input's HEAD; BadJob when there is no such object (a retry would find none either)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return s3.head_object(Bucket=location.bucket, Key=location.key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+            raise BadJob("The input object does not exist; upload it, then send the job again.", param="input") from exc
+        raise
+
+
 def plan_shards(s3: Any, job: JobMessage, settings: Settings) -> dict[str, Any]:
     """The job record: the input's identity and its shards (``[start, end)`` bytes, or record indexes inline)."""
     if job.input_uri is None:
         shards = [Shard(0, 1, 0, len(job.inline))]
         return {"input": job.input_name, "etag": "", "version_id": "", "size": len(job.inline), "shards": shards}
     location = job.input_uri
-    head = s3.head_object(Bucket=location.bucket, Key=location.key)
+    head = head_input(s3, location)
     size, etag = int(head["ContentLength"]), head["ETag"]
     version = head.get("VersionId") or ""
     version = "" if version == "null" else version

@@ -24,8 +24,9 @@ from typing import Any
 
 from quantfn.batch import shards as store
 from quantfn.batch.compute import check_model, infer_chunk, model_record
-from quantfn.batch.jobs import BadJob, Checkpoint, JobMessage, Shard
-from quantfn.batch.planner import plan_shards, send_shards, shards_as_dicts
+from quantfn.batch.failures import Failure, failure_of
+from quantfn.batch.jobs import BadJob, Checkpoint, JobMessage, Shard, job_identity, parse_job_message
+from quantfn.batch.planner import head_input, plan_shards, send_shards, shards_as_dicts
 from quantfn.batch.records import Item, check_record, error_line
 from quantfn.batch.sources import InputChanged, Record, iter_records
 from quantfn.registry import Registry
@@ -36,12 +37,28 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """``status``: planned, continued, shard_done, complete (this call wrote the manifest), skipped, failed."""
+    """``status``: planned, continued, shard_done, complete (this call wrote the manifest), skipped, failed (the
+    job cannot finish; the message is done), retry (the message must come back: report it failed) or
+    dead_lettered (sent to the dead-letter queue now; the message is done). ``failure`` says why, for the last three.
+    ``lines``, ``results`` and ``errors`` count the lines this call processed."""
 
     status: str
     checkpoint: Checkpoint
     chunks_done: int = 0
     results: int = 0
+    lines: int = 0
+    errors: int = 0
+    job: JobMessage | None = None
+    failure: Failure | None = None
+    #: The job id and shard read from a message that could not be parsed (jobs.job_identity).
+    named: tuple[str | None, int | None] = (None, None)
+
+    def log_fields(self) -> dict[str, Any]:
+        """The job, shard and chunk this outcome is about (ids only: no input text, no path)."""
+        job_id, shard = self.named
+        if self.job is not None:
+            job_id, shard = self.job.job_id, (self.job.shard.index if self.job.shard else None)
+        return {"job_id": job_id, "shard": shard, "chunk": self.checkpoint.chunk}
 
 
 @dataclass(frozen=True)
@@ -75,22 +92,77 @@ class JobRunner:
         self.s3 = s3
         self.sqs = sqs
 
-    def run(self, job: JobMessage, remaining_ms: Callable[[], int], delivery: Delivery) -> JobOutcome:
-        """Plan ``job`` or process its shard. Raises on failures the message should be retried for."""
+    def process(self, body: str, remaining_ms: Callable[[], int], delivery: Delivery) -> JobOutcome:
+        """One message body, start to end; never raises. A failure becomes an outcome that says what became of
+        the message: ``retry`` (report it failed), ``dead_lettered`` or ``failed`` (acknowledge it)."""
+        job = None
         try:
-            if job.shard is None:
-                return self._plan(job, remaining_ms, delivery)
-            return self._run_shard(job, remaining_ms, delivery)
+            job = parse_job_message(body, self.settings.limits.max_inputs)
+            return self.run(job, remaining_ms, delivery)
         except Exception as exc:
-            if job.shard is not None and delivery.receive_count >= self.settings.batch.max_receives:
-                # Its last allowed receive: the message goes to the dead-letter queue, the job stays incomplete.
-                record = {"shard": job.shard.index, "code": getattr(exc, "code", "shard_failed"), "at": _now()}
-                record |= {
-                    "message": f"failed {delivery.receive_count} receives ({type(exc).__name__}); the "
-                    "shard message is in the dead-letter queue: redrive it to finish the job"
-                }
+            return self._failed(body, job, failure_of(exc), delivery)
+
+    def run(self, job: JobMessage, remaining_ms: Callable[[], int], delivery: Delivery) -> JobOutcome:
+        """Plan ``job`` or process its shard. Raises on failures (``process`` says what becomes of them)."""
+        if job.shard is None:
+            return self._plan(job, remaining_ms, delivery)
+        self._check_against_plan(job)
+        return self._run_shard(job, remaining_ms, delivery)
+
+    # -- a message that failed -----------------------------------------------------
+    def _failed(self, body: str, job: JobMessage | None, failure: Failure, delivery: Delivery) -> JobOutcome:
+        """Dead-letter a message that can never succeed now; otherwise it returns, until the queue's redrive moves
+        it after its last receive. A shard that will not come back records why, so its job shows incomplete."""
+        status = "dead_lettered" if failure.permanent and self._dead_letter(body, failure, delivery) else "retry"
+        final = status == "dead_lettered" or delivery.receive_count >= self.settings.batch.max_receives
+        failure = replace(failure, action="dead_lettered" if final else "retry")
+        if final and job is not None and job.shard is not None:
+            record = {"shard": job.shard.index, "code": failure.code, "reason": failure.reason, "at": _now()}
+            record["message"] = (
+                f"failed ({failure.code}) on receive {delivery.receive_count}; the shard message is in the "
+                "dead-letter queue: redrive it to finish the job"
+            )
+            try:
                 store.put(self.s3, job.output.bucket, f"{job.prefix}failed/{job.shard.name}.json", json.dumps(record))
-            raise
+            except Exception as exc:
+                failure = replace(failure, reason=f"{failure.reason}; failed/ not written: {failure_of(exc).reason}")
+        checkpoint = job.checkpoint if job else Checkpoint()
+        return JobOutcome(status, checkpoint, job=job, failure=failure, named=job_identity(body))
+
+    def _dead_letter(self, body: str, failure: Failure, delivery: Delivery) -> bool:
+        """Send ``body`` to the dead-letter queue with the failure as message attributes; False if it cannot go."""
+        url = self.settings.batch.dead_letter_url
+        if not url:
+            return False
+        attributes = {"quantfn_error_code": failure.code, "quantfn_reason": failure.reason}
+        attributes["quantfn_message_id"] = delivery.message_id
+        try:
+            self.sqs.send_message(
+                QueueUrl=url,
+                MessageBody=body,
+                MessageAttributes={
+                    name: {"DataType": "String", "StringValue": value or "-"} for name, value in attributes.items()
+                },
+            )
+        except Exception:  # the message stays in its queue and comes back: nothing is lost
+            return False
+        return True
+
+    def _check_against_plan(self, job: JobMessage) -> None:
+        """A shard message must name one of the shards its job planned, over the same input, task and model: so
+        its byte range lies inside the input's size and its checkpoint (checked against the range) does too."""
+        assert job.shard is not None
+        record = store.read_json(self.s3, job.output.bucket, job.prefix + "job.json")
+        if record is None:
+            raise BadJob(f"'shard' names job {job.job_id!r}, which was never planned.", param="shard")
+        planned = {Shard(**shard) for shard in record["shards"]}
+        same = (record["input"], record["task"], record["model"]) == (job.input_name, job.task, job.model)
+        if not same or job.shard not in planned:
+            raise BadJob(
+                f"'shard' is not one of the {len(planned)} shards job {job.job_id!r} planned over its input, task "
+                "and model.",
+                param="shard",
+            )
 
     # -- planning ----------------------------------------------------------------
     def _plan(self, job: JobMessage, remaining_ms: Callable[[], int], delivery: Delivery) -> JobOutcome:
@@ -100,7 +172,7 @@ class JobRunner:
             self._refuse_reuse(job, record, delivery)  # before anything else: a reused job_id is never acknowledged
         if store.exists(self.s3, bucket, prefix + "manifest.json"):
             logger.info("job %s is already complete; skipping", job.job_id)
-            return JobOutcome("skipped", job.checkpoint)
+            return JobOutcome("skipped", job.checkpoint, job=job)
         check_model(self.registry, job.model, job.task)  # a wrong model or task fails before anything is written
         if record is None:
             plan = plan_shards(self.s3, job, self.settings)
@@ -115,18 +187,18 @@ class JobRunner:
                 replace(job, shard=shards[0], checkpoint=Checkpoint(offset=shards[0].start)), remaining_ms, delivery
             )
         if store.exists(self.s3, bucket, prefix + "dispatched.json"):
-            return JobOutcome("skipped", job.checkpoint)
+            return JobOutcome("skipped", job.checkpoint, job=job)
         send_shards(self.sqs, delivery.queue_url, job, shards)
         store.put_once(self.s3, bucket, prefix + "dispatched.json", json.dumps({"shards": len(shards), "at": _now()}))
         logger.info("job %s planned into %d shards", job.job_id, len(shards))
-        return JobOutcome("planned", job.checkpoint)
+        return JobOutcome("planned", job.checkpoint, job=job)
 
     def _refuse_reuse(self, job: JobMessage, record: dict[str, Any], delivery: Delivery) -> None:
         """A job_id names one input: another input, task or model under it is refused, never acknowledged."""
         same = (record["input"], record["task"], record["model"]) == (job.input_name, job.task, job.model)
         if same and job.input_uri is not None and record.get("message_id") != delivery.message_id:
             # Not a redelivery of the planned message: the same URI must still hold the same object.
-            head = self.s3.head_object(Bucket=job.input_uri.bucket, Key=job.input_uri.key)
+            head = head_input(self.s3, job.input_uri)
             same = head["ETag"] == record["etag"]
         if not same:
             raise BadJob(
@@ -141,12 +213,14 @@ class JobRunner:
         assert shard is not None
         if store.exists(self.s3, bucket, f"{prefix}shards/{shard.name}.json"):
             self._finish_if_last(job, delivery)  # the marker may have been written just before a crash
-            return JobOutcome("skipped", job.checkpoint)
+            return JobOutcome("skipped", job.checkpoint, job=job)
         if store.exists(self.s3, bucket, prefix + "failed/input.json"):
-            return JobOutcome("failed", job.checkpoint)
+            reason = "the job failed earlier: its input changed or was deleted after it was planned"
+            failure = Failure("input_changed", reason, permanent=True, action="job_failed")
+            return JobOutcome("failed", job.checkpoint, job=job, failure=failure)
         checkpoint = replace(job.checkpoint, invocations=job.checkpoint.invocations + 1)
         records = _Peekable(iter_records(job, self.s3, self.settings.batch.max_line_bytes))
-        chunks_done = results = 0
+        chunks_done = results = lines = errors = 0
         slowest_ms = 0.0
         try:
             while True:
@@ -162,25 +236,26 @@ class JobRunner:
                 )
                 if not done:
                     chunks_done += 1
-                    results += result.results
+                    results, lines, errors = results + result.results, lines + result.lines, errors + result.errors
                     slowest_ms = max(slowest_ms, elapsed)
                     store.put(self.s3, bucket, f"{prefix}progress/{shard.name}.json", json.dumps(asdict(checkpoint)))
                 # Continue only if the next chunk, as slow as the slowest so far, ends before the safety margin.
                 if records.has_more() and remaining_ms() - slowest_ms < self.settings.batch.safety_ms:
                     self.sqs.send_message(QueueUrl=delivery.queue_url, MessageBody=job.follow_up(checkpoint))
                     logger.info("job %s %s continues at chunk %d", job.job_id, shard.name, checkpoint.chunk)
-                    return JobOutcome("continued", checkpoint, chunks_done, results)
+                    return JobOutcome("continued", checkpoint, chunks_done, results, lines, errors, job)
         except InputChanged as exc:
-            failure = {"code": exc.code, "message": exc.message, "shard": shard.index, "at": _now()}
-            store.put_once(self.s3, bucket, prefix + "failed/input.json", json.dumps(failure))
-            logger.error("job %s failed: its input changed under it (%s)", job.job_id, shard.name)
-            return JobOutcome("failed", checkpoint, chunks_done, results)
+            record = {"code": exc.code, "message": exc.message, "shard": shard.index, "at": _now()}
+            store.put_once(self.s3, bucket, prefix + "failed/input.json", json.dumps(record))
+            reason = "the input changed or was deleted after the job was planned; resubmit it under a new job_id"
+            failure = Failure(exc.code, reason, permanent=True, action="job_failed")
+            return JobOutcome("failed", checkpoint, chunks_done, results, lines, errors, job, failure)
         marker = asdict(shard) | {"lines": checkpoint.line, "results": checkpoint.results, "errors": checkpoint.errors}
         marker |= {"parts": checkpoint.chunk, "compute_ms": round(checkpoint.compute_ms, 1), "finished_at": _now()}
         marker |= {"invocations": checkpoint.invocations, "model": model_record(self.registry, job.model, job.task)}
         store.put_once(self.s3, bucket, f"{prefix}shards/{shard.name}.json", json.dumps(marker))
         wrote = self._finish_if_last(job, delivery)
-        return JobOutcome("complete" if wrote else "shard_done", checkpoint, chunks_done, results)
+        return JobOutcome("complete" if wrote else "shard_done", checkpoint, chunks_done, results, lines, errors, job)
 
     def _process_chunk(self, job: JobMessage, checkpoint: Checkpoint, chunk: list[Record]) -> ChunkResult:
         errors: list[str] = []

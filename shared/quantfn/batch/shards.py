@@ -91,10 +91,6 @@ def list_keys(s3: Any, bucket: str, prefix: str) -> Iterator[str]:
             yield item["Key"]
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
-
-
 def index_of(key: str) -> int:
     """The shard index in a key ending ``shard-NNNNN.json``."""
     return int(key.rsplit("shard-", 1)[1].split(".", 1)[0])
