@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from quantfn.config import ConfigError, Settings
-from quantfn.errors import BadRequest, ModelUnavailable, QuantfnError, TooLarge
+from quantfn.errors import BadRequest, ModelUnavailable, QuantfnError, TooLarge, safe_reason
 from quantfn.models.reference import parse_model_ref
 from quantfn.registry import Registry
 from quantfn.serialize import dumps
@@ -407,7 +407,7 @@ class EndpointServer(HttpServer):
             logger.error("unexpected error", exc_info=reply.unexpected)
         elif reply.error is not None:
             log = logger.info if reply.status < 500 else logger.warning
-            log("refused %s: %s", reply.status, reply.error.message)
+            log("refused %s %s: %s", reply.status, reply.error.code, safe_reason(reply.error.message))
         return reply.status, reply.body
 
     @property

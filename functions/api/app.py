@@ -9,6 +9,7 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from quantfn.errors import safe_reason
 from quantfn.serialize import dumps, log_json
 from quantfn.tracing import capture_lambda_handler
 from quantfn.warmup import prepare_init
@@ -56,7 +57,8 @@ def record(reply: routes.Reply) -> None:
         logger.error("unexpected error", exc_info=reply.unexpected)
     elif reply.error is not None:
         error = reply.error
-        refused = {"status": error.status, "code": error.code, "detail": error.message[:500]}
+        detail = error.message[:500] if error.status < 500 else safe_reason(error.message)  # a dependency's: no paths
+        refused = {"status": error.status, "code": error.code, "detail": detail}
         (logger.info if error.status < 500 else logger.error)("request refused", extra=refused | route_fields)
 
 

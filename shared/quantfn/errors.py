@@ -20,6 +20,25 @@ def echo(value: object) -> str:
     return repr(text[:_ECHO] + ("..." if len(text) > _ECHO else ""))
 
 
+_PLACES = None
+
+
+def safe_reason(message: str, limit: int = 300) -> str:
+    """An error's message fit for a log record: S3 URIs and file paths replaced by ``<s3>`` and ``<path>``
+    (a file or model name stays), cut to ``limit`` characters."""
+    global _PLACES
+    if _PLACES is None:
+        import re
+
+        _PLACES = re.compile(r"s3://\S+|(?<![\w.])/(?:[^\s/'\"()]+/)+[^\s/'\"()]*")
+
+    def hide(match: object) -> str:
+        place = match.group()  # type: ignore[attr-defined]
+        return ("<s3>" if place.startswith("s3://") else "<path>") + (":" if place.endswith(":") else "")
+
+    return _PLACES.sub(hide, message)[:limit]
+
+
 def dependency_reason(exc: BaseException) -> str:
     """Why a call to AWS failed, in words safe to log: the operation and the error code the service answered, or
     the exception's class when nothing answered. Never the message, which may quote a key, a path or a name."""

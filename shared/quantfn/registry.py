@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quantfn.config import Settings, get_settings
-from quantfn.errors import BadRequest, ModelNotFound, ModelUnavailable, QuantfnError, echo
+from quantfn.errors import BadRequest, ModelNotFound, ModelUnavailable, QuantfnError, echo, safe_reason
 from quantfn.models.manifest import Manifest
 from quantfn.models.reference import ModelRef, parse_model_ref
 from quantfn.models.store import ModelStore
@@ -167,7 +167,7 @@ class Registry:
             self.manifest(model)
             return True
         except ModelUnavailable as exc:
-            logger.warning("model %s: manifest unavailable: %s", model.name, exc.message)
+            logger.warning("model %s: manifest unavailable: %s", model.name, safe_reason(exc.message))
             model.error = exc.message
             return False
 
@@ -259,7 +259,7 @@ class Registry:
             # The error (shown by /health and /v1/models) names the failure's kind; the log alone has the
             # library's own text, which may hold paths.
             detail = f"model {model.name} failed to load: {exc.__class__.__name__}"
-            logger.error("%s: %s", detail, str(exc)[:500])
+            logger.error("%s: %s", detail, safe_reason(str(exc)))
             self.forget(model)
             model.error = detail
             raise ModelUnavailable(detail) from exc

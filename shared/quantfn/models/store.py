@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from quantfn.config import Settings
-from quantfn.errors import IntegrityError, ModelUnavailable
+from quantfn.errors import IntegrityError, ModelUnavailable, safe_reason
 from quantfn.models.manifest import MANIFEST_NAME, Manifest, verify_file, verify_folder
 from quantfn.models.reference import ModelRef
 from quantfn.tracing import subsegment
@@ -128,7 +128,7 @@ class ModelStore:
             with self._cache_lock(time.monotonic() + self.settings.runtime.model_fetch_timeout_ms / 1000):
                 shutil.rmtree(local.path, ignore_errors=True)
         except (OSError, ModelUnavailable) as exc:  # the entry is gone from memory; a stale folder is re-verified
-            logger.warning("could not remove cached model %s: %s", local.path.name, exc)
+            logger.warning("could not remove cached model %s: %s", local.path.name, safe_reason(str(exc)))
 
     def read_manifest(self, ref: ModelRef, deadline_s: float | None = None) -> Manifest:
         """The model's manifest alone, unverified and without fetching its files (names, task, labels).
