@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from quantfn.config import ConfigError, Settings
-from quantfn.errors import BadRequest, ModelUnavailable, QuantfnError, TooLarge, safe_reason
+from quantfn.errors import BadRequest, ModelUnavailable, QuantfnError, TooLarge
 from quantfn.models.reference import parse_model_ref
 from quantfn.registry import Registry
 from quantfn.serialize import dumps
@@ -403,11 +403,9 @@ class EndpointServer(HttpServer):
             reply = routes.invocation(raw, **options)
         else:
             reply = routes.respond("POST", path, lambda: raw, allow_endpoint=False, **options)
-        if reply.unexpected is not None:
-            logger.error("unexpected error", exc_info=reply.unexpected)
-        elif reply.error is not None:
-            log = logger.info if reply.status < 500 else logger.warning
-            log("refused %s %s: %s", reply.status, reply.error.code, safe_reason(reply.error.message))
+        if reply.status >= 400:  # the same record the API function writes, as one log line
+            level, message, fields = reply.record()
+            getattr(logger, level)("%s %s", message, json.dumps(fields, default=str), exc_info=reply.unexpected)
         return reply.status, reply.body
 
     @property

@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any
 
 from quantfn import inference
-from quantfn.errors import BadRequest, MethodNotAllowed, QuantfnError, RouteNotFound
+from quantfn.errors import BadRequest, MethodNotAllowed, QuantfnError, RouteNotFound, safe_reason
 from quantfn.inference import Budget, Result
 from quantfn.registry import Registry, get_registry
 from quantfn.routing import RoutePlan
@@ -24,6 +24,9 @@ from quantfn.tasks import Forward, Request
 from quantfn.wire import body, classify, openai, rerank
 
 ROUTE_HEADER = "x-quantfn-route"
+#: A served request's step times (``Result.timings_ms``) as the metrics they are emitted as.
+TIMING_METRICS = {"model_load_ms": "ModelLoadMs", "tokenize_ms": "TokenizeMs", "inference_ms": "InferenceMs"}
+TIMING_METRICS["endpoint_ms"] = "EndpointMs"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,33 @@ class Reply:
             return self.result.route
         plan = getattr(self.error, "route", None)
         return plan if isinstance(plan, RoutePlan) else None
+
+    def measures(self) -> list[tuple[str, str, float]]:
+        """The request's metrics as ``(name, unit, value)``: its route (one count per route: RoutedLocal,
+        RoutedEndpoint, RoutedRefuse), its steps' times, tokens and inputs when served, its error class if not."""
+        plan, result = self.route, self.result
+        out = [(f"Routed{plan.route.title()}", "Count", 1.0)] if plan is not None else []
+        if result is not None:
+            out += [(TIMING_METRICS[name], "Milliseconds", value) for name, value in result.timings_ms.items()]
+            out += [("InputTokens", "Count", result.tokens), ("Inputs", "Count", len(result.token_counts))]
+        elif self.status >= 400:  # every error reply is counted, 404 and 405 included
+            out.append((f"Errors{self.status // 100}xx", "Count", 1.0))
+        return out
+
+    def record(self) -> tuple[str, str, dict[str, Any]]:
+        """The request's one log record as ``(level, message, fields)``: what was served or why not (a
+        dependency's failure at ERROR, its reason without places), with the route and its numbers."""
+        plan = self.route
+        fields: dict[str, Any] = plan.log_fields() if plan is not None else {}
+        if self.result is not None:
+            served = {"task": self.task, "inputs": len(self.result.token_counts), **self.result.timings_ms}
+            return "info", "served", served | fields
+        if self.error is None:
+            return "error", "unexpected error", fields
+        error = self.error
+        detail = error.message[:500] if error.status < 500 else safe_reason(error.message)
+        refused = {"status": error.status, "code": error.code, "detail": detail}
+        return ("info" if error.status < 500 else "error"), "request refused", refused | fields
 
 
 def respond(
