@@ -159,6 +159,12 @@ class EmbedTask(Task):
         return shorten(vectors, request, manifest)
 
 
+def served_types(manifest: Manifest) -> list[str]:
+    """The output types an embedder serves at its own size: int8 and uint8 only with calibrated ranges."""
+    ranged = manifest.dimensions in manifest.embedding_ranges
+    return [kind for kind in EMBEDDING_TYPES if ranged or kind not in ("int8", "uint8")]
+
+
 def output_size(request: EmbedRequest, manifest: Manifest) -> int:
     """The size of the request's embeddings: the one it asks for, else the model's own."""
     return request.dimensions if request.dimensions is not None else manifest.dimensions
