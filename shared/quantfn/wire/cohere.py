@@ -31,6 +31,8 @@ def parse_embed_request(body: Any, version: int) -> EmbedRequest:
     for name in ("images", "inputs"):
         if body.get(name) is not None:
             raise BadRequest(f"'{name}' is not supported: quantfn serves text models; send 'texts'.", param=name)
+    if isinstance(body.get("texts"), str):
+        raise BadRequest("'texts' must be an array of strings.", param="texts")
     texts = parse_texts(body.get("texts"), "texts" in body, "texts")
     input_type = optional_choice(body, "input_type", INPUT_TYPES)
     types = _embedding_types(body.get("embedding_types"))
