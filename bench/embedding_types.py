@@ -175,6 +175,31 @@ def storage(dimensions: int) -> list[dict[str, Any]]:
     ]
 
 
+def batch_output(manifest: Manifest, pipeline: Any) -> list[dict[str, Any]]:
+    """Bytes per line of an embed job's output by format: float32 JSON Lines (the record with its embedding), and
+    the compact formats' .npy rows plus their records (id, line, row), for the corpus half calibration skips."""
+    from quantfn.batch.vectors import npy_bytes, pack
+    from quantfn.modelbuild.reference import load_corpus
+    from quantfn.serialize import dumps
+
+    texts = load_corpus()[1::2]
+    vectors = pipeline.embed(texts)
+    n = len(texts)
+    jsonl = sum(len(dumps({"id": f"doc-{i}", "line": i + 1, "embedding": vectors[i]})) + 1 for i in range(n))
+    records = sum(len(dumps({"id": f"doc-{i}", "line": i + 1, "row": i})) + 1 for i in range(n))
+    rows = [{"format": "float32 (JSON Lines)", "bytes per line": round(jsonl / n), "x smaller than float32": "1x"}]
+    for fmt in ("float16", "int8", "ubinary"):
+        size = len(npy_bytes(pack(vectors, fmt, manifest))) + records
+        rows.append(
+            {
+                "format": f"{fmt} (.npy + records)",
+                "bytes per line": round(size / n),
+                "x smaller than float32": f"{jsonl / size:.1f}x",
+            }
+        )
+    return rows
+
+
 def section(measured: dict[str, Any]) -> str:
     """The embedding-types section of bench/REPORT.md, from bench/embedding_types.json."""
     r = measured["retention"]
@@ -219,6 +244,10 @@ Storage per million {measured["dimensions"]}-dimension vectors (the vectors alon
 as `.npy`, `format` float16 / int8 / ubinary):
 
 {table(measured["storage"])}
+
+A batch job's output in S3, per input line (records `{{"id": "doc-N", "line": N, ...}}`):
+
+{table(measured["batch_output"])}
 """
 
 
@@ -256,6 +285,7 @@ def main() -> int:
         "retention": retention(manifest, pipeline, calibration),
         "replies": replies(),
         "storage": storage(manifest.dimensions),
+        "batch_output": batch_output(manifest, pipeline),
     }
     (ROOT / "bench" / "embedding_types.json").write_text(json.dumps(measured, indent=2) + "\n")
     write_report_section(measured)
