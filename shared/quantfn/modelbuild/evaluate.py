@@ -99,7 +99,10 @@ def compare(task: str, got: np.ndarray, want: np.ndarray, scores: Pipeline | Non
             "recall_at_5": metrics.recall_at_k(got, want, 5),
         }
     if task == "classify":
-        served = (lambda x: x) if scores is None else scores.scores
+        from quantfn.tasks.classify import label_scores
+
+        scoring = None if scores is None else scores.manifest.scoring
+        served = (lambda x: x) if scoring is None else (lambda x: label_scores(x, scoring))
         return {
             "top1_agreement": float((got.argmax(axis=1) == want.argmax(axis=1)).mean()),
             "max_abs_score_diff": float(np.abs(served(got) - served(want)).max()),
