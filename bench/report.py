@@ -266,6 +266,10 @@ def write(results: dict[str, Any], out: Path) -> None:
         from bench.batch_throughput import batch_section
 
         batch = batch_section(json.loads((out / "batch.json").read_text())) + "\n"
+    if (out / "embedding_types.json").exists():
+        from bench.embedding_types import section
+
+        batch += section(json.loads((out / "embedding_types.json").read_text())) + "\n"
     sam_local = ""
     if (out / "sam_local.json").exists():
         timing = json.loads((out / "sam_local.json").read_text())

@@ -275,3 +275,43 @@ def handler_output(logger_name: str, capsys: pytest.CaptureFixture[str]) -> Iter
         yield output
     finally:
         output.close()
+
+
+MATRYOSHKA_MODEL_ID = "minilm-matryoshka"  # the default model declared Matryoshka-trained (a test fixture only)
+NO_RANGES_MODEL_ID = "minilm-no-ranges"  # the default model as built before int8 ranges existed
+PROMPTED_MODEL_ID = "minilm-prompted"  # the default model with e5's prompts declared
+
+
+@pytest.fixture(scope="session")
+def typed_models_root(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model with int8 ranges calibrated as the build calibrates them (on the calibration texts),
+    beside three variants of it: Matryoshka sizes 256/128/64, no ranges, and e5's prompts."""
+    import shutil
+
+    from quantfn.modelbuild.embedding_ranges import add_to_published
+    from quantfn.modelbuild.reference import load_corpus
+
+    root = tmp_path_factory.mktemp("typed-models")
+    calibration = load_corpus()[0::2]
+    variants = {
+        DEFAULT_MODEL_ID: ({}, ()),
+        MATRYOSHKA_MODEL_ID: ({}, (256, 128, 64)),
+        NO_RANGES_MODEL_ID: ({}, ()),
+        PROMPTED_MODEL_ID: ({"prompts": {"query": "query: ", "document": "passage: "}}, ()),
+    }
+    for model_id, (extra, sizes) in variants.items():
+        folder = root / model_id
+        shutil.copytree(models_root / DEFAULT_MODEL_ID, folder)
+        manifest = json.loads((folder / "manifest.json").read_text()) | extra | {"model_id": model_id}
+        manifest.pop("embedding_ranges", None)
+        manifest.pop("matryoshka_dimensions", None)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        if model_id != NO_RANGES_MODEL_ID:
+            add_to_published(folder, calibration, sizes)
+    return root
+
+
+def typed_models_env(root: Path) -> dict[str, str]:
+    """QUANTFN_MODELS and QUANTFN_MODELS_ROOT serving every model under ``typed_models_root``."""
+    models = (DEFAULT_MODEL_ID, MATRYOSHKA_MODEL_ID, NO_RANGES_MODEL_ID, PROMPTED_MODEL_ID)
+    return {"QUANTFN_MODELS": ",".join(f"{m}=layer:{m}" for m in models), "QUANTFN_MODELS_ROOT": str(root)}

@@ -20,6 +20,11 @@ API_EVENTS: dict[str, tuple[int, str | None]] = {
     "api-rerank.json": (200, None),
     "api-classify.json": (200, None),  # needs the intent classifier (`make test` builds it)
     "api-rerank-v2.json": (200, None),
+    "api-embed-v2.json": (200, None),  # every type: int8/uint8 need the model's calibrated ranges (a current build)
+    "api-embed-v1.json": (200, None),
+    "api-bad-embed-type.json": (400, "invalid_request"),
+    "api-bad-output-dimension.json": (400, "invalid_request"),  # the default model was not trained for Matryoshka
+    "api-bad-embed-truncate-none.json": (400, "text_too_long"),
     "api-bad-rerank-no-documents.json": (400, "invalid_request"),
     "api-bad-lone-surrogate.json": (400, "invalid_text"),
     "api-bad-deep-json.json": (400, "too_deep"),

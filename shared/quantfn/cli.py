@@ -52,7 +52,9 @@ def _build_model(args: argparse.Namespace) -> int:
         print(f"source        {source.kind}: {source.weights}")
         print("\n".join(plan.describe()))
         print(f"recipe        {args.recipe} -> {Path(args.out) / plan.model_id}", flush=True)
-        manifest = build_model(Path(args.out), source, plan, recipe=args.recipe, progress=progress_printer())
+        manifest = build_model(
+            Path(args.out), source, plan, recipe=args.recipe, progress=progress_printer(), matryoshka=args.matryoshka
+        )
     except BuildGateError as exc:
         print(f"quantfn build-model: {exc}", file=sys.stderr)
         return 3
@@ -172,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     own.add_argument("--sklearn-head", help="a pickled scikit-learn linear classifier on the embeddings (classify)")
     own.add_argument("--label-map", help="a pickled dict class -> label name for --sklearn-head")
     own.add_argument("--upstream", help="the upstream model name recorded in the manifest")
+    own.add_argument(
+        "--matryoshka-dimensions",
+        dest="matryoshka",
+        type=lambda text: tuple(int(size) for size in text.split(",")),
+        default=(),
+        help="embed: the shorter sizes the model was trained to serve, e.g. 256,128,64 (requests may ask for them)",
+    )
     build.set_defaults(run=_build_model)
 
     inspect = commands.add_parser("inspect", help="what build-model would make of a model folder, or why it refuses")

@@ -27,7 +27,7 @@ from quantfn.models.manifest import Manifest
 from quantfn.models.store import fetch_deadline
 from quantfn.registry import Registry, get_registry
 from quantfn.routing import RoutePlan
-from quantfn.tasks import TASKS, Encoded, Forward, Pipeline, Request, Task, Tokens
+from quantfn.tasks import TASKS, Encoded, Forward, Pipeline, Request, Tokens
 from quantfn.tracing import subsegment
 
 
@@ -113,7 +113,8 @@ def _run(request: Request, budget: Budget, registry: Registry, forward: Forward,
         if route.route == routing.REFUSE:
             raise route.refusal()
         assert tokens is not None
-        ok, errors = _screen(task, tokens, settings.limits.max_input_tokens, budget.per_input_errors)
+        field = task.inputs_field(request)
+        ok, errors = _screen(field, tokens, settings.limits.max_input_tokens, budget.per_input_errors)
         if route.route == routing.ENDPOINT:
             deadline = _endpoint_deadline(budget, settings.limits.api_timeout_ms, started)
             reply = task.on_endpoint(request, manifest, registry.endpoint_client(), deadline)
@@ -139,7 +140,7 @@ def _allowed(route: RoutePlan | None, budget: Budget) -> RoutePlan | None:
     return route
 
 
-def _screen(task: Task, tokens: Tokens, limit: int, per_input: bool) -> tuple[list[int], dict[int, tuple[str, str]]]:
+def _screen(field: str, tokens: Tokens, limit: int, per_input: bool) -> tuple[list[int], dict[int, tuple[str, str]]]:
     """Indices that go on, and (batch only) those set aside: over the token limit, or nothing to read.
 
     An input that tokenizes to special tokens alone (a zero-width space, NULs, control characters) would get
@@ -153,7 +154,7 @@ def _screen(task: Task, tokens: Tokens, limit: int, per_input: bool) -> tuple[li
             errors[i] = ("text_too_long", f"{count} tokens, limit {limit} (QUANTFN_MAX_INPUT_TOKENS)")
     if errors and not per_input:
         index, (code, message) = next(iter(errors.items()))
-        where = f"{task.field}[{index}]"
+        where = f"{field}[{index}]"
         raise BadRequest(f"'{where}': {message}.", param=where, code=code)
     if not errors:
         return list(range(len(tokens.counts))), errors

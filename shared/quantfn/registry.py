@@ -28,6 +28,7 @@ from quantfn.models.reference import ModelRef, parse_model_ref
 from quantfn.models.store import ModelStore
 from quantfn.tasks import Pipeline, Task, open_pipeline, parallel_mode
 from quantfn.tasks.base import tokenizer_from_json
+from quantfn.tasks.embed import served_types
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +303,8 @@ class Registry:
             }
             if manifest.task == "embed":
                 facts["dimensions"] = manifest.dimensions
+                facts["matryoshka_dimensions"] = list(manifest.matryoshka_dimensions)
+                facts["embedding_types"] = served_types(manifest)
             if manifest.labels:
                 facts["labels"] = list(manifest.labels)
         facts["status"] = "unavailable" if model.error else "ok"

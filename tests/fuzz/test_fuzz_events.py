@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from quantfn.tasks.embed import EMBEDDING_TYPES
 from tests.conftest import load_event
 from tests.fuzz.support import EXAMPLES, check_reply, count
 
@@ -30,6 +31,8 @@ CANARY = "kq7canary"  # inside every text a model reads: must never be logged
 TAIL = "kq7tail"  # after the 64th character of other values: error messages echo only what comes before
 ROUTES = {
     "/v1/embeddings": "POST",
+    "/v1/embed": "POST",
+    "/v2/embed": "POST",
     "/v1/rerank": "POST",
     "/v2/rerank": "POST",
     "/v1/classify": "POST",
@@ -71,6 +74,7 @@ many = st.builds(lambda item, n: [item] * n, text, st.sampled_from([257, 300])) 
 texts = st.one_of(text, st.lists(text, min_size=1, max_size=4), many, st.lists(text | values, max_size=3))
 model = st.sampled_from(["all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2", "nope"]) | strings
 document = text | st.fixed_dictionaries({"text": text}) | values
+truncate = st.sampled_from(["NONE", "START", "END"]) | values
 
 # Each field: a good value or anything at all; keys are optional, unknown keys join at times.
 FIELDS: dict[str, dict[str, st.SearchStrategy]] = {
@@ -81,6 +85,16 @@ FIELDS: dict[str, dict[str, st.SearchStrategy]] = {
         "dimensions": st.sampled_from([384, 1]) | values,
         "user": strings,
         "input_type": st.sampled_from(["query", "document"]) | values,
+        "truncate": truncate,
+        "max_tokens": st.integers(-1, 300) | values,
+    },
+    "/v1/embed": {
+        "texts": texts,
+        "model": model,
+        "input_type": st.sampled_from(["search_query", "search_document", "classification", "clustering"]) | values,
+        "embedding_types": st.lists(st.sampled_from([*EMBEDDING_TYPES, "int4"]) | values, max_size=7) | values,
+        "truncate": truncate,
+        "images": st.none() | values,
     },
     "/v1/rerank": {
         "query": text,
@@ -92,6 +106,13 @@ FIELDS: dict[str, dict[str, st.SearchStrategy]] = {
         "max_chunks_per_doc": st.integers(0, 3) | values,
     },
     "/v1/classify": {"input": texts, "model": model, "top_k": st.integers(0, 3) | values, "raw_scores": values},
+}
+FIELDS["/v2/embed"] = {
+    **FIELDS["/v1/embed"],
+    "output_dimension": st.sampled_from([384, 256, 8, 0, -1]) | values,
+    "max_tokens": st.integers(-1, 300) | values,
+    "priority": st.integers(-1, 3) | values,
+    "inputs": st.none() | values,
 }
 FIELDS["/v2/rerank"] = {**FIELDS["/v1/rerank"], "max_tokens_per_doc": st.integers(0, 3) | values}
 for name in ("rank_fields", "max_chunks_per_doc"):

@@ -30,6 +30,9 @@ def add_job_commands(commands: Any) -> None:
     submit.add_argument("--job-id", default=None, help="default: the input's name and the time")
     submit.add_argument("--shard-bytes", type=int, default=None, help="this job's shard size (default: the setting)")
     submit.add_argument("--max-shards", type=int, default=None, help="at most this many shards")
+    submit.add_argument(
+        "--format", default="float32", help="embed output: float32 (JSON Lines), or float16, int8, ubinary (.npy)"
+    )
     submit.set_defaults(run=_submit)
     status = sub.add_parser("status", help="shards done of total, lines, results, errors")
     status.add_argument("prefix", help="s3://bucket/prefix/<job_id>/")
@@ -55,6 +58,8 @@ def _submit(args: argparse.Namespace) -> int:
         body["shard_bytes"] = args.shard_bytes
     if args.max_shards:
         body["max_shards"] = args.max_shards
+    if args.format != "float32":
+        body["format"] = args.format
     try:
         job = parse_job_message(json.dumps(body), max_inline=1)
     except BadJob as exc:

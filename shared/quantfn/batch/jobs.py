@@ -6,6 +6,7 @@ Body (JSON)::
      "input": {"s3_uri": "s3://bucket/in/corpus.jsonl"},       # or {"texts": [{"id": 1, "text": "..."}]}
      "output": "s3://bucket/out/",                              # results go under <output><job_id>/
      "shard_bytes": 4194304, "max_shards": 100,                 # optional: this job's shard size and cap
+     "format": "int8",                                          # optional, embed: float32 | float16 | int8 | ubinary
      "shard": {...},                                            # set by the planner on shard messages only
      "checkpoint": {...}}                                       # set by quantfn on follow-up messages only
 
@@ -29,6 +30,8 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TASKS = ("embed", "classify", "rerank")
 _TASK_ALIASES = {"embedding": "embed"}  # the task name before classify and rerank
 MIN_SHARD_BYTES = 1024
+#: An embed job's output (quantfn.batch.vectors): float32 JSON Lines, or compact .npy vectors beside them.
+FORMATS = ("float32", "float16", "int8", "ubinary")
 
 
 class BadJob(BadRequest):
@@ -110,6 +113,7 @@ class JobMessage:
     shard: Shard | None = None
     shard_bytes: int | None = None
     max_shards: int | None = None
+    format: str = "float32"
 
     @property
     def prefix(self) -> str:
@@ -128,6 +132,8 @@ class JobMessage:
         body: dict[str, Any] = {"job_id": self.job_id, "model": self.model, "task": self.task}
         body["input"] = {"s3_uri": self.input_uri.uri} if self.input_uri else {"texts": list(self.inline)}
         body["output"] = self.output.uri
+        if self.format != "float32":
+            body["format"] = self.format
         return body
 
     def for_shard(self, shard: Shard) -> str:
@@ -142,7 +148,7 @@ class JobMessage:
         return json.dumps(body)
 
 
-_FIELDS = ("job_id", "model", "task", "input", "output", "shard_bytes", "max_shards", "shard", "checkpoint")
+_FIELDS = ("job_id", "model", "task", "input", "output", "format", "shard_bytes", "max_shards", "shard", "checkpoint")
 
 
 def _integer(data: dict[str, Any], name: str, where: str, minimum: int = 0) -> int:
@@ -260,6 +266,9 @@ def parse_job_message(body: str, max_inline: int) -> JobMessage:
         if not isinstance(texts, list) or not texts or len(texts) > max_inline:
             raise BadJob(f"'input.texts' must be a list of 1 to {max_inline} records.", param="input.texts")
         inline = tuple(texts)
+    output_format = data.get("format", "float32")
+    if output_format not in FORMATS:
+        raise BadJob(f"'format' must be one of {', '.join(FORMATS)}.", param="format")
     shard = _shard(data["shard"]) if "shard" in data else None
     if shard is not None and inline and shard.end > len(inline):
         raise BadJob(f"'shard.end' {shard.end} is past the {len(inline)} inline records.", param="shard.end")
@@ -278,4 +287,5 @@ def parse_job_message(body: str, max_inline: int) -> JobMessage:
         shard,
         _optional_int(data, "shard_bytes", MIN_SHARD_BYTES),
         _optional_int(data, "max_shards", 1),
+        output_format,
     )

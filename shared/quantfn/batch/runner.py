@@ -23,6 +23,7 @@ from itertools import islice
 from typing import Any
 
 from quantfn.batch import shards as store
+from quantfn.batch import vectors
 from quantfn.batch.compute import check_model, infer_chunk, model_record
 from quantfn.batch.failures import Failure, failure_of
 from quantfn.batch.jobs import BadJob, Checkpoint, JobMessage, Shard, job_identity, parse_job_message
@@ -174,6 +175,7 @@ class JobRunner:
             logger.info("job %s is already complete; skipping", job.job_id)
             return JobOutcome("skipped", job.checkpoint, job=job)
         check_model(self.registry, job.model, job.task)  # a wrong model or task fails before anything is written
+        vectors.check_format(self.registry, job)
         if record is None:
             plan = plan_shards(self.s3, job, self.settings)
             record = {"job_id": job.job_id, "task": job.task, "model": job.model, "message_id": delivery.message_id}
@@ -263,7 +265,11 @@ class JobRunner:
         items = [c for c in checked if isinstance(c, Item)]
         errors += [error_line(record, *c) for record, c in zip(chunk, checked, strict=True) if isinstance(c, tuple)]
         lines = []
-        for item, output in zip(items, infer_chunk(self.registry, job.task, job.model, items), strict=True):
+        part = self._part(job, checkpoint.chunk)
+        outputs = vectors.write_part(
+            self.registry, self.s3, job, part, infer_chunk(self.registry, job.task, job.model, items)
+        )
+        for item, output in zip(items, outputs, strict=True):
             if isinstance(output, tuple):
                 errors.append(error_line(item.record, *output))
                 continue
@@ -271,7 +277,6 @@ class JobRunner:
                 lines.append(dumps({"id": item.id, "line": item.record.line, **output}))
             except (TypeError, ValueError):  # orjson: what the checks let through must still not fail the chunk
                 errors.append(error_line(item.record, "bad_record", "the line's id cannot be written as JSON"))
-        part = self._part(job, checkpoint.chunk)
         bucket = job.output.bucket
         if errors:
             errors.sort(key=lambda text: json.loads(text)["line"])

@@ -28,20 +28,23 @@ _MISSING = {"404", "NoSuchKey", "NotFound"}
 _TAKEN = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
+_CONTENT_TYPES = {"json": "application/json", "npy": "application/octet-stream"}
+
+
 def _code(exc: Exception) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
 
-def put_once(s3: Any, bucket: str, key: str, body: str, metadata: dict[str, str] | None = None) -> bool:
-    """Create ``key`` unless it exists (If-None-Match: *). True if this call wrote it."""
+def put_once(s3: Any, bucket: str, key: str, body: str | bytes, metadata: dict[str, str] | None = None) -> bool:
+    """Create ``key`` unless it exists (If-None-Match: *). True if this call wrote it. Text is stored as UTF-8."""
     from botocore.exceptions import ClientError
 
     try:
         s3.put_object(
             Bucket=bucket,
             Key=key,
-            Body=body.encode("utf-8"),
-            ContentType="application/json" if key.endswith(".json") else "application/x-ndjson",
+            Body=body.encode("utf-8") if isinstance(body, str) else body,
+            ContentType=_CONTENT_TYPES.get(key.rsplit(".", 1)[-1], "application/x-ndjson"),
             Metadata=metadata or {},
             IfNoneMatch="*",
         )

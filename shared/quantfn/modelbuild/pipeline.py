@@ -297,6 +297,7 @@ def build_model(
     gate: Gate | None = None,
     corpus_size: int | None = None,
     quality_cache: Path | None = None,
+    matryoshka: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Build, evaluate and publish ``out_dir/<plan.model_id>/``; return its manifest.
 
@@ -306,10 +307,12 @@ def build_model(
     was rejected on the way); ``gate`` overrides the recipe's gate. Fidelity is measured on the fidelity
     corpus (its first ``corpus_size`` texts, for tests of tiny models) against the fp32 original; the
     task-quality suite runs with its data cached in ``quality_cache`` (default ``$QUANTFN_QUALITY_CACHE``).
+    An embedder's manifest also gets the int8 ranges of its output, calibrated on the calibration texts, for
+    its own size and each of ``matryoshka`` (the sizes it was trained to serve; ``embedding_ranges``).
     Raises BuildError for an unknown recipe or a source it cannot build, BuildGateError (nothing
     published) when the gate is missed. An existing folder of the same id is replaced only on success.
     """
-    from quantfn.modelbuild import evaluate, quality
+    from quantfn.modelbuild import embedding_ranges, evaluate, quality
     from quantfn.modelbuild.architectures import default_model_id, plan_build
     from quantfn.modelbuild.reference import load_corpus
     from quantfn.modelbuild.source import locate_source
@@ -324,7 +327,9 @@ def build_model(
     floor = int8_floor(graph)
     items = evaluate.items_for(plan.pair, load_corpus()[:corpus_size])
     cache = quality.cache_dir(quality_cache)
-    return first_passing(
+    if matryoshka:
+        embedding_ranges.check_sizes(matryoshka, plan.dimensions)
+    manifest = first_passing(
         recipe,
         # ``gate`` replaces the recipes' own, but the default ladder's last rung (fp32) always keeps its own:
         # it is what publishes a model every int8 rung missed.
@@ -344,6 +349,10 @@ def build_model(
         ),
         progress,
     )
+    if plan.task == "embed":  # calibrated on the texts the recipe calibrates on (the even half)
+        say("calibrating the int8 ranges of the embeddings")
+        manifest = embedding_ranges.add_to_published(out_dir / plan.model_id, items[0::2], matryoshka)
+    return manifest
 
 
 def _build_rung(

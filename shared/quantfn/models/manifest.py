@@ -28,6 +28,11 @@ Schema 3, the fields the runtime reads (everything else is kept in ``raw``)::
                           uses the tokenizer's own post-processor and truncation, so no token is a literal
     prompts              optional {"query": "query: ", "document": "passage: "} prefixes by input_type
     default_prompt       optional prefix for texts without an input_type (sentence-transformers default_prompt_name)
+    matryoshka_dimensions  embed, optional: the shorter sizes the model was trained to serve (a build option);
+                          a request may ask for one of them (truncated, then re-normalised)
+    embedding_ranges     embed, optional: {"by_dimensions": {"384": {"low": [...], "high": [...]}, ...}, ...}, one
+                          range per dimension for each size served, calibrated at build time on the calibration
+                          texts; int8/uint8 embeddings scale by them (absent: a model built before them, no int8)
     source               {"kind": "pypi" | "hf-folder" | "onnx", "upstream", "package", "version", ...}
     session              {"pre_optimized", "config", "dequantize_at_load"?}
     quantization, fidelity, quality, tools, deploy, size_ratio_vs_fp32   build records (reported, not used)
@@ -145,6 +150,10 @@ class Manifest:
     pair: bool = False
     pad_id: int = 0
     prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt: str = ""
+    matryoshka_dimensions: tuple[int, ...] = ()
+    #: Per served size: (low, high) per dimension, as float32 arrays' tuples (``embedding_ranges``).
+    embedding_ranges: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
     upstream: str = ""
     schema: int = SCHEMA_VERSION
     pre_optimized: bool = False
@@ -167,6 +176,11 @@ class Manifest:
     @property
     def recipe(self) -> str:
         return str(self.raw.get("quantization", {}).get("recipe", ""))
+
+    @property
+    def output_dimensions(self) -> tuple[int, ...]:
+        """Every size an embedding of this model may have: its own, then its Matryoshka sizes."""
+        return (self.dimensions, *self.matryoshka_dimensions)
 
     @property
     def multi_label(self) -> bool:
@@ -253,6 +267,7 @@ def _schema3_fields(data: dict[str, Any]) -> dict[str, Any]:
         "pair": bool(data.get("pair", False)),
         "pad_id": int(tokenizer.get("pad_id", 0)),
         "prompts": {str(k): str(v) for k, v in data.get("prompts", {}).items()},
+        "default_prompt": str(data.get("default_prompt", "")),
     }
     if task == "embed":
         fields["pooling"] = _choice(data, "pooling", POOLINGS, "mean")
@@ -260,6 +275,7 @@ def _schema3_fields(data: dict[str, Any]) -> dict[str, Any]:
             raise ValueError("pooling 'none' goes with output_kind 'sentence_embedding', and only with it")
         fields["normalize"] = bool(data.get("normalize", True))
         fields["dimensions"] = int(data["dimensions"])
+        fields.update(_embedding_outputs(data, fields["dimensions"]))
     else:
         if output_kind != "logits":
             raise ValueError(f"a {task} model's output_kind must be 'logits'")
@@ -274,6 +290,23 @@ def _schema3_fields(data: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError("a rerank model scores (query, document) pairs: 'pair' must be true")
             fields["dimensions"] = 1
     return fields
+
+
+def _embedding_outputs(data: dict[str, Any], dimensions: int) -> dict[str, Any]:
+    """``matryoshka_dimensions`` and ``embedding_ranges`` (both optional), checked against ``dimensions``."""
+    sizes = tuple(int(size) for size in data.get("matryoshka_dimensions", ()))
+    if any(not 0 < size < dimensions for size in sizes) or len(set(sizes)) != len(sizes):
+        raise ValueError(f"'matryoshka_dimensions' must be distinct sizes below {dimensions}")
+    ranges = {}
+    for key, entry in data.get("embedding_ranges", {}).get("by_dimensions", {}).items():
+        size = int(key)
+        low, high = tuple(float(v) for v in entry["low"]), tuple(float(v) for v in entry["high"])
+        if size not in (dimensions, *sizes) or len(low) != size or len(high) != size:
+            raise ValueError(f"'embedding_ranges' for {size} dimensions does not match the model's sizes")
+        if not all(lo <= hi for lo, hi in zip(low, high, strict=True)):
+            raise ValueError("'embedding_ranges' has a range whose low is above its high")
+        ranges[size] = (low, high)
+    return {"matryoshka_dimensions": sizes, "embedding_ranges": ranges}
 
 
 def _schema2_fields(data: dict[str, Any]) -> dict[str, Any]:

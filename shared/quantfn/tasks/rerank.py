@@ -20,7 +20,7 @@ import numpy as np
 from quantfn.errors import UpstreamFailed
 from quantfn.tasks.base import Encoded, Pipeline, encode_with
 from quantfn.tasks.classify import activate
-from quantfn.tasks.embed import EmbedPipeline, apply_prompt
+from quantfn.tasks.embed import EmbedPipeline, prompt_for
 from quantfn.tasks.task import Forward, Task, Tokens, reply_list, reply_score
 
 if TYPE_CHECKING:
@@ -67,9 +67,8 @@ class RerankTask(Task):
         if manifest.task == "rerank":
             return Tokens.of(encode_with(tokenizer, [(request.query, d) for d in documents]))
         # An embedder: the query, then the documents, each with its prompt where the model declares one.
-        prompts = manifest.prompts
-        inputs = apply_prompt(prompts, [request.query], "query" if "query" in prompts else None, "")
-        inputs += apply_prompt(prompts, documents, "document" if "document" in prompts else None, "")
+        document = prompt_for(manifest, "search_document")
+        inputs = [prompt_for(manifest, "search_query") + request.query, *(document + d for d in documents)]
         encoded = encode_with(tokenizer, inputs)
         counts, readable = encoded.counts, encoded.content or [1] * len(inputs)
         return Tokens(

@@ -65,11 +65,15 @@ class Task:
     name: ClassVar[str] = ""
     #: The manifest tasks of the models that can serve it (an embedding model can rerank, by cosine).
     serves: ClassVar[tuple[str, ...]] = ()
-    #: The request field that holds the inputs (named in a refusal of one of them).
+    #: The request field that holds the inputs (named in a refusal of one of them), unless the request says.
     field: ClassVar[str] = "input"
 
     def check(self, request: Any, manifest: Manifest) -> None:
         """Refuse (400) what this model cannot do for the request; nothing is tokenized yet."""
+
+    def inputs_field(self, request: Any) -> str:
+        """The name of the request field that holds the inputs, as the client sent it (a refusal names it)."""
+        return self.field
 
     def texts(self, request: Any) -> Sequence[str]:
         """The inputs the limits count (texts, or documents to rerank)."""

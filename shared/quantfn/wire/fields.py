@@ -41,6 +41,14 @@ def optional_positive_int(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def optional_choice(body: dict[str, Any], name: str, choices: tuple[str, ...]) -> str | None:
+    """``body[name]`` when it is one of ``choices``, None when absent; 400 naming the field and the choices."""
+    value = body.get(name)
+    if value is not None and value not in choices:
+        raise BadRequest(f"'{name}' must be one of {', '.join(choices)}; got {echo(value)}.", param=name)
+    return value
+
+
 def optional_flag(body: dict[str, Any], name: str) -> bool:
     """``body[name]`` as a boolean (absent: false); 400 naming the field for anything else."""
     value = body.get(name, False)

@@ -2,24 +2,24 @@
 
 Every refusal names the field (``param``) and, for limits, the setting that sets
 it. Extensions beyond OpenAI's API: ``input_type`` (``query`` | ``document``) for
-models whose manifest declares prompts.
+models whose manifest declares prompts; ``truncate`` (``END``, the default, | ``START`` |
+``NONE``) and ``max_tokens``, as Cohere's embed takes them. ``dimensions`` is one of the
+model's Matryoshka sizes (its manifest's ``matryoshka_dimensions``) or its own.
 """
 
 from __future__ import annotations
 
-import base64
 from typing import Any
-
-import numpy as np
 
 from quantfn.errors import BadRequest, echo
 from quantfn.inference import Result
 from quantfn.tasks import EmbedRequest
-from quantfn.wire.fields import optional_model, parse_texts, require_object
+from quantfn.tasks.embed import TRUNCATE, typed_embeddings
+from quantfn.wire.fields import optional_choice, optional_model, optional_positive_int, parse_texts, require_object
 
 ENCODING_FORMATS = ("float", "base64")
 INPUT_TYPES = ("query", "document")
-_KNOWN_FIELDS = {"input", "model", "encoding_format", "dimensions", "user", "input_type"}
+_KNOWN_FIELDS = {"input", "model", "encoding_format", "dimensions", "user", "input_type", "truncate", "max_tokens"}
 
 
 def parse_embeddings_request(body: Any) -> EmbedRequest:
@@ -33,9 +33,7 @@ def parse_embeddings_request(body: Any) -> EmbedRequest:
             f"'encoding_format' must be one of {', '.join(ENCODING_FORMATS)}; got {echo(encoding_format)}.",
             param="encoding_format",
         )
-    dimensions = body.get("dimensions")
-    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)):
-        raise BadRequest("'dimensions' must be an integer.", param="dimensions")
+    dimensions = optional_positive_int(body, "dimensions")
     if "user" in body and not isinstance(body["user"], str):
         raise BadRequest("'user' must be a string.", param="user")
     input_type = body.get("input_type")
@@ -43,17 +41,15 @@ def parse_embeddings_request(body: Any) -> EmbedRequest:
         raise BadRequest(
             f"'input_type' must be one of {', '.join(INPUT_TYPES)}; got {echo(input_type)}.", param="input_type"
         )
-    return EmbedRequest(texts, model, input_type, encoding_format, dimensions)
+    truncate = optional_choice(body, "truncate", TRUNCATE) or "END"
+    max_tokens = optional_positive_int(body, "max_tokens")
+    return EmbedRequest(texts, model, input_type, encoding_format, dimensions, truncate=truncate, max_tokens=max_tokens)
 
 
 def embeddings_response(result: Result, request: EmbedRequest) -> dict[str, Any]:
     """The OpenAI ``list`` reply; base64 is little-endian float32, as OpenAI's clients decode it."""
-    vectors = result.output
-    if request.encoding_format == "base64":
-        little = vectors.astype("<f4", copy=False)
-        items: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
-    else:
-        items = list(vectors.astype(np.float32, copy=False))  # float32 rows: serialize.dumps writes them compactly
+    # float32 rows (serialize.dumps writes them compactly), or base64 strings
+    items = list(typed_embeddings(result.output, request.wanted, result.manifest)[request.encoding_format])
     return {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": item} for i, item in enumerate(items)],

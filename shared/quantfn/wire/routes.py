@@ -21,7 +21,7 @@ from quantfn.inference import Budget, Result
 from quantfn.registry import Registry, get_registry
 from quantfn.routing import RoutePlan
 from quantfn.tasks import Forward, Request
-from quantfn.wire import body, classify, openai, rerank
+from quantfn.wire import body, classify, cohere, openai, rerank
 
 ROUTE_HEADER = "x-quantfn-route"
 #: A served request's step times (``Result.timings_ms``) as the metrics they are emitted as.
@@ -62,6 +62,12 @@ def _openapi_document() -> dict[str, Any]:
 
 ROUTES: dict[str, Route] = {
     "/v1/embeddings": Route("POST", "embed", openai.parse_embeddings_request, openai.embeddings_response),
+    "/v1/embed": Route(
+        "POST", "embed", lambda b: cohere.parse_embed_request(b, 1), lambda r, q: cohere.embed_response(r, q, 1)
+    ),
+    "/v2/embed": Route(
+        "POST", "embed", lambda b: cohere.parse_embed_request(b, 2), lambda r, q: cohere.embed_response(r, q, 2)
+    ),
     "/v1/rerank": Route(
         "POST", "rerank", lambda b: rerank.parse_rerank_request(b, 1), lambda r, q: rerank.rerank_response(r, q, 1)
     ),
