@@ -5,8 +5,8 @@ Usage (from the repo root):
         [--recipes default,fp32,...] [--repeats 5] [--no-torch] [--reuse]
 
 Builds each recipe with ``quantfn.modelbuild.build_model`` (gates overridden so every
-point is reported), then measures throughput (sentences/s, length-sorted batches
-of 32 of the 600-sentence corpus, 2 intra-op threads, sequential executor,
+point is reported), then measures throughput through the runtime's task pipeline (sentences/s,
+length-sorted batches of 32 of the 600-sentence corpus, 2 intra-op threads,
 median of ``--repeats`` passes) and batch-1 latency (median ms over 50 texts x 3),
 and PyTorch fp32 sentence-transformers throughput at 2 threads for comparison.
 Prints a Markdown table.
@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from quantfn.modelbuild import DEFAULT_MODEL_ID, RECIPES, Gate, build_model
-from quantfn.modelbuild import evaluate as ev
 from quantfn.modelbuild.reference import load_corpus
 from quantfn.models.manifest import Manifest
-from quantfn.models.session import open_session
+from quantfn.tasks import Pipeline, open_pipeline
 
 OPEN_GATE = Gate(cosine_mean=-1.0, recall_at_5=None, batch_invariance_min_cosine=None, max_size_ratio=None)
 
@@ -48,6 +47,23 @@ def torch_throughput(texts: list[str], repeats: int) -> float:
     return float(np.median(rates))
 
 
+def throughput(pipeline: Pipeline, texts: list[str]) -> float:
+    """Sentences per second of one pass over ``texts`` (the pipeline sorts them into batches of 32)."""
+    start = time.perf_counter()
+    pipeline.embed(texts)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def latency_ms(pipeline: Pipeline, texts: list[str]) -> float:
+    """Median batch-1 latency in milliseconds over ``texts``."""
+    times = []
+    for text in texts:
+        start = time.perf_counter()
+        pipeline.embed([text])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/quantfn-frontier"))
@@ -57,7 +73,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="time models already built in --out instead of rebuilding")
     args = parser.parse_args()
     texts = load_corpus()
-    rows, sessions = [], []
+    rows, pipelines = [], []
     for name in args.recipes.split(","):
         model_id = DEFAULT_MODEL_ID if name == "default" else f"{DEFAULT_MODEL_ID}-{name}"
         if args.reuse and (args.out / model_id / "manifest.json").is_file():
@@ -65,9 +81,9 @@ def main() -> None:
         else:
             manifest = build_model(args.out, recipe=name, gate=OPEN_GATE)
         folder = args.out / manifest["model_id"]
-        session = open_session(folder / "model.onnx", Manifest.from_dict(manifest), threads=2)
-        tokenizer = ev.load_tokenizer(folder / "tokenizer.json")
-        sessions.append((session, tokenizer))
+        pipeline = open_pipeline(folder, Manifest.from_dict(manifest), threads=2, parallelism="intra")
+        pipeline.embed(texts[:32])  # warm up
+        pipelines.append(pipeline)
         rows.append(
             {
                 "recipe": name,
@@ -81,9 +97,9 @@ def main() -> None:
     rates: list[list[float]] = [[] for _ in rows]
     latencies: list[list[float]] = [[] for _ in rows]
     for _ in range(args.repeats):
-        for i, (session, tokenizer) in enumerate(sessions):
-            rates[i].append(ev.throughput(session, tokenizer, texts, repeats=1))
-            latencies[i].append(ev.latency_ms(session, tokenizer, texts[:50], repeats=1))
+        for i, pipeline in enumerate(pipelines):
+            rates[i].append(throughput(pipeline, texts))
+            latencies[i].append(latency_ms(pipeline, texts[:50]))
     for row, rate, latency in zip(rows, rates, latencies, strict=True):
         row["throughput"] = float(np.median(rate))
         row["latency_ms"] = float(np.median(latency))

@@ -24,32 +24,63 @@ def progress_printer(stream=sys.stderr) -> Callable[[str], None]:
 
 
 def _build_model(args: argparse.Namespace) -> int:
-    from quantfn.modelbuild import BuildGateError
-    from quantfn.modelbuild.pipeline import RECIPES, build_model
-    from quantfn.modelbuild.recipes import DEFAULT_LADDER
-    from quantfn.models.manifest import Manifest
+    """build-model for the packaged default, a HF folder, an ONNX file or a scikit-learn head: say what was
+    decided, build, say which rung won and what the others missed."""
+    from quantfn.modelbuild import BuildError, BuildGateError
+    from quantfn.modelbuild.architectures import default_model_id, plan_build
+    from quantfn.modelbuild.pipeline import build_model
+    from quantfn.modelbuild.recipes import DEFAULT_LADDER, RECIPES
 
     if args.list_recipes:
         print(f"{'default':20s} the first of {', '.join(DEFAULT_LADDER)} that passes the model's gate")
         for name, recipe in RECIPES.items():
             print(f"{name:20s} {recipe.description}")
         return 0
-    if args.hf_folder or args.onnx or args.sklearn_head:
-        return _build_planned(args)
     try:
-        manifest = build_model(Path(args.out), recipe=args.recipe, model_id=args.model_id, progress=progress_printer())
+        source = _source(args)
+        plan = plan_build(
+            source,
+            model_id=args.model_id or default_model_id(source, args.recipe),
+            task=args.task,
+            pooling=args.pooling,
+            normalize=args.normalize,
+            max_length=args.max_length,
+            output=args.output,
+            sklearn_head=Path(args.sklearn_head) if args.sklearn_head else None,
+            label_map=Path(args.label_map) if args.label_map else None,
+        )
+        print(f"source        {source.kind}: {source.weights}")
+        print("\n".join(plan.describe()))
+        print(f"recipe        {args.recipe} -> {Path(args.out) / plan.model_id}", flush=True)
+        manifest = build_model(Path(args.out), source, plan, recipe=args.recipe, progress=progress_printer())
     except BuildGateError as exc:
         print(f"quantfn build-model: {exc}", file=sys.stderr)
         return 3
-    fidelity = manifest["fidelity"]
-    weights = Manifest.from_dict(manifest).weights_size
+    except BuildError as exc:
+        print(f"quantfn build-model: refused: {exc}", file=sys.stderr)
+        return 2
+    shown = ", ".join(f"{k} {v}" for k, v in manifest["fidelity"].items() if isinstance(v, float))
+    recipe = manifest["quantization"]["recipe"]
     print(
-        f"built {manifest['model_id']} ({manifest['quantization']['recipe']}): {weights / 2**20:.1f} MB, "
-        f"{manifest.get('size_ratio_vs_fp32', 0):.3f} of fp32; cosine mean {fidelity['cosine_mean']:.5f} "
-        f"min {fidelity['cosine_min']:.5f}, recall@5 {fidelity['recall_at_5']:.4f}, "
-        f"spearman {fidelity['spearman']:.5f} -> {Path(args.out) / manifest['model_id']}"
+        f"built {manifest['model_id']} ({recipe}): {manifest['deploy']['model_bytes'] / 2**20:.1f} MB, "
+        f"{manifest['size_ratio_vs_fp32']:.3f} of fp32, fits {manifest['deploy']['fits']}; {shown} "
+        f"-> {Path(args.out) / manifest['model_id']}"
     )
+    for missed in manifest["quantization"].get("rejected", []):
+        print(f"  {missed['recipe']} missed the gate: {missed['metric']} {missed['value']}")
     return 0
+
+
+def _source(args: argparse.Namespace):  # -> ModelSource (imported lazily)
+    """The source the arguments name: an ONNX file, a HF folder, else the packaged default."""
+    from quantfn.modelbuild import BuildError
+    from quantfn.modelbuild.source import locate_source, read_hf_folder, read_onnx_file
+
+    if args.onnx:
+        if not args.tokenizer:
+            raise BuildError("--onnx needs --tokenizer (the model's tokenizer.json)")
+        return read_onnx_file(Path(args.onnx), Path(args.tokenizer), upstream=args.upstream)
+    return read_hf_folder(Path(args.hf_folder), upstream=args.upstream) if args.hf_folder else locate_source()
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -68,50 +99,6 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"quantfn eval: {exc}", file=sys.stderr)
         return 2
     print(format_table(rows))
-    return 0
-
-
-def _build_planned(args: argparse.Namespace) -> int:
-    """build-model for a HF folder, an ONNX file, or a scikit-learn head: say what was decided, then build."""
-    from quantfn.modelbuild import BuildError, BuildGateError
-    from quantfn.modelbuild.architectures import plan_build
-    from quantfn.modelbuild.pipeline import build_planned
-    from quantfn.modelbuild.source import locate_source, read_hf_folder, read_onnx_file
-
-    try:
-        if args.onnx:
-            if not args.tokenizer:
-                raise BuildError("--onnx needs --tokenizer (the model's tokenizer.json)")
-            source = read_onnx_file(Path(args.onnx), Path(args.tokenizer), upstream=args.upstream)
-        else:
-            source = read_hf_folder(Path(args.hf_folder), upstream=args.upstream) if args.hf_folder else locate_source()
-        plan = plan_build(
-            source,
-            model_id=args.model_id,
-            task=args.task,
-            pooling=args.pooling,
-            normalize=args.normalize,
-            max_length=args.max_length,
-            output=args.output,
-            sklearn_head=Path(args.sklearn_head) if args.sklearn_head else None,
-            label_map=Path(args.label_map) if args.label_map else None,
-        )
-        print(f"source        {source.kind}: {source.weights}")
-        print("\n".join(plan.describe()))
-        print(f"recipe        {args.recipe} -> {Path(args.out) / plan.model_id}", flush=True)
-        manifest = build_planned(Path(args.out), source, plan, recipe=args.recipe, progress=progress_printer())
-    except BuildGateError as exc:
-        print(f"quantfn build-model: {exc}", file=sys.stderr)
-        return 3
-    except BuildError as exc:
-        print(f"quantfn build-model: refused: {exc}", file=sys.stderr)
-        return 2
-    shown = ", ".join(f"{k} {v}" for k, v in manifest["fidelity"].items() if isinstance(v, float))
-    recipe = manifest["quantization"]["recipe"]
-    print(
-        f"built {manifest['model_id']} ({recipe}): {manifest['deploy']['model_bytes'] / 2**20:.1f} MB, fits "
-        f"{manifest['deploy']['fits']}; {shown} -> {Path(args.out) / manifest['model_id']}"
-    )
     return 0
 
 

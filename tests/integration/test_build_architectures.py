@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from quantfn.modelbuild import BuildError, Gate  # noqa: E402
 from quantfn.modelbuild.architectures import plan_build  # noqa: E402
-from quantfn.modelbuild.pipeline import build_planned  # noqa: E402
+from quantfn.modelbuild.pipeline import build_model  # noqa: E402
 from quantfn.modelbuild.source import locate_source, read_hf_folder, read_onnx_file  # noqa: E402
 from quantfn.models.manifest import Manifest, verify_folder  # noqa: E402
 
@@ -87,7 +87,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _build(out: Path, folder: Path, recipe: str = "fp32", **overrides) -> tuple[Path, Manifest]:
     source = read_hf_folder(folder)
     plan = plan_build(source, model_id=f"tiny-{folder.name}", **overrides)
-    build_planned(out, source, plan, recipe=recipe, gate=TINY_GATE if recipe != "fp32" else None, corpus_size=CORPUS)
+    build_model(out, source, plan, recipe=recipe, gate=TINY_GATE if recipe != "fp32" else None, corpus_size=CORPUS)
     built = out / plan.model_id
     manifest = Manifest.read(built)
     verify_folder(built, manifest)
@@ -266,7 +266,7 @@ def test_given_an_onnx_file_and_its_tokenizer_when_built_then_it_passes_through(
     source = read_onnx_file(user_onnx, checkpoints["bert"] / "tokenizer.json")
     plan = plan_build(source, model_id="tiny-onnx", normalize=True)
     assert plan.architecture == "onnx" and plan.output_kind == "token_embeddings"
-    build_planned(
+    build_model(
         out,
         source,
         plan,
@@ -304,7 +304,7 @@ def test_given_a_sklearn_head_on_an_encoder_when_built_then_decisions_match_skle
         sklearn_head=tmp_path / "head.joblib",
         label_map=tmp_path / "labels.joblib",
     )
-    build_planned(out, source, plan, recipe="fp32", corpus_size=CORPUS)
+    build_model(out, source, plan, recipe="fp32", corpus_size=CORPUS)
     manifest = Manifest.read(out / "tiny-intent")
     assert manifest.task == "classify" and manifest.labels == ("alpha", "beta", "gamma", "delta")
     assert manifest.raw["quality"]["tasks"]["intent"]["retention"] == 1.0  # fp32 against its own original

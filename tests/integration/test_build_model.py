@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from quantfn.modelbuild import BuildGateError, Gate, build_model
-from quantfn.modelbuild.evaluate import cosine_stats, recall_at_k
+from quantfn.modelbuild.metrics import cosine_stats, recall_at_k
 from quantfn.modelbuild.reference import load_corpus, load_reference
 from quantfn.models.manifest import Manifest, verify_folder
 

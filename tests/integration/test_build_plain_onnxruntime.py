@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from tokenizers import Tokenizer
 
 from quantfn.cli import main
 from quantfn.modelbuild import Gate
+from quantfn.modelbuild.evaluate import answers, items_for
 from quantfn.modelbuild.reference import load_corpus
 from quantfn.modelbuild.standalone import write_standalone
-from quantfn.modelbuild.task_fidelity import items_for, run
 from quantfn.models.manifest import Manifest
 from quantfn.models.session import open_session
+from quantfn.tasks import PIPELINES, load_tokenizer
 
 
 def _published(models_root: Path) -> list[Path]:
@@ -34,7 +34,7 @@ def tiny_weight_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from quantfn.modelbuild.architectures import plan_build
-    from quantfn.modelbuild.pipeline import build_planned
+    from quantfn.modelbuild.pipeline import build_model
     from quantfn.modelbuild.source import locate_source, read_hf_folder
 
     torch.manual_seed(1)
@@ -46,7 +46,7 @@ def tiny_weight_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(locate_source().tokenizer, root / "hf" / "tokenizer.json")
     source = read_hf_folder(root / "hf")
     plan = plan_build(source, model_id="tiny", normalize=True)
-    build_planned(
+    build_model(
         root / "models",
         source,
         plan,
@@ -64,9 +64,10 @@ def tiny_weight_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _outputs(folder: Path, session) -> np.ndarray:
+    """The runtime's task pipeline for ``folder``, on ``session`` (quantfn's own, or plain onnxruntime's)."""
     manifest = Manifest.read(folder)
-    items = items_for(manifest, load_corpus()[:48])
-    return run(session, Tokenizer.from_file(str(folder / "tokenizer.json")), manifest, items)
+    pipeline = PIPELINES[manifest.task](session, load_tokenizer(folder / "tokenizer.json"), manifest)
+    return answers(pipeline, items_for(manifest.pair, load_corpus()[:48]))
 
 
 def _agree(a: np.ndarray, b: np.ndarray) -> float:

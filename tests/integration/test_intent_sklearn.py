@@ -107,7 +107,11 @@ def agreement(folder: Path, texts: list[str], want: np.ndarray) -> float:
 
 
 def fp32_original(models_root: Path) -> Path:
-    found = sorted((models_root / ".work").glob(f"graph-{INTENT_MODEL_ID}-*-original"))
+    found = [
+        folder
+        for folder in sorted((models_root / ".work").glob("fp32-*-original"))
+        if Manifest.read(folder).task == "classify"
+    ]
     assert found, f"the intent build left no fp32 original under {models_root / '.work'}"
     return found[-1]
 

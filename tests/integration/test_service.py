@@ -12,7 +12,7 @@ import pytest
 from quantfn.config import LimitSettings, RuntimeSettings, Settings
 from quantfn.errors import ModelNotFound, TooLarge
 from quantfn.inference import EmbedRequest, Result, run
-from quantfn.modelbuild.evaluate import cosine_stats, recall_at_k
+from quantfn.modelbuild.metrics import cosine_stats, recall_at_k
 from quantfn.modelbuild.reference import load_corpus, load_reference
 from quantfn.registry import Registry
 from tests.conftest import DEFAULT_MODEL_ID, load_event

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from quantfn.modelbuild.evaluate import cosine_stats, recall_at_k, spearman_pairwise
+from quantfn.modelbuild.metrics import cosine_stats, recall_at_k, spearman_pairwise
 from quantfn.modelbuild.vocab import prune_tokenizer, unreachable_ids
 
 

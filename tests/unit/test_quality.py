@@ -68,8 +68,8 @@ def test_given_a_task_below_its_retention_gate_when_checked_then_the_error_names
         fidelity={"cosine_mean": 0.999, "cosine_min": 0.995},
     )
     with pytest.raises(BuildGateError, match=r"task_retention\[lee\]"):
-        q.check_quality("m", Gate(), quality)
-    q.check_quality("m", Gate(task_retention=0.98), quality)
+        Gate().check("m", "embed", quality.fidelity, quality.retention)
+    Gate(task_retention=0.98).check("m", "embed", quality.fidelity, quality.retention)
     assert quality.retention_min == pytest.approx(0.50 / 0.51)
     assert quality.as_dict()["tasks"]["rotten_tomatoes"]["retention"] == 1.0
 
@@ -77,7 +77,7 @@ def test_given_a_task_below_its_retention_gate_when_checked_then_the_error_names
 def test_given_low_cosine_min_when_checked_then_the_gate_fails_on_it() -> None:
     quality = q.Quality({"lee": 1.0}, {"lee": 1.0}, {"cosine_mean": 0.999, "cosine_min": 0.98})
     with pytest.raises(BuildGateError, match="cosine_min"):
-        q.check_quality("m", Gate(), quality)
+        Gate().check("m", "embed", quality.fidelity, quality.retention)
 
 
 def test_given_no_wheel_and_no_index_when_fetching_then_a_build_error_says_what_failed(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from quantfn.modelbuild import BuildError, BuildGateError
-from quantfn.modelbuild.pipeline import _first_passing
+from quantfn.modelbuild.pipeline import first_passing as _first_passing
 from quantfn.modelbuild.recipes import DEFAULT_LADDER, RECIPES, recipe_ladder
 
 

@@ -84,9 +84,12 @@ class BuildPlan:
         return asdict(self)
 
 
-def _default_id(source: ModelSource) -> str:
+def default_model_id(source: ModelSource, recipe: str = "default") -> str:
+    """The id a build publishes under when none is given: the upstream's name, with a named recipe's name
+    after it (``all-minilm-l6-v2``, ``all-minilm-l6-v2-int8-weight``), so a recipe never replaces the default."""
     name = source.upstream.rstrip("/").rsplit("/", 1)[-1]
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name.lower()) or "model"
+    slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in name.lower()) or "model"
+    return slug if recipe == "default" else f"{slug}-{recipe}"
 
 
 def _max_length(source: ModelSource, config: dict[str, Any], override: int | None) -> int:
@@ -116,7 +119,7 @@ def plan_build(
         raise BuildError(f"task {task!r} is unsupported: choose embed, classify or rerank")
     if pooling not in (None, "mean", "cls"):
         raise BuildError(f"pooling {pooling!r} is unsupported: choose mean or cls")
-    model_id = model_id or _default_id(source)
+    model_id = model_id or default_model_id(source)
     if source.kind == "onnx":
         return _plan_onnx(source, model_id, task, pooling, normalize, max_length, output)
     config = source.config()

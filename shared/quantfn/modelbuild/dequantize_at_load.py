@@ -61,12 +61,10 @@ def _source(name: str, producers: dict[str, Any], arrays: dict[str, np.ndarray])
     raise BuildError(f"folded constant {name!r} comes from {node.op_type}, which this build cannot rebuild")
 
 
-def pre_optimize(path: Path, config: dict[str, str]) -> dict[str, Any]:
-    """Rewrite ``path`` optimized (EXTENDED) and write ``weights.bin`` beside it.
-
-    Returns the manifest's ``session.dequantize_at_load`` object.
-    """
-    import onnx
+def optimize(path: Path, config: dict[str, str]) -> Path:
+    """``path`` as onnxruntime's EXTENDED level optimizes it (with the session ``config``), saved beside it as
+    ``optimized.onnx``. EXTENDED applies only hardware-independent fusions (the layout transforms that tie a saved
+    graph to one CPU are level ALL), so the file stays portable; the fusions slower on CPU are left out."""
     import onnxruntime as ort
 
     from quantfn.models.session import SLOW_CPU_FUSIONS
@@ -80,7 +78,17 @@ def pre_optimize(path: Path, config: dict[str, str]) -> dict[str, Any]:
     ort.InferenceSession(
         str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(SLOW_CPU_FUSIONS)
     )
+    return optimized_path
 
+
+def pre_optimize(path: Path, config: dict[str, str]) -> dict[str, Any]:
+    """Rewrite ``path`` optimized (``optimize``) and write ``weights.bin`` beside it.
+
+    Returns the manifest's ``session.dequantize_at_load`` object.
+    """
+    import onnx
+
+    optimized_path = optimize(path, config)
     source = onnx.load(str(path))
     optimized = onnx.load(str(optimized_path))
     optimized_path.unlink()
@@ -133,4 +141,4 @@ def pre_optimize(path: Path, config: dict[str, str]) -> dict[str, Any]:
     return {"file": WEIGHTS_FILE, "tensors": tensors}
 
 
-__all__ = ["WEIGHTS_FILE", "pre_optimize"]
+__all__ = ["WEIGHTS_FILE", "optimize", "pre_optimize"]

@@ -1,187 +1,132 @@
-"""Fidelity metrics of quantized embeddings against the fp32 reference.
+"""The one evaluator: a model folder answers through ``quantfn.tasks.open_pipeline``, exactly as the API serves it.
 
-The metric functions are pure numpy and take L2-normalised ``[n, d]`` arrays:
-the gate, the tests and the benchmarks all use them. ``measure_fidelity`` runs
-a model on the corpus with a small private embedding helper (tokenize, sort by
-length, pad to longest, run, mean-pool, normalise) that mirrors the runtime.
+Every figure a build is gated on comes from here. The staged model and its fp32
+original (``pipeline.fp32_original``) answer the same items through the runtime's
+own task pipeline (tokenizer, truncation, length-sorted sub-batches, the session as
+the manifest says, pooling, normalisation, prompts left out), and ``compare`` measures
+the one against the other with the pure ``metrics``. Items are the fidelity corpus:
+texts for embed and classify, (query, document) pairs made from it for rerank.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+import hashlib
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from quantfn.modelbuild import metrics
+
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+    from quantfn.tasks import Pipeline
 
-MAX_SEQUENCE_LENGTH = 256
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def cosine_stats(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """Mean and minimum of the row-wise cosine between two ``[n, d]`` arrays."""
-    if candidate.shape != reference.shape:
-        raise ValueError(f"shape mismatch: {candidate.shape} vs {reference.shape}")
-    cos = (_normalize(candidate) * _normalize(reference)).sum(axis=1)
-    return float(cos.mean()), float(cos.min())
+Item = str | tuple[str, str]
+# Items embedded alone and inside one request, for batch invariance.
+INVARIANCE_ITEMS = 64
+# Bump when what a part's outputs are changes: cached outputs of the old kind are ignored.
+PROTOCOL = 2
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks starting at 0, ties given their average rank."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.arange(len(values), dtype=np.float64)
-    uniq, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    if len(uniq) < len(values):
-        sums = np.zeros(len(uniq))
-        np.add.at(sums, inverse, ranks)
-        ranks = (sums / counts)[inverse]
-    return ranks
+def items_for(pair: bool, texts: list[str]) -> list[Item]:
+    """What a task is evaluated on: the texts, or pairs (text, a related or unrelated text) for a cross-encoder."""
+    if not pair:
+        return list(texts)
+    n = len(texts)
+    # Neighbours in the corpus are often on one topic, far ones rarely: both kinds of pair.
+    return [(texts[i], texts[(i + 1) % n] if i % 2 else texts[(i * 7 + 3) % n]) for i in range(n)]
 
 
-def spearman_pairwise(candidate: np.ndarray, reference: np.ndarray) -> float:
-    """Spearman correlation between the two sets of pairwise cosine similarities.
+def open_model(folder: Path, threads: int = 2) -> Pipeline:
+    """The runtime's pipeline for a model folder, opened as the registry opens it."""
+    from quantfn.models.manifest import Manifest
+    from quantfn.tasks import open_pipeline
 
-    Compares the ``n*(n-1)/2`` off-diagonal similarities, which is what a
-    search index sees. Requires ``n >= 3``.
+    folder = Path(folder)
+    return open_pipeline(folder, Manifest.read(folder), threads)
+
+
+def answers(pipeline: Pipeline, items: list[Item]) -> np.ndarray:
+    """The task's answers for ``items``, in order: pooled vectors (embed), logits (classify), scores (rerank)."""
+    return np.asarray(pipeline.forward(pipeline.encode(items)), np.float32)
+
+
+def _key(folder: Path, part: str, items: list[Item]) -> str:
+    """A cache key for one model's answers on one part: the files' digests (as the manifest lists them), the
+    session, the items."""
+    manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    files = sorted((name, entry["sha256"]) for name, entry in manifest["files"].items())
+    payload = json.dumps([PROTOCOL, files, manifest.get("session", {}), items], sort_keys=True)
+    return f"{part}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
+
+
+def outputs(
+    folder: Path,
+    parts: dict[str, list[Item]],
+    cache: Path | None = None,
+    threads: int = 2,
+    pipeline: Pipeline | None = None,
+) -> dict[str, np.ndarray]:
+    """``folder``'s answers on each part, cached in ``cache/outputs`` by the model's file digests and the items."""
+    result = {}
+    for part, items in parts.items():
+        path = None if cache is None else Path(cache) / "outputs" / f"{_key(folder, part, items)}.npy"
+        if path is not None and path.is_file():
+            result[part] = np.load(path)
+            continue
+        pipeline = pipeline or open_model(folder, threads)
+        result[part] = answers(pipeline, items)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, result[part])
+            tmp.replace(path)
+    return result
+
+
+def compare(task: str, got: np.ndarray, want: np.ndarray, scores: Pipeline | None = None) -> dict[str, float]:
+    """The task's fidelity figures of answers ``got`` against the fp32 original's ``want`` (same items).
+
+    ``scores`` (a classify pipeline) turns logits into the probabilities the API serves.
     """
-    if candidate.shape != reference.shape or len(candidate) < 3:
-        raise ValueError("need two arrays of the same shape with at least 3 rows")
-    upper = np.triu_indices(len(candidate), k=1)
-    a = _ranks((_normalize(candidate) @ _normalize(candidate).T)[upper])
-    b = _ranks((_normalize(reference) @ _normalize(reference).T)[upper])
-    a -= a.mean()
-    b -= b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+    if task == "embed":
+        mean, low = metrics.cosine_stats(got, want)
+        return {
+            "cosine_mean": mean,
+            "cosine_min": low,
+            "spearman": metrics.spearman_pairwise(got, want),
+            "recall_at_5": metrics.recall_at_k(got, want, 5),
+        }
+    if task == "classify":
+        served = (lambda x: x) if scores is None else scores.scores
+        return {
+            "top1_agreement": float((got.argmax(axis=1) == want.argmax(axis=1)).mean()),
+            "max_abs_score_diff": float(np.abs(served(got) - served(want)).max()),
+        }
+    return {
+        "score_spearman": metrics.spearman(got, want),
+        "max_abs_score_diff": float(np.abs(got.astype(np.float64) - want).max()),
+    }
 
 
-def nearest_neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
-    """Indices ``[n, k]`` of each row's k most cosine-similar other rows (itself excluded)."""
-    sims = _normalize(vectors) @ _normalize(vectors).T
-    np.fill_diagonal(sims, -np.inf)
-    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+def batch_invariance(pipeline: Pipeline, items: list[Item]) -> dict[str, float]:
+    """Each item answered alone against inside one request of all ``items`` (mixed lengths): the worst cosine
+    (embed) or the largest difference (logits, scores)."""
+    together = answers(pipeline, items)
+    alone = np.concatenate([answers(pipeline, [item]) for item in items])
+    if pipeline.task == "embed":
+        return {"batch_invariance_min_cosine": metrics.cosine_stats(alone, together)[1]}
+    return {"batch_invariance_max_abs_diff": float(np.abs(alone - together).max())}
 
 
-def recall_at_k(candidate: np.ndarray, reference: np.ndarray, k: int = 5) -> float:
-    """Mean over rows of |kNN(candidate) & kNN(reference)| / k, excluding each row itself."""
-    if candidate.shape != reference.shape or len(candidate) <= k:
-        raise ValueError(f"need two arrays of the same shape with more than k={k} rows")
-    got, want = nearest_neighbours(candidate, k), nearest_neighbours(reference, k)
-    overlap = [len(set(g).intersection(w)) for g, w in zip(got, want, strict=True)]
-    return float(np.mean(overlap) / k)
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    cosine_mean: float
-    cosine_min: float
-    spearman: float
-    recall_at_5: float
-    batch_invariance_min_cosine: float
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 6) for k, v in asdict(self).items()}
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    """The tokenizer with the runtime's settings: truncate at 256, pad to the longest in a batch."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(path))
-    tokenizer.enable_truncation(MAX_SEQUENCE_LENGTH)
-    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-    return tokenizer
-
-
-def _run_batch(session: Any, tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
-    names = {i.name for i in session.get_inputs()}
-    encodings = tokenizer.encode_batch(texts)
-    ids = np.array([e.ids for e in encodings], dtype=np.int64)
-    mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-    feed = {"input_ids": ids, "attention_mask": mask}
-    if "token_type_ids" in names:
-        feed["token_type_ids"] = np.zeros_like(ids)
-    hidden = session.run(None, {k: v for k, v in feed.items() if k in names})[0]
-    summed = (hidden * mask[..., None]).sum(axis=1)
-    pooled = summed / np.maximum(mask.sum(axis=1, keepdims=True), 1)
-    return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def length_sorted_batches(tokenizer: Tokenizer, texts: list[str], batch_size: int) -> list[list[int]]:
-    """Indices of ``texts`` grouped into batches of similar token length (what the runtime does)."""
-    lengths = [sum(e.attention_mask) for e in tokenizer.encode_batch(texts)]
-    order = np.argsort(lengths, kind="stable")
-    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-
-
-def _embed(session: Any, tokenizer: Tokenizer, texts: list[str], batch_size: int = 32) -> np.ndarray:
-    """Normalised mean-pooled embeddings of ``texts`` in input order."""
-    out = np.zeros((len(texts), 0), dtype=np.float32)
-    for batch in length_sorted_batches(tokenizer, texts, batch_size):
-        vectors = _run_batch(session, tokenizer, [texts[i] for i in batch])
-        if out.shape[1] == 0:
-            out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
-        out[batch] = vectors
-    return out
-
-
-def batch_invariance(session: Any, tokenizer: Tokenizer, texts: list[str], batch_size: int = 32) -> float:
-    """Min cosine between a text embedded inside a mixed-length batch and embedded alone.
-
-    Uses consecutive corpus texts (unsorted, so batches mix short and long).
-    """
-    worst = 1.0
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        together = _run_batch(session, tokenizer, chunk)
-        alone = np.concatenate([_run_batch(session, tokenizer, [t]) for t in chunk])
-        worst = min(worst, float((together * alone).sum(axis=1).min()))
-    return worst
-
-
-def measure_fidelity(
-    session: Any, tokenizer: Tokenizer, texts: list[str], reference: np.ndarray, invariance_texts: int = 64
-) -> Fidelity:
-    """All gate metrics of one model on ``texts`` against ``reference`` (same order)."""
-    vectors = _embed(session, tokenizer, texts)
-    mean, low = cosine_stats(vectors, reference)
-    return Fidelity(
-        cosine_mean=mean,
-        cosine_min=low,
-        spearman=spearman_pairwise(vectors, reference),
-        recall_at_5=recall_at_k(vectors, reference, 5),
-        batch_invariance_min_cosine=batch_invariance(session, tokenizer, texts[:invariance_texts]),
-    )
-
-
-def throughput(session: Any, tokenizer: Tokenizer, texts: list[str], batch_size: int = 32, repeats: int = 5) -> float:
-    """Median sentences per second over ``repeats`` passes of length-sorted batches."""
-    batches = [[texts[i] for i in b] for b in length_sorted_batches(tokenizer, texts, batch_size)]
-    _run_batch(session, tokenizer, batches[-1])  # warm up
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            _run_batch(session, tokenizer, batch)
-        rates.append(len(texts) / (time.perf_counter() - start))
-    return float(np.median(rates))
-
-
-def latency_ms(session: Any, tokenizer: Tokenizer, texts: list[str], repeats: int = 3) -> float:
-    """Median batch-1 latency in milliseconds over ``texts`` (each run ``repeats`` times)."""
-    _run_batch(session, tokenizer, texts[:1])
-    times = []
-    for _ in range(repeats):
-        for text in texts:
-            start = time.perf_counter()
-            _run_batch(session, tokenizer, [text])
-            times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
+def measure(
+    folder: Path, baseline: Path, items: list[Item], cache: Path | None = None, threads: int = 2
+) -> dict[str, float]:
+    """Fidelity of model ``folder`` against its fp32 original ``baseline`` on ``items`` (rounded to 6 places)."""
+    pipeline = open_model(folder, threads)
+    got = outputs(folder, {"corpus": items}, cache, threads, pipeline)["corpus"]
+    want = outputs(baseline, {"corpus": items}, cache, threads)["corpus"]
+    figures = compare(pipeline.task, got, want, pipeline)
+    figures.update(batch_invariance(pipeline, items[:INVARIANCE_ITEMS]))
+    return {name: round(value, 6) for name, value in figures.items()}

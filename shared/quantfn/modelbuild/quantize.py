@@ -284,56 +284,6 @@ def embedding_int8(model: onnx.ModelProto) -> None:
     )
 
 
-def embedding_int4(model: onnx.ModelProto, block_size: int = 32) -> None:
-    """Word-embedding table to 4-bit blocks along the hidden axis (GatherBlockQuantized)."""
-    from onnx import helper
-
-    node = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == WORD_EMBEDDINGS)
-    table = _pop_weight(model, WORD_EMBEDDINGS)
-    rows, cols = table.shape
-    blocks = table.reshape(rows, cols // block_size, block_size)
-    amax = np.abs(blocks).max(axis=2, keepdims=True)
-    scale = np.maximum(amax, 1e-12) / 7.0
-    # Unsigned nibbles with the op's default zero point 8, low nibble first.
-    q = (np.clip(np.rint(blocks / scale), -8, 7).astype(np.int16) + 8).astype(np.uint8).reshape(rows, cols)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-    _ensure_ms_opset(model)
-    _replace(
-        model,
-        node,
-        [
-            helper.make_node(
-                "GatherBlockQuantized",
-                [
-                    _add(model, WORD_EMBEDDINGS + ".q4", packed),
-                    node.input[1],
-                    _add(model, WORD_EMBEDDINGS + ".scale", scale[..., 0].astype(np.float32)),
-                ],
-                [node.output[0]],
-                name=node.output[0],
-                domain="com.microsoft",
-                gather_axis=0,
-                quantize_axis=1,
-                block_size=block_size,
-                bits=4,
-            )
-        ],
-    )
-
-
-def weights_int8_qdq(model: onnx.ModelProto, skip: Iterable[str] = ()) -> None:
-    """Weight-only int8 per output channel: DequantizeLinear feeding an fp32 MatMul."""
-
-    for node in projection_nodes(model):
-        if node.name in skip:
-            continue
-        q, scale = quantize_rows_int8(_pop_weight(model, node.input[1]), axis=1)
-        name = node.input[1]
-        dq = _dequantize_columns(model, name, q, scale)
-        node.input[1] = name + ".dq"
-        _replace(model, node, [dq, node])
-
-
 def per_token_int8(
     model: onnx.ModelProto,
     skip: Iterable[str] = (),
@@ -808,12 +758,13 @@ def _attention_of_split(model: onnx.ModelProto, split: onnx.NodeProto) -> onnx.N
     return None
 
 
-def collect_statistics(fp32_path: str, feeds: Iterable[tuple[np.ndarray, ...]]) -> tuple[dict[str, np.ndarray], Ranges]:
+def collect_statistics(fp32_path: str, feeds: Iterable[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], Ranges]:
     """Every projection input's ``X^T X`` (float64 [K, K]) and per-channel min and max ([K]), over real tokens.
 
-    ``feeds`` yields ``(input_ids, attention_mask[, token_type_ids])`` calibration batches; padded positions
-    are left out. The per-channel extremes give the exact range of ``x / s`` over every calibration token
-    for any positive per-channel factor ``s`` (SmoothQuant's): what a static activation scale needs.
+    ``feeds`` yields the graph's inputs per calibration batch (as the runtime feeds them, ``attention_mask``
+    among them); padded positions are left out. The per-channel extremes give the exact range of ``x / s``
+    over every calibration token for any positive per-channel factor ``s`` (SmoothQuant's): what a static
+    activation scale needs.
     """
     import copy
 
@@ -831,11 +782,8 @@ def collect_statistics(fp32_path: str, feeds: Iterable[tuple[np.ndarray, ...]]) 
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     hessians: dict[str, np.ndarray] = {}
     ranges: Ranges = {}
-    for batch in feeds:
-        ids, mask = batch[0], batch[1]
-        feed = {"input_ids": ids, "attention_mask": mask}
-        if len(batch) > 2:  # pair models: token_type_ids
-            feed["token_type_ids"] = batch[2]
+    for feed in feeds:
+        mask = feed["attention_mask"]
         outputs = session.run(names, feed)
         for name, value in zip(names, outputs, strict=True):
             # Per-token activations keep real tokens only; a pooled [batch, hidden] input (a head) keeps every row.

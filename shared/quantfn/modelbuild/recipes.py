@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from quantfn.modelbuild.errors import BuildError
+from quantfn.modelbuild.gate import Gate
 
 if TYPE_CHECKING:
     from quantfn.modelbuild.quantize import Ranges
@@ -22,44 +23,10 @@ if TYPE_CHECKING:
 MAX_SEQUENCE_LENGTH = 256
 
 
-@dataclass(frozen=True)
-class Gate:
-    """Minimums a build must reach; ``None`` means the metric is reported but not gated.
-
-    Every published model has a gate of this shape: task retention (score on
-    every task of the quality suite, ``quantfn.modelbuild.quality``, divided by the
-    fp32 original's), cosine mean and minimum against fp32 on the fidelity
-    corpus, batch invariance and file size against fp32. recall@5 is reported
-    and gated only where a recipe asks for it. A classifier's task is top-1
-    agreement with its fp32 original, gated at ``top1_agreement`` (the figure the
-    bring-your-own-model issue sets for the intent classifier: 99 %; an int8
-    encoder flips about 0.7 % of near-tied decisions on the suite's texts).
-    """
-
-    task_retention: float | None = 0.995
-    cosine_mean: float = 0.998
-    cosine_min: float | None = 0.99
-    batch_invariance_min_cosine: float | None = 0.9999
-    max_size_ratio: float | None = 0.25
-    recall_at_5: float | None = None
-    top1_agreement: float | None = 0.99
-
-    def as_dict(self) -> dict[str, float | None]:
-        return {
-            "task_retention": self.task_retention,
-            "cosine_mean": self.cosine_mean,
-            "cosine_min": self.cosine_min,
-            "batch_invariance_min_cosine": self.batch_invariance_min_cosine,
-            "max_size_ratio": self.max_size_ratio,
-            "recall_at_5": self.recall_at_5,
-            "top1_agreement": self.top1_agreement,
-        }
-
-
 class Calibration:
     """Lazily computed activation statistics of the fp32 graph on the calibration texts (one pass for both)."""
 
-    def __init__(self, fp32_path: Path, feeds: Callable[[], list[tuple[np.ndarray, np.ndarray]]]) -> None:
+    def __init__(self, fp32_path: Path, feeds: Callable[[], list[dict[str, np.ndarray]]]) -> None:
         self._fp32_path = fp32_path
         self._feeds = feeds
         self._statistics: tuple[dict[str, np.ndarray], Ranges] | None = None
@@ -138,30 +105,22 @@ def _int8_gptq(src: Path, dst: Path, calibration: Calibration) -> None:
     )
 
 
-def _int8_token(src: Path, dst: Path, calibration: Calibration) -> None:
-    from quantfn.modelbuild import quantize as q
+def _per_token(weight_max: int) -> Callable[[Path, Path, Calibration], None]:
+    """W8A8 (``weight_max`` 127) or W7A8 (63) with per-token dynamic activation scales; SmoothQuant alpha 0.5."""
 
-    hessians = calibration.hessians()
-    _rewrite(
-        src,
-        dst,
-        lambda m: q.per_token_int8(m, hessians=hessians, alpha=0.5),
-        q.embedding_int8,
-        lambda m: q.position_table_int8(m, max_positions(m)),
-    )
+    def apply(src: Path, dst: Path, calibration: Calibration) -> None:
+        from quantfn.modelbuild import quantize as q
 
+        hessians = calibration.hessians()
+        _rewrite(
+            src,
+            dst,
+            lambda m: q.per_token_int8(m, hessians=hessians, alpha=0.5, weight_max=weight_max),
+            q.embedding_int8,
+            lambda m: q.position_table_int8(m, max_positions(m)),
+        )
 
-def _int8_token7(src: Path, dst: Path, calibration: Calibration) -> None:
-    from quantfn.modelbuild import quantize as q
-
-    hessians = calibration.hessians()
-    _rewrite(
-        src,
-        dst,
-        lambda m: q.per_token_int8(m, hessians=hessians, alpha=0.5, weight_max=63),
-        q.embedding_int8,
-        lambda m: q.position_table_int8(m, MAX_SEQUENCE_LENGTH),
-    )
+    return apply
 
 
 def _int8_static(src: Path, dst: Path, calibration: Calibration) -> None:
@@ -277,7 +236,7 @@ RECIPES: dict[str, Recipe] = {
         "W8A8: SmoothQuant (alpha 0.5) + GPTQ per-channel int8 weights, per-token dynamic int8 activations "
         "(MatMulInteger); batch invariant, lower recall (measured cosine 0.9989, recall@5 0.946)",
         Gate(),
-        _int8_token,
+        _per_token(127),
         {
             "weights": "int8 per-output-channel, SmoothQuant alpha 0.5, GPTQ",
             "activations": "int8 dynamic per token",
@@ -292,7 +251,7 @@ RECIPES: dict[str, Recipe] = {
         "so the result is the same on every x86 CPU; batch invariant. Per-token scales go straight into a blocked "
         "QuantizeLinear (opset 21) and the output projection's SmoothQuant factors into the value columns",
         Gate(),
-        _int8_token7,
+        _per_token(63),
         {
             "weights": "int7 in int8 storage, per-output-channel, SmoothQuant alpha 0.5, GPTQ",
             "activations": "int8 dynamic per token",

@@ -24,7 +24,7 @@ order, which the batch-invariance gate bounds. A task overrides ``postprocess``
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +206,16 @@ class Pipeline:
             mask[row, : len(seq)] = 1
             token_types[row, : len(types)] = types
         return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_types}
+
+    def sub_batches(self, encoded: Encoded) -> Iterator[dict[str, np.ndarray]]:
+        """The graph inputs the runtime feeds for ``encoded``: truncated, length-sorted sub-batches of
+        ``batch_size``, each padded by ``feeds`` (a build calibrates its graph on exactly these)."""
+        ids, type_ids = self._truncated(encoded)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            feeds = self.feeds([ids[i] for i in chunk], [type_ids[i] for i in chunk])
+            yield {name: feeds[name] for name in self.manifest.inputs}
 
     def _run(self, batch: list[list[int]], type_batch: list[list[int]], session: Any) -> np.ndarray:
         feeds = self.feeds(batch, type_batch)
