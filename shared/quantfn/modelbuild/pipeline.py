@@ -16,6 +16,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -287,15 +288,15 @@ def build_model(
     ``source`` defaults to the packaged default model, ``plan`` to what ``plan_build`` decides for it
     (``model_id`` overrides the id, which otherwise carries a named recipe's name). ``recipe`` ``default``
     publishes the first recipe of ``DEFAULT_LADDER`` that passes the gate (the manifest names it and what
-    was rejected on the way); ``gate`` overrides the recipe's gate. Fidelity is measured on the fidelity
-    corpus (its first ``corpus_size`` texts, for tests of tiny models) against the fp32 original; the
+    was rejected on the way); ``gate`` overrides the recipe's gate. Recipes calibrate on the calibration
+    corpus; fidelity is measured on the gate corpus (``corpora``: its first ``corpus_size`` texts, a mix of
+    every kind, for tests of tiny models) against the fp32 original; the
     task-quality suite runs with its data cached in ``quality_cache`` (default ``$QUANTFN_QUALITY_CACHE``).
     Raises BuildError for an unknown recipe or a source it cannot build, BuildGateError (nothing
     published) when the gate is missed. An existing folder of the same id is replaced only on success.
     """
-    from quantfn.modelbuild import evaluate, quality
+    from quantfn.modelbuild import corpora, evaluate, quality
     from quantfn.modelbuild.architectures import default_model_id, plan_build
-    from quantfn.modelbuild.reference import load_corpus
     from quantfn.modelbuild.source import locate_source
 
     source = source or locate_source()
@@ -305,15 +306,28 @@ def build_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     graph = fp32_graph(source, plan, out_dir / ".work", say)
     original = fp32_original(out_dir / ".work", graph, source, plan)
-    items = evaluate.items_for(plan.pair, load_corpus()[:corpus_size])
     cache = quality.cache_dir(quality_cache)
+    calibration, gated = corpora.load(cache)
+    texts = Texts(
+        evaluate.items_for(plan.pair, calibration.texts), evaluate.items_for(plan.pair, gated.texts[:corpus_size])
+    )
+    texts.record.update(calibration=calibration.record(), gate=gated.record())
     return first_passing(
         recipe,
         lambda rung, rejected: _build_rung(
-            out_dir, source, plan, RECIPES[rung], graph, original, items, gate, cache, say, rejected
+            out_dir, source, plan, RECIPES[rung], graph, original, texts, gate, cache, say, rejected
         ),
         progress,
     )
+
+
+@dataclass
+class Texts:
+    """What a build fits to (``calibration``) and what its gate measures (``gate``): never a shared sentence."""
+
+    calibration: list[Any]
+    gate: list[Any]
+    record: dict[str, Any] = field(default_factory=dict)  # the manifest's ``corpora``
 
 
 def _build_rung(
@@ -323,7 +337,7 @@ def _build_rung(
     chosen: Recipe,
     graph: Path,
     original: Path,
-    items: list[Any],
+    texts: Texts,
     gate: Gate | None,
     cache: Path,
     say: Callable[[str], None],
@@ -347,7 +361,7 @@ def _build_rung(
         manifest = describe(source, plan, staging / "tokenizer.json")
         start_graph = graph if keep is None else pruned_graph(graph, keep)
         say(f"applying recipe {chosen.name}: {chosen.description}")
-        feeds = lambda: calibration_feeds(staging, manifest, items[0::2])  # noqa: E731 - calibrate on the even half
+        feeds = lambda: calibration_feeds(staging, manifest, texts.calibration)  # noqa: E731
         chosen.apply(start_graph, model_path, Calibration(start_graph, feeds))
         dequantize: dict[str, Any] | None = None
         if chosen.dequantize_at_load:
@@ -387,12 +401,14 @@ def _build_rung(
             deploy=deployment_fit(sum(entry["size"] for entry in files.values())),
         )
         _write_manifest(staging, manifest)
-        say(f"evaluating on {len(items)} items against the fp32 original (size {size_ratio:.1%} of fp32)")
+        items = texts.gate
+        say(f"evaluating on {len(items)} gate items against the fp32 original (size {size_ratio:.1%} of fp32)")
         fidelity = evaluate.measure(staging, original, items, cache)
+        manifest["corpora"] = texts.record
         manifest["fidelity"] = {
             **fidelity,
             "reference": "the fp32 original (the exported graph), through the runtime's task pipeline",
-            "corpus": "fidelity_corpus.txt",
+            "corpus": "gate",
             "sentences": len(items),
             "gate": gate.as_dict(),
         }

@@ -450,6 +450,9 @@ def per_token_int8(
             helper.make_node("Mul", [y + ".w", x_scale], [y], name=y),
         ]
         _replace(model, node, prefix + body)
+    used = {i for n in model.graph.node for i in n.input}
+    for unused in [t for t in model.graph.initializer if t.name.startswith("pt.") and t.name not in used]:
+        model.graph.initializer.remove(unused)  # the shared per-token constants, where no input is per token
 
 
 Ranges = dict[str, tuple[np.ndarray, np.ndarray]]
