@@ -1,7 +1,7 @@
 """The gate's view of each recipe: its cosine distribution against fp32 on the gate corpus, and its worst texts.
 
 Usage (from the repo root, after building the recipes, e.g. ``quantfn build-model --recipe R --out DIR``):
-    HF_HUB_OFFLINE=1 PYTHONPATH=shared .venv/bin/python bench/gate_report.py --fp32 FP32_DIR MODEL_DIR... \
+    HF_HUB_OFFLINE=1 PYTHONPATH=shared:. .venv/bin/python bench/gate_report.py --fp32 FP32_DIR [LABEL=]MODEL_DIR... \
         [--out bench/GATE.md]
 
 ``FP32_DIR`` is the fp32 original every rung was measured against (``DIR/.work/fp32-*-original``). Each
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import recipe_label
 from quantfn.modelbuild import corpora, evaluate, metrics, quality
 from quantfn.modelbuild.gate import Gate
 
@@ -55,7 +56,7 @@ def plot(curves: dict[str, np.ndarray], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("models", nargs="+", help="model folders; LABEL=DIR names a folder's curve and row")
     parser.add_argument("--fp32", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("bench/GATE.md"))
     args = parser.parse_args()
@@ -66,9 +67,11 @@ def main() -> None:
     rows = ["| recipe | cos mean | p1 | min | < 0.99 | < 0.995 | worst kind (mean / min) | task retention min |"]
     rows.append("|---|---|---|---|---|---|---|---|")
     worst = []
-    for folder in args.models:
+    for given in args.models:
+        label, _, path = given.rpartition("=")
+        folder = Path(path)
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        name = manifest["quantization"]["recipe"]
+        name = label or recipe_label(manifest["quantization"])
         cos = curves[name] = cosines(folder, args.fp32, gate.texts, cache)
         by_kind = {k: cos[kinds == k] for k in corpora.KINDS if (kinds == k).any()}
         kind = min(by_kind, key=lambda k: by_kind[k].mean())

@@ -66,7 +66,10 @@ def test_manifest_parses_and_every_file_matches_its_sha256(runtime) -> None:
     assert manifest.task == "embed" and manifest.dimensions == 384 and manifest.max_sequence_length == 256
     assert manifest.inputs == ("input_ids", "attention_mask") and manifest.output == "last_hidden_state"
     assert manifest.raw["source"]["upstream"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert manifest.raw["fidelity"]["sentences"] == 600
+    corpora = manifest.raw["corpora"]
+    assert manifest.raw["fidelity"]["sentences"] == corpora["gate"]["size"] == 300  # the tests' small gate corpus
+    assert corpora["calibration"]["sha256"] != corpora["gate"]["sha256"] and len(corpora["gate"]["sha256"]) == 64
+    assert manifest.raw["fidelity"]["cosine_p1"] >= manifest.raw["fidelity"]["gate"]["cosine_p1"] == 0.995
     quality = manifest.raw["quality"]
     assert set(quality["tasks"]) == {"lee", "rotten_tomatoes"}
     assert quality["retention_min"] >= manifest.raw["fidelity"]["gate"]["task_retention"] == 0.995
