@@ -1,4 +1,4 @@
-"""``quantfn`` command line: build-model, export, eval, demo.
+"""``quantfn`` command line: build-model, inspect, export, eval, demo.
 
 Heavy modules (the build pipeline, onnx) are imported inside each command so
 ``quantfn --help`` stays instant.
@@ -71,6 +71,23 @@ def _build_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    """What build-model would make of a folder (or an ONNX file), without building; or why it refuses."""
+    from quantfn.modelbuild import BuildError
+    from quantfn.modelbuild.architectures import plan_build
+
+    args.hf_folder = None if args.onnx else args.folder
+    try:
+        source = _source(args)
+        plan = plan_build(source, task=args.task)
+    except BuildError as exc:
+        print(f"quantfn inspect: refused: {exc}", file=sys.stderr)
+        return 2
+    print(f"source        {source.kind}: {source.weights}")
+    print("\n".join(plan.describe()))
+    return 0
+
+
 def _source(args: argparse.Namespace):  # -> ModelSource (imported lazily)
     """The source the arguments name: an ONNX file, a HF folder, else the packaged default."""
     from quantfn.modelbuild import BuildError
@@ -140,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     own.add_argument("--tokenizer", help="the tokenizer.json that belongs to --onnx")
     own.add_argument("--output", help="the graph output to serve (--onnx with several outputs)")
     own.add_argument("--task", choices=("embed", "classify", "rerank"), help="default: read from the model")
-    own.add_argument("--pooling", choices=("mean", "cls"), help="default: 1_Pooling/config.json, else mean")
+    own.add_argument(
+        "--pooling",
+        choices=("mean", "cls", "max", "mean_sqrt_len_tokens", "lasttoken"),
+        help="default: 1_Pooling/config.json, else mean",
+    )
     own.add_argument(
         "--normalize",
         action=argparse.BooleanOptionalAction,
@@ -152,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     own.add_argument("--label-map", help="a pickled dict class -> label name for --sklearn-head")
     own.add_argument("--upstream", help="the upstream model name recorded in the manifest")
     build.set_defaults(run=_build_model)
+
+    inspect = commands.add_parser("inspect", help="what build-model would make of a model folder, or why it refuses")
+    inspect.add_argument("folder", help="a Hugging Face or sentence-transformers folder (or, with --onnx, ignored)")
+    inspect.add_argument("--onnx", help="an exported .onnx file (with --tokenizer)")
+    inspect.add_argument("--tokenizer", help="the tokenizer.json that belongs to --onnx")
+    inspect.add_argument("--task", choices=("embed", "classify", "rerank"), help="default: read from the model")
+    inspect.set_defaults(run=_inspect, upstream=None)
 
     evaluate = commands.add_parser("eval", help="task-quality suite: scores and retention vs the fp32 build")
     evaluate.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR")

@@ -59,7 +59,7 @@ def test_a_reranker_reads_pairs() -> None:
     ("fields", "fragment"),
     [
         ({"task": "summarize", "output": "x"}, "'task' must be one of"),
-        ({"task": "embed", "output": "x", "dimensions": 8, "pooling": "max"}, "'pooling' must be one of"),
+        ({"task": "embed", "output": "x", "dimensions": 8, "pooling": "weightedmean"}, "'pooling' must be one of"),
         ({"task": "classify", "output": "x", "labels": ["a"], "output_kind": "token_embeddings"}, "output_kind"),
         ({"task": "embed", "output": "x", "dimensions": 8, "files": {"model.onnx": FILES["model.onnx"]}}, "tokenizer"),
         ({"task": "embed", "output": "x", "dimensions": 8, "schema": 4}, "newer"),

@@ -10,7 +10,7 @@ from quantfn.modelbuild.recipes import DEFAULT_LADDER, RECIPES, recipe_ladder
 
 
 def test_default_tries_static_then_per_token_w7a8_before_weight_only_and_named_recipes_try_themselves() -> None:
-    assert recipe_ladder("default") == DEFAULT_LADDER == ("int8-static", "int8-token7", "int8-weight")
+    assert recipe_ladder("default") == DEFAULT_LADDER == ("int8-static", "int8-token7", "int8-weight", "fp32")
     assert all(name in RECIPES for name in DEFAULT_LADDER) and "default" not in RECIPES
     assert recipe_ladder("int8-token") == ("int8-token",)
     with pytest.raises(BuildError, match=r"unknown recipe 'int9'.*default"):

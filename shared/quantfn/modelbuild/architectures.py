@@ -9,9 +9,18 @@ Export paths, and why:
 
 - ``bert``: the torch-free writer (``export``): fused onnxruntime kernels, one
   QKV projection, no optimizer pass needed; encoders and sequence-classification
-  heads (classify, or a one-logit cross-encoder for rerank).
-- ``mpnet``: torch.onnx (TorchScript exporter) at build time: MPNet's relative
-  position buckets are easy to get subtly wrong by hand, and torch traces them exactly.
+  heads (classify, or a one-logit cross-encoder for rerank). The default model is
+  BERT, and its speed is the product: the writer's fused graph is what it ships.
+- every other family (``TORCH_FAMILIES``: MPNet, XLM-RoBERTa/RoBERTa/CamemBERT,
+  DistilBERT, DeBERTa-v2, ModernBERT, ELECTRA): torch.onnx (TorchScript exporter)
+  at build time, encoders through ``AutoModel`` and heads through
+  ``AutoModelForSequenceClassification``, then checked against torch on real
+  tokenized texts of several lengths before any recipe runs. Their differences are
+  in attention and positions (MPNet's relative buckets, DeBERTa's disentangled
+  relative attention, ModernBERT's rotary positions and alternating local/global
+  windows, RoBERTa's positions counted from the padding index): easy to get subtly
+  wrong by hand, traced exactly by torch. The recipes find projections by graph
+  structure, so every recipe applies to both kinds of graph.
 - ``onnx``: pass-through: the user's graph, one output kept, tables renamed.
 """
 
@@ -24,12 +33,27 @@ from typing import Any
 from quantfn.modelbuild.errors import BuildError
 from quantfn.modelbuild.source import ModelSource
 
-SUPPORTED = "bert (encoders, sequence classification), mpnet (encoders), or an ONNX file (--onnx)"
+# model_type -> the number of positions its position ids skip (RoBERTa's count from padding_idx + 1).
+TORCH_FAMILIES = {
+    "mpnet": 2,
+    "xlm-roberta": 2,
+    "roberta": 2,
+    "camembert": 2,
+    "distilbert": 0,
+    "deberta-v2": 0,
+    "modernbert": 0,
+    "electra": 0,
+}
+SUPPORTED = (
+    "bert, mpnet, xlm-roberta, roberta, camembert, distilbert, deberta-v2, modernbert, electra (encoders, "
+    "sequence classification, one-logit cross-encoders), or an ONNX file (--onnx)"
+)
+TORCH_EXPORT = "torch.onnx.export (TorchScript exporter, build time only), checked against torch"
 EXPORT_PATHS = {
     "bert": "torch-free graph writer (quantfn.modelbuild.export)",
-    "mpnet": "torch.onnx.export (TorchScript exporter, build time only)",
     "onnx": "pass-through (one output kept, embedding table renamed)",
 }
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len_tokens", "lasttoken")
 
 
 @dataclass(frozen=True)
@@ -53,10 +77,13 @@ class BuildPlan:
     prompts: dict[str, str] = field(default_factory=dict)
     head_file: str = ""
     label_map_file: str = ""
+    default_prompt: str = ""
+    # sentence-transformers Dense modules after pooling (then the graph pools: output_kind sentence_embedding)
+    dense: tuple[str, ...] = ()
 
     @property
     def export_path(self) -> str:
-        return EXPORT_PATHS[self.architecture]
+        return EXPORT_PATHS.get(self.architecture, TORCH_EXPORT)
 
     def describe(self) -> list[str]:
         """The lines ``quantfn build-model`` prints before it starts."""
@@ -78,6 +105,10 @@ class BuildPlan:
         lines.append(f"max length    {self.max_length} tokens")
         if self.prompts:
             lines.append(f"prompts       {self.prompts}")
+        if self.default_prompt:
+            lines.append(f"default prompt {self.default_prompt!r} (without an input_type)")
+        if self.dense:
+            lines.append(f"dense         {len(self.dense)} module(s) after pooling, in the graph")
         return lines
 
     def as_dict(self) -> dict[str, Any]:
@@ -94,8 +125,7 @@ def default_model_id(source: ModelSource, recipe: str = "default") -> str:
 
 def _max_length(source: ModelSource, config: dict[str, Any], override: int | None) -> int:
     limit = int(config.get("max_position_embeddings", 512))
-    if config.get("model_type") in ("mpnet", "roberta"):
-        limit -= 2  # positions start after the padding index
+    limit -= TORCH_FAMILIES.get(str(config.get("model_type")), 0)  # positions start after the padding index
     length = override or source.st.max_length or min(limit, 512)
     if length > limit:
         raise BuildError(f"max length {length} exceeds the model's {limit} positions")
@@ -117,8 +147,8 @@ def plan_build(
     """Decide the build from the source's files and the overrides; BuildError when unsupported."""
     if task not in (None, "embed", "classify", "rerank"):
         raise BuildError(f"task {task!r} is unsupported: choose embed, classify or rerank")
-    if pooling not in (None, "mean", "cls"):
-        raise BuildError(f"pooling {pooling!r} is unsupported: choose mean or cls")
+    if pooling not in (None, *POOLINGS):
+        raise BuildError(f"pooling {pooling!r} is unsupported: choose {', '.join(POOLINGS)}")
     model_id = model_id or default_model_id(source)
     if source.kind == "onnx":
         return _plan_onnx(source, model_id, task, pooling, normalize, max_length, output)
@@ -129,7 +159,7 @@ def plan_build(
     unsupported_head = [
         a for a in classes if a.endswith(("ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice"))
     ]
-    if model_type not in ("bert", "mpnet"):
+    if model_type != "bert" and model_type not in TORCH_FAMILIES:
         raise BuildError(
             f"architecture {', '.join(classes) or '?'} (model_type {model_type or 'missing'}) is unsupported; "
             f"supported: {SUPPORTED}"
@@ -137,7 +167,7 @@ def plan_build(
     if unsupported_head:
         raise BuildError(f"head {unsupported_head[0]} is unsupported; supported: {SUPPORTED}")
     length = _max_length(source, config, max_length)
-    hidden = int(config["hidden_size"])
+    hidden = int(config.get("hidden_size") or config.get("dim") or 0)  # DistilBERT's config says dim
     st = source.st
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     if sklearn_head is not None:
@@ -155,9 +185,11 @@ def plan_build(
             pooling or st.pooling or "mean", bool(st.normalize) if normalize is None else normalize, length,
             len(labels), tuple(labels), "softmax", head_file=str(sklearn_head), label_map_file=str(label_map or ""),
         )  # fmt: skip
+    # A pair's second segment is type 1 where the model has token types (BERT, ELECTRA); RoBERTa's family,
+    # DeBERTa-v3, DistilBERT and ModernBERT read the pair from its separators alone.
+    typed = int(config.get("type_vocab_size", 0) or 0) > 1
+    pair_inputs = (*inputs, "token_type_ids") if typed else inputs
     if is_classifier:
-        if model_type != "bert":
-            raise BuildError(f"{classes[0]} is unsupported: sequence classification is exported for BERT only")
         id2label = config.get("id2label") or {}
         count = int(config.get("num_labels", len(id2label) or 2))
         rerank = task == "rerank" or (task is None and count == 1)
@@ -165,7 +197,7 @@ def plan_build(
             if count != 1:
                 raise BuildError(f"a cross-encoder for rerank has one logit; this head has {count}")
             return BuildPlan(
-                model_id, "bert", "rerank", "sequence_classification", (*inputs, "token_type_ids"), "logits",
+                model_id, model_type, "rerank", "sequence_classification", pair_inputs, "logits",
                 "logits", "none", False, length, 1, (), "sigmoid", pair=True,
             )  # fmt: skip
         if task not in (None, "classify"):
@@ -173,15 +205,24 @@ def plan_build(
         labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count))
         scoring = "sigmoid" if config.get("problem_type") == "multi_label_classification" else "softmax"
         return BuildPlan(
-            model_id, "bert", "classify", "sequence_classification", inputs, "logits", "logits", "none", False,
+            model_id, model_type, "classify", "sequence_classification", inputs, "logits", "logits", "none", False,
             length, count, labels, scoring,
         )  # fmt: skip
     if task not in (None, "embed"):
         raise BuildError(f"{model_type} encoder without a head serves task embed, not {task}")
+    pooled = pooling or st.pooling or "mean"
+    normalized = bool(st.normalize) if normalize is None else normalize
+    if st.dense:  # pooling and the Dense layers go into the graph: it answers sentence embeddings
+        if st.dense[0].in_features != hidden:
+            raise BuildError(f"{st.dense[0].weights.parent}: in_features {st.dense[0].in_features} != hidden {hidden}")
+        return BuildPlan(
+            model_id, model_type, "embed", "none", inputs, "sentence_embedding", "sentence_embedding", pooled,
+            normalized, length, st.dense[-1].out_features, prompts=dict(st.prompts),
+            default_prompt=st.default_prompt, dense=tuple(str(d.weights.parent) for d in st.dense),
+        )  # fmt: skip
     return BuildPlan(
-        model_id, model_type, "embed", "none", inputs, "last_hidden_state", "token_embeddings",
-        pooling or st.pooling or "mean", bool(st.normalize) if normalize is None else normalize, length, hidden,
-        prompts=dict(st.prompts),
+        model_id, model_type, "embed", "none", inputs, "last_hidden_state", "token_embeddings", pooled,
+        normalized, length, hidden, prompts=dict(st.prompts), default_prompt=st.default_prompt,
     )  # fmt: skip
 
 

@@ -38,15 +38,21 @@ WORD_EMBEDDINGS = "word_embeddings"
 
 
 def load_weights(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file (or a pytorch_model.bin, read with torch) as numpy arrays."""
+    """All tensors of a safetensors file (or a pytorch_model.bin, read with torch) as float32-or-integer numpy
+    arrays; bf16 and fp16 checkpoints (``dtype``/``torch_dtype`` in config.json) are widened to fp32."""
     if path.suffix == ".bin":
         import torch  # build-time only: a pickled checkpoint has no other reader
 
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}
+        return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
     from safetensors.numpy import load_file
 
-    return load_file(str(path))
+    try:
+        return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in load_file(str(path)).items()}
+    except TypeError:  # bfloat16 has no numpy dtype: torch reads it
+        from safetensors.torch import load_file as load_torch
+
+        return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in load_torch(str(path)).items()}
 
 
 def strip_prefix(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -10,7 +10,11 @@ are absent and so never checked.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
 
 from quantfn.modelbuild.errors import BuildGateError
 
@@ -24,6 +28,21 @@ GATED = {
 # all-mpnet-base-v2 ships 25.1 % of its fp32 graph. Hence a half-point allowance on the size ratio; a
 # recipe that quantized nothing still fails.
 SIZE_ALLOWANCE = 0.005
+
+
+def int8_floor(graph: Path) -> float:
+    """The smallest size ratio int8 storage can reach for this fp32 graph: every matrix one byte per value plus
+    a float scale per row, every vector (bias, norm) as it is. A small model's floor is above a quarter (a 32-wide
+    embedding row carries a 4-byte scale per 32 bytes), so its int8 rungs are held to the floor, not to 0.25."""
+    import onnx
+
+    total = floor = 0
+    for tensor in onnx.load(str(graph), load_external_data=False).graph.initializer:
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        size = count * (4 if tensor.data_type == onnx.TensorProto.FLOAT else 8)
+        total += size
+        floor += count + 4 * int(tensor.dims[0]) if len(tensor.dims) >= 2 else size
+    return floor / max(total, 1)
 
 
 @dataclass(frozen=True)
@@ -59,15 +78,20 @@ class Gate:
         fidelity: dict[str, float],
         retention: dict[str, float] | None = None,
         size_ratio: float | None = None,
+        size_floor: float = 0.0,
     ) -> None:
-        """Raise BuildGateError naming the first figure of ``task`` below its minimum: fidelity, then the
-        size ratio, then each task's retention (a classifier's against ``top1_agreement``)."""
+        """Raise BuildGateError naming the first figure of ``task`` below its minimum (or not finite): fidelity,
+        then the size ratio (against ``max_size_ratio`` or the graph's ``int8_floor``, whichever is higher), then
+        each task's retention (a classifier's against ``top1_agreement``)."""
+        for name, value in fidelity.items():
+            if not math.isfinite(value):
+                raise BuildGateError(model_id, name, value, 0.0, "finite, and >=")
         for metric in GATED[task]:
             minimum, value = getattr(self, metric), fidelity.get(metric)
             if minimum is not None and value is not None and value < minimum:
                 raise BuildGateError(model_id, metric, value, minimum)
         if size_ratio is not None and self.max_size_ratio is not None:
-            limit = self.max_size_ratio + SIZE_ALLOWANCE
+            limit = round(max(self.max_size_ratio, size_floor) + SIZE_ALLOWANCE, 4)
             if size_ratio > limit:
                 raise BuildGateError(model_id, "size_ratio_vs_fp32", size_ratio, limit, "<=")
         minimum = self.top1_agreement if task == "classify" else self.task_retention

@@ -16,14 +16,14 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from quantfn.modelbuild.errors import BuildGateError
-from quantfn.modelbuild.gate import Gate
+from quantfn.modelbuild.errors import BuildError, BuildGateError
+from quantfn.modelbuild.gate import Gate, int8_floor
 from quantfn.modelbuild.recipes import DEFAULT_LADDER, RECIPES, Calibration, Recipe, recipe_ladder
 
 if TYPE_CHECKING:
@@ -94,14 +94,21 @@ def fp32_graph(source: ModelSource, plan: BuildPlan, work_dir: Path, say: Callab
     elif plan.architecture == "onnx":
         model, _, _ = onnx_graph.load_conformed(source.weights, plan.output, source.tokenizer)
     else:
-        onnx_graph.export_with_torch(source.folder, plan.architecture, tmp)
-        model, _, _ = onnx_graph.conform(
-            onnx.load(str(tmp)), export.OUTPUT, onnx_graph.vocabulary_size(source.tokenizer)
-        )
+        tokens = "last_hidden_state" if plan.head == "none" else plan.output
+        onnx_graph.export_with_torch(source.folder, replace(plan, output=tokens), tmp, source.tokenizer)
+        vocab = onnx_graph.vocabulary_size(source.tokenizer)
+        model, _, _ = onnx_graph.conform(onnx.load(str(tmp)), tokens, vocab, padded_table=True)
     if plan.head == "sklearn-linear":
         coef, intercept, _ = heads.load_sklearn_linear(Path(plan.head_file), Path(plan.label_map_file or "") or None)
-        pooled = heads.append_mean_pool(model, export.OUTPUT, plan.normalize)
+        pooled = heads.append_pool(model, export.OUTPUT, plan.pooling, plan.normalize)
         heads.append_linear(model, pooled, coef, intercept)
+    if source.st.dense and plan.output_kind == "sentence_embedding":  # pool in the graph, then each Dense
+        x = heads.append_pool(model, export.OUTPUT, plan.pooling, normalize=False)
+        for i, dense in enumerate(source.st.dense):
+            weights = export.load_weights(dense.weights)
+            x = heads.append_dense(model, x, weights["linear.weight"], weights.get("linear.bias"), dense.activation,
+                                   f"dense{i}")  # fmt: skip
+        heads.set_output(model, x, plan.dimensions, plan.output)
     kept = [p for p in model.metadata_props if p.key != "quantfn.max_sequence_length"]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -148,14 +155,17 @@ def describe(source: ModelSource, plan: BuildPlan, tokenizer: Path) -> dict[str,
         "max_sequence_length": plan.max_length,
         "build": {"export_path": plan.export_path, "head": plan.head},
     }
-    if plan.task == "embed":
-        manifest.update(pooling=plan.pooling, normalize=plan.normalize)
+    if plan.task == "embed":  # a graph that pools itself (Dense modules after pooling) answers sentence embeddings
+        pooled = "none" if plan.output_kind == "sentence_embedding" else plan.pooling
+        manifest.update(pooling=pooled, normalize=plan.normalize)
     else:
         manifest.update(scoring=plan.scoring, pair=plan.pair)
     if plan.labels:
         manifest["labels"] = list(plan.labels)
     if plan.prompts:
         manifest["prompts"] = dict(plan.prompts)
+    if plan.default_prompt:
+        manifest["default_prompt"] = plan.default_prompt
     return manifest
 
 
@@ -261,6 +271,11 @@ def first_passing(
                 progress(f"{rung} missed the gate ({missed.metric} {missed.value:.6f}); trying {after}")
             if rejected is not None:
                 rejected.append({"recipe": rung, "metric": missed.metric, "value": round(missed.value, 6)})
+        except BuildError as cannot:  # the rung does not apply to this graph: say why and go on
+            if progress:
+                progress(f"{rung} cannot apply ({cannot}); trying {after}")
+            if rejected is not None:
+                rejected.append({"recipe": rung, "cannot_apply": str(cannot)})
     return build(ladder[-1], rejected)  # the last rung's failure is the build's
 
 
@@ -306,6 +321,7 @@ def build_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     graph = fp32_graph(source, plan, out_dir / ".work", say)
     original = fp32_original(out_dir / ".work", graph, source, plan)
+    floor = int8_floor(graph)
     cache = quality.cache_dir(quality_cache)
     calibration, gated = corpora.load(cache)
     texts = Texts(
@@ -314,8 +330,21 @@ def build_model(
     texts.record.update(calibration=calibration.record(), gate=gated.record())
     return first_passing(
         recipe,
+        # ``gate`` replaces the recipes' own, but the default ladder's last rung (fp32) always keeps its own:
+        # it is what publishes a model every int8 rung missed.
         lambda rung, rejected: _build_rung(
-            out_dir, source, plan, RECIPES[rung], graph, original, texts, gate, cache, say, rejected
+            out_dir,
+            source,
+            plan,
+            RECIPES[rung],
+            graph,
+            floor,
+            original,
+            texts,
+            None if recipe == "default" and rung == DEFAULT_LADDER[-1] else gate,
+            cache,
+            say,
+            rejected,
         ),
         progress,
     )
@@ -336,6 +365,7 @@ def _build_rung(
     plan: BuildPlan,
     chosen: Recipe,
     graph: Path,
+    size_floor: float,
     original: Path,
     texts: Texts,
     gate: Gate | None,
@@ -412,7 +442,7 @@ def _build_rung(
             "sentences": len(items),
             "gate": gate.as_dict(),
         }
-        gate.check(model_id, plan.task, fidelity, size_ratio=size_ratio)
+        gate.check(model_id, plan.task, fidelity, size_ratio=size_ratio, size_floor=size_floor)
         # The suite has embedding and classification tasks; a cross-encoder is held to its score fidelity alone.
         if gate.task_retention is not None and plan.task in ("embed", "classify"):
             say("task-quality suite against the fp32 original")

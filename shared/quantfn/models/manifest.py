@@ -15,7 +15,8 @@ Schema 3, the fields the runtime reads (everything else is kept in ``raw``)::
     inputs               ["input_ids", "attention_mask", "token_type_ids"?]   graph inputs, in order
     output               graph output the task reads
     output_kind          "token_embeddings" [B,S,D] | "sentence_embedding" [B,D] | "logits" [B,L]
-    pooling              embed: "mean" | "cls" | "none" (the graph already pooled: output_kind sentence_embedding)
+    pooling              embed: "mean" | "cls" | "max" | "mean_sqrt_len_tokens" | "lasttoken" | "none" (the graph
+                         already pooled: output_kind sentence_embedding)
     normalize            embed: L2-normalise the pooled vector
     dimensions           embed: vector size; classify: number of labels; rerank: 1
     max_sequence_length  tokens per input (per pair for rerank) after the tokenizer's own truncation
@@ -26,6 +27,7 @@ Schema 3, the fields the runtime reads (everything else is kept in ``raw``)::
                           "pair_template": "..."}   read from tokenizer.json by the build; the runtime
                           uses the tokenizer's own post-processor and truncation, so no token is a literal
     prompts              optional {"query": "query: ", "document": "passage: "} prefixes by input_type
+    default_prompt       optional prefix for texts without an input_type (sentence-transformers default_prompt_name)
     source               {"kind": "pypi" | "hf-folder" | "onnx", "upstream", "package", "version", ...}
     session              {"pre_optimized", "config", "dequantize_at_load"?}
     quantization, fidelity, quality, tools, deploy, size_ratio_vs_fp32   build records (reported, not used)
@@ -47,7 +49,7 @@ from quantfn.errors import IntegrityError, ModelUnavailable
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 3  # 2 added session.dequantize_at_load; 3 added tasks, pooling, labels, pairs, prompts
 TASKS = ("embed", "rerank", "classify")
-POOLINGS = ("mean", "cls", "none")
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len_tokens", "lasttoken", "none")
 OUTPUT_KINDS = ("token_embeddings", "sentence_embedding", "logits")
 SCORINGS = ("softmax", "sigmoid", "none")
 _CHUNK = 1 << 20

@@ -1,4 +1,5 @@
-"""Embeddings: pool the graph's token states (mean or CLS; or take the graph's own pooled output), L2-normalise.
+"""Embeddings: pool the graph's token states (mean, CLS, max, mean/sqrt(length), last token; or take the graph's
+own pooled output), L2-normalise.
 
 An ``input_type`` (``query`` or ``document``) puts the manifest's prompt for it in
 front of each text, as e5 and bge models expect; a model without prompts
@@ -22,6 +23,22 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return summed / np.clip(weights.sum(axis=1, keepdims=True), 1e-9, None)
 
 
+def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """``hidden`` [B, S, D] pooled over the real tokens as sentence-transformers pools (right padding)."""
+    if mode == "none":
+        return hidden
+    if mode == "cls":
+        return hidden[:, 0, :]
+    if mode == "max":
+        return np.where(mask[:, :, None].astype(bool), hidden, np.float32(-1e9)).max(axis=1)
+    if mode == "lasttoken":
+        return hidden[np.arange(len(hidden)), np.maximum(mask.sum(axis=1) - 1, 0)]
+    pooled = mean_pool(hidden, mask)
+    if mode == "mean_sqrt_len_tokens":  # the sum over sqrt(length)
+        pooled *= np.sqrt(np.clip(mask.sum(axis=1, keepdims=True), 1e-9, None)).astype(pooled.dtype)
+    return pooled
+
+
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
 
@@ -34,7 +51,9 @@ class EmbedPipeline(Pipeline):
         return self.manifest.dimensions
 
     def prompted(self, texts: Sequence[str], input_type: str | None) -> list[str]:
-        """``texts`` with the manifest's prompt for ``input_type`` in front (unchanged without one)."""
+        """``texts`` with the manifest's prompt for ``input_type`` in front (none given: its default prompt, if any)."""
+        if input_type is None and self.manifest.raw.get("default_prompt"):
+            return [str(self.manifest.raw["default_prompt"]) + text for text in texts]
         return apply_prompt(self.manifest.prompts, texts, input_type, self.manifest.model_id)
 
     def encode_texts(self, texts: Sequence[str], input_type: str | None = None) -> Encoded:
@@ -45,8 +64,7 @@ class EmbedPipeline(Pipeline):
         return self.forward(self.encode_texts(texts, input_type))
 
     def postprocess(self, output: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        pooling = self.manifest.pooling
-        pooled = output if pooling == "none" else output[:, 0, :] if pooling == "cls" else mean_pool(output, mask)
+        pooled = pool(output, mask, self.manifest.pooling)
         if self.manifest.normalize:
             pooled = l2_normalize(pooled)
         return pooled.astype(np.float32, copy=False)
