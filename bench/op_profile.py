@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     texts = corpora.load(quality.cache_dir())[1].texts[:640]
     tokenizer = load_tokenizer(args.model / "tokenizer.json")
-    encoded = [e.ids for e in tokenizer.encode_batch(texts)]
+    encoded = [e.ids[:256] for e in tokenizer.encode_batch(texts)]  # the runtime truncates at 256 too
     order = np.argsort([len(i) for i in encoded], kind="stable")
     batch32 = [[encoded[j] for j in order[i : i + 32]] for i in range(0, len(order), 32)]
     batch1 = [[encoded[j]] for j in range(200)]
