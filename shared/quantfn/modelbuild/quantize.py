@@ -322,7 +322,11 @@ def per_token_int8(
     divided by the SmoothQuant factor: the whole range seen, nothing clipped), uint8 codes
     ``0 .. 2 * activation_zero - 1``: ``x -> QuantizeLinear(x, s, z) -> MatMulIntegerToFloat(.., s, w_scale,
     z, bias)``. No per-token ops, and the bias rides in the kernel (exact with a scalar ``a_scale``). Still
-    batch invariant: a constant scale depends on no other text.
+    batch invariant: a constant scale depends on no other text. Their channels are centred on the calibration
+    mid-range and smoothed by half-width (``static_alpha``, else ``alpha``), see ``_quantize_static``.
+
+    An input the op before it bounds from below (a GELU's, ``_FLOORS``) is quantized per token above that
+    floor with every uint8 code (``_quantize_floored``), not symmetrically.
     """
     from onnx import helper
 
