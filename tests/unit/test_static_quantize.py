@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -58,13 +60,16 @@ def test_a_projection_after_layernorm_gets_one_calibrated_scale_and_its_bias_ins
     ranges = {"h": (calibration.min(axis=0), calibration.max(axis=0))}
     per_token_int8(model, hessians=hessians | {"g": np.eye(N)}, weight_max=63, static=["proj"], ranges=ranges)
 
-    kinds = [n.op_type for n in model.graph.node]
-    assert "Add" not in kinds  # the bias went into MatMulIntegerToFloat
+    names = [n.name for n in model.graph.node]
+    assert "proj.biased" not in names  # the bias (and the centre's c W) went into MatMulIntegerToFloat
     (kernel, _) = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
-    assert kernel.input[6] == "b" and kernel.output[0] == "out"
+    assert kernel.input[6] == "W.st.bias" and kernel.output[0] == "out"
     static = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.name.startswith("W."))
     scales = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     assert scales[static.input[1]].size == 1 and static.input[1] == kernel.input[2]
+    # centred and smoothed by a second LayerNormalization (its scale and bias adjusted), not a Mul and an Add
+    producer = next(n for n in model.graph.node if static.input[0] in n.output)
+    assert producer.op_type == "LayerNormalization" and producer.input[0] == "x" and producer.name != "ln"
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((32, K)).astype(np.float32)  # held-out tokens of the same kind
@@ -79,3 +84,26 @@ def test_a_projection_after_layernorm_gets_one_calibrated_scale_and_its_bias_ins
     (alone,) = session.run(["out"], {"x": x[:1]})
     (beside,) = session.run(["out"], {"x": wild})
     np.testing.assert_array_equal(alone[0], beside[0])
+
+
+def test_an_input_after_gelu_is_quantized_above_gelus_floor_with_every_code() -> None:
+    """Per token, ``g - floor >= 0``: codes 0..255 (zero point 0, no Abs), and ``floor * colsum(W)`` back on."""
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
+    model = _graph(weight, np.zeros(N, np.float32), np.ones(K, np.float32), np.zeros(K, np.float32))
+    w2 = (rng.standard_normal((N, N)) / np.sqrt(N)).astype(np.float32)
+    next(t for t in model.graph.initializer if t.name == "W2").CopyFrom(numpy_helper.from_array(w2, "W2"))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", N]))
+    x = rng.standard_normal((400, K)).astype(np.float32)
+    h = _layer_norm(x.astype(np.float64), 1, 0)
+    g = (h @ weight) * 0.5 * (1 + np.vectorize(math.erf)(h @ weight / np.sqrt(2)))
+    per_token_int8(model, hessians={"h": h.T @ h, "g": g.T @ g}, weight_max=63)
+
+    assert not [n for n in model.graph.node if n.op_type == "Abs" and n.name.startswith("W2")]
+    floored = next(n for n in model.graph.node if n.name == "W2.ft.q")
+    assert len(floored.input) == 2  # no zero point: uint8 codes from 0
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (z,) = session.run(["z"], {"x": x[:64]})
+    want = g[:64] @ w2
+    cosine = (z * want).sum(1) / np.linalg.norm(z, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.999  # a missing floor * colsum(W) would shift every output

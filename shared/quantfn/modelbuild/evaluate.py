@@ -4,8 +4,9 @@ Every figure a build is gated on comes from here. The staged model and its fp32
 original (``pipeline.fp32_original``) answer the same items through the runtime's
 own task pipeline (tokenizer, truncation, length-sorted sub-batches, the session as
 the manifest says, pooling, normalisation, prompts left out), and ``compare`` measures
-the one against the other with the pure ``metrics``. Items are the fidelity corpus:
-texts for embed and classify, (query, document) pairs made from it for rerank.
+the one against the other with the pure ``metrics``. Items are the gate corpus
+(``corpora``, never fitted to): texts for embed and classify, (query, document) pairs
+made from it for rerank.
 """
 
 from __future__ import annotations
@@ -92,10 +93,11 @@ def compare(task: str, got: np.ndarray, want: np.ndarray, scoring: str = "none")
     ``scoring`` (a classifier's manifest's) turns logits into the probabilities the API serves.
     """
     if task == "embed":
-        mean, low = metrics.cosine_stats(got, want)
+        cos = metrics.cosines(got, want)
         return {
-            "cosine_mean": mean,
-            "cosine_min": low,
+            "cosine_mean": float(cos.mean()),
+            "cosine_p1": float(np.percentile(cos, 1)),
+            "cosine_min": float(cos.min()),
             "spearman": metrics.spearman_pairwise(got, want),
             "recall_at_5": metrics.recall_at_k(got, want, 5),
         }

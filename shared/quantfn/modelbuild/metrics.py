@@ -14,11 +14,16 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def cosine_stats(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """Mean and minimum of the row-wise cosine between two ``[n, d]`` arrays."""
+def cosines(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The row-wise cosine between two ``[n, d]`` arrays."""
     if candidate.shape != reference.shape:
         raise ValueError(f"shape mismatch: {candidate.shape} vs {reference.shape}")
-    cos = (normalize(candidate) * normalize(reference)).sum(axis=1)
+    return (normalize(candidate) * normalize(reference)).sum(axis=1)
+
+
+def cosine_stats(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Mean and minimum of the row-wise cosine between two ``[n, d]`` arrays."""
+    cos = cosines(candidate, reference)
     return float(cos.mean()), float(cos.min())
 
 

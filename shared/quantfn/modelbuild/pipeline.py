@@ -16,7 +16,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -304,17 +304,17 @@ def build_model(
     ``source`` defaults to the packaged default model, ``plan`` to what ``plan_build`` decides for it
     (``model_id`` overrides the id, which otherwise carries a named recipe's name). ``recipe`` ``default``
     publishes the first recipe of ``DEFAULT_LADDER`` that passes the gate (the manifest names it and what
-    was rejected on the way); ``gate`` overrides the recipe's gate. Fidelity is measured on the fidelity
-    corpus (its first ``corpus_size`` texts, for tests of tiny models) against the fp32 original; the
+    was rejected on the way); ``gate`` overrides the recipe's gate. Recipes calibrate on the calibration
+    corpus; fidelity is measured on the gate corpus (``corpora``: its first ``corpus_size`` texts, a mix of
+    every kind, for tests of tiny models) against the fp32 original; the
     task-quality suite runs with its data cached in ``quality_cache`` (default ``$QUANTFN_QUALITY_CACHE``).
     An embedder's manifest also gets the int8 ranges of its output, calibrated on the calibration texts, for
     its own size and each of ``matryoshka`` (the sizes it was trained to serve; ``embedding_ranges``).
     Raises BuildError for an unknown recipe or a source it cannot build, BuildGateError (nothing
     published) when the gate is missed. An existing folder of the same id is replaced only on success.
     """
-    from quantfn.modelbuild import embedding_ranges, evaluate, quality
+    from quantfn.modelbuild import corpora, embedding_ranges, evaluate, quality
     from quantfn.modelbuild.architectures import default_model_id, plan_build
-    from quantfn.modelbuild.reference import load_corpus
     from quantfn.modelbuild.source import locate_source
 
     source = source or locate_source()
@@ -325,10 +325,14 @@ def build_model(
     graph = fp32_graph(source, plan, out_dir / ".work", say)
     original = fp32_original(out_dir / ".work", graph, source, plan)
     floor = int8_floor(graph)
-    items = evaluate.items_for(plan.pair, load_corpus()[:corpus_size])
     cache = quality.cache_dir(quality_cache)
     if matryoshka:
         embedding_ranges.check_sizes(matryoshka, plan.dimensions)
+    calibration, gated = corpora.load(cache)
+    texts = Texts(
+        evaluate.items_for(plan.pair, calibration.texts), evaluate.items_for(plan.pair, gated.texts[:corpus_size])
+    )
+    texts.record.update(calibration=calibration.record(), gate=gated.record())
     manifest = first_passing(
         recipe,
         # ``gate`` replaces the recipes' own, but the default ladder's last rung (fp32) always keeps its own:
@@ -341,7 +345,7 @@ def build_model(
             graph,
             floor,
             original,
-            items,
+            texts,
             None if recipe == "default" and rung == DEFAULT_LADDER[-1] else gate,
             cache,
             say,
@@ -349,10 +353,19 @@ def build_model(
         ),
         progress,
     )
-    if plan.task == "embed":  # calibrated on the texts the recipe calibrates on (the even half)
+    if plan.task == "embed":  # calibrated on the texts the recipe calibrates on, never on the gate's
         say("calibrating the int8 ranges of the embeddings")
-        manifest = embedding_ranges.add_to_published(out_dir / plan.model_id, items[0::2], matryoshka)
+        manifest = embedding_ranges.add_to_published(out_dir / plan.model_id, texts.calibration, matryoshka)
     return manifest
+
+
+@dataclass
+class Texts:
+    """What a build fits to (``calibration``) and what its gate measures (``gate``): never a shared sentence."""
+
+    calibration: list[Any]
+    gate: list[Any]
+    record: dict[str, Any] = field(default_factory=dict)  # the manifest's ``corpora``
 
 
 def _build_rung(
@@ -363,7 +376,7 @@ def _build_rung(
     graph: Path,
     size_floor: float,
     original: Path,
-    items: list[Any],
+    texts: Texts,
     gate: Gate | None,
     cache: Path,
     say: Callable[[str], None],
@@ -387,7 +400,7 @@ def _build_rung(
         manifest = describe(source, plan, staging / "tokenizer.json")
         start_graph = graph if keep is None else pruned_graph(graph, keep)
         say(f"applying recipe {chosen.name}: {chosen.description}")
-        feeds = lambda: calibration_feeds(staging, manifest, items[0::2])  # noqa: E731 - calibrate on the even half
+        feeds = lambda: calibration_feeds(staging, manifest, texts.calibration)  # noqa: E731
         chosen.apply(start_graph, model_path, Calibration(start_graph, feeds))
         dequantize: dict[str, Any] | None = None
         if chosen.dequantize_at_load:
@@ -427,12 +440,14 @@ def _build_rung(
             deploy=deployment_fit(sum(entry["size"] for entry in files.values())),
         )
         _write_manifest(staging, manifest)
-        say(f"evaluating on {len(items)} items against the fp32 original (size {size_ratio:.1%} of fp32)")
+        items = texts.gate
+        say(f"evaluating on {len(items)} gate items against the fp32 original (size {size_ratio:.1%} of fp32)")
         fidelity = evaluate.measure(staging, original, items, cache)
+        manifest["corpora"] = texts.record
         manifest["fidelity"] = {
             **fidelity,
             "reference": "the fp32 original (the exported graph), through the runtime's task pipeline",
-            "corpus": "fidelity_corpus.txt",
+            "corpus": "gate",
             "sentences": len(items),
             "gate": gate.as_dict(),
         }

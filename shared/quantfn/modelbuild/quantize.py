@@ -169,14 +169,17 @@ def _replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -
     tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
 
 
-def _fold_into_values(model: onnx.ModelProto, x: str, factor: np.ndarray, weight_scales: dict[str, str]) -> bool:
-    """Scale the attention context ``x`` per channel by ``factor`` upstream, in its value projection.
+def _fold_into_values(
+    model: onnx.ModelProto, x: str, factor: np.ndarray, weight_scales: dict[str, str], shift: np.ndarray | None = None
+) -> bool:
+    """Make the attention context ``x`` into ``(x - shift) * factor`` per channel upstream, in its value projection.
 
     ``x`` is the output of a ``MultiHeadAttention`` whose values are the last third of a ``Split`` of
     a quantized projection (the BERT writer's packed QKV). The context's channel ``j`` is a convex
     combination of value channel ``j``, so multiplying value column ``j`` (its per-column weight scale
     and its bias) by ``factor[j]`` multiplies the context's channel ``j`` by it exactly: the
-    SmoothQuant division of the output projection's input costs no pass over the activations.
+    SmoothQuant division of the output projection's input costs no pass over the activations. The weights
+    of a convex combination sum to 1, so ``shift`` comes off the value bias just as exactly.
     Returns ``False`` (nothing changed) for any other shape of graph.
     """
     from onnx import numpy_helper
@@ -222,7 +225,7 @@ def _fold_into_values(model: onnx.ModelProto, x: str, factor: np.ndarray, weight
     if sizes[2] != factor.size or scale.shape != (sum(sizes),) or bias.shape != scale.shape:
         return False
     scale[start:] *= factor
-    bias[start:] *= factor
+    bias[start:] = (bias[start:] - (0 if shift is None else shift)) * factor
     _replace_initializer(model, scale_name, scale.astype(np.float32))
     _replace_initializer(model, bias_name, bias.astype(np.float32))
     return True
@@ -292,6 +295,7 @@ def per_token_int8(
     unsigned_weights: bool = False,
     static: Iterable[str] = (),
     ranges: Ranges | None = None,
+    static_alpha: float | None = None,
 ) -> None:
     """W8A8 with one dynamic activation scale per token and one weight scale per channel.
 
@@ -318,7 +322,11 @@ def per_token_int8(
     divided by the SmoothQuant factor: the whole range seen, nothing clipped), uint8 codes
     ``0 .. 2 * activation_zero - 1``: ``x -> QuantizeLinear(x, s, z) -> MatMulIntegerToFloat(.., s, w_scale,
     z, bias)``. No per-token ops, and the bias rides in the kernel (exact with a scalar ``a_scale``). Still
-    batch invariant: a constant scale depends on no other text.
+    batch invariant: a constant scale depends on no other text. Their channels are centred on the calibration
+    mid-range and smoothed by half-width (``static_alpha``, else ``alpha``), see ``_quantize_static``.
+
+    An input the op before it bounds from below (a GELU's, ``_FLOORS``) is quantized per token above that
+    floor with every uint8 code (``_quantize_floored``), not symmetrically.
     """
     from onnx import helper
 
@@ -353,7 +361,12 @@ def per_token_int8(
         if hessians is not None:
             h = hessians[x]
             rms = np.sqrt(np.maximum(np.diag(h) / max(h.shape[0], 1), 1e-12))
-            smooth = rms**alpha / np.maximum(np.abs(weight).max(axis=1), 1e-8) ** (1 - alpha)
+            spread = rms
+            if node.name in static:
+                assert ranges is not None
+                spread = np.maximum((ranges[x][1] - ranges[x][0]) / 2, 1e-6)
+            strength = static_alpha if static_alpha is not None and node.name in static else alpha
+            smooth = spread**strength / np.maximum(np.abs(weight).max(axis=1), 1e-8) ** (1 - strength)
             smooth /= np.exp(np.log(smooth).mean())
             w_q, w_scale = gptq_int8(weight * smooth[:, None], h / np.outer(smooth, smooth), qmax=weight_max)
         else:
@@ -365,6 +378,10 @@ def per_token_int8(
             assert smooth is not None and ranges is not None
             low, high = ranges[x]
             _quantize_static(model, node, smooth, low, high, w_q, weight_scales, 2 * activation_zero - 1, w_zp)
+            continue
+        floor = _floor_of(model, x)
+        if floor is not None:
+            _quantize_floored(model, node, floor, smooth, w_q, weight_scales[y], 2 * activation_zero - 1, w_zp, blocked)
             continue
         prefix: list[onnx.NodeProto] = []
         key = x if smooth is None else name
@@ -437,9 +454,158 @@ def per_token_int8(
             helper.make_node("Mul", [y + ".w", x_scale], [y], name=y),
         ]
         _replace(model, node, prefix + body)
+    used = {i for n in model.graph.node for i in n.input}
+    for unused in [t for t in model.graph.initializer if t.name.startswith("pt.") and t.name not in used]:
+        model.graph.initializer.remove(unused)  # the shared per-token constants, where no input is per token
 
 
 Ranges = dict[str, tuple[np.ndarray, np.ndarray]]
+
+# The least value an activation can take: GELU's minimum is -0.16997 (erf form; the tanh form's is within
+# 1e-4 of it), ReLU's 0. A per-token scale over ``x - floor`` (never negative) spends every uint8 code on
+# the values the input can take, where a symmetric scale spends half of them on negatives it never has.
+GELU_FLOOR = -0.1701
+_FLOORS = {
+    ("Gelu", ""): GELU_FLOOR,
+    ("Gelu", "com.microsoft"): GELU_FLOOR,
+    ("FastGelu", "com.microsoft"): GELU_FLOOR,
+    ("BiasGelu", "com.microsoft"): GELU_FLOOR,
+    ("Relu", ""): 0.0,
+}
+
+
+def _floor_of(model: onnx.ModelProto, x: str) -> float | None:
+    """The least value ``x`` can take where the op producing it bounds it from below (``_FLOORS``), else None."""
+    producer = next((n for n in model.graph.node if x in n.output), None)
+    return None if producer is None else _FLOORS.get((producer.op_type, producer.domain))
+
+
+def _quantize_floored(
+    model: onnx.ModelProto,
+    node: onnx.NodeProto,
+    floor: float,
+    smooth: np.ndarray | None,
+    w_q: np.ndarray,
+    w_scale: str,
+    levels: int,
+    w_zp: str | None,
+    blocked: bool,
+) -> None:
+    """Per-token uint8 codes ``0 .. levels`` of ``(x - floor) / smooth`` (zero point 0) into the kernel.
+
+    ``y = x W = ((x - floor) / s) (s W) + floor * colsum(W)``: the kernel takes the shifted input, and the
+    constant ``floor * colsum(W)`` (of the rounded weights) joins the bias that follows, or a new Add.
+    Per token: ``max`` (no ``Abs``: the shifted input is never negative), one scale ``max / levels``.
+    Twice the resolution of a symmetric scale over an input whose negatives are this small.
+    """
+    from onnx import helper, numpy_helper
+
+    x, name, y = node.input[0], node.input[1], node.output[0]
+    smooth = np.ones(w_q.shape[0]) if smooth is None else smooth
+    p = name + ".ft"
+    prefix = [
+        helper.make_node(
+            "Mul", [x, _add(model, p + ".smooth", (1 / smooth).astype(np.float32))], [p + ".s"], name=p + ".s"
+        )
+    ]
+    shifted = p + ".s"
+    if floor:
+        shift = (-floor / smooth).astype(np.float32)
+        prefix.append(helper.make_node("Add", [shifted, _add(model, p + ".shift", shift)], [p + ".in"], name=p + ".in"))
+        shifted = p + ".in"
+    axes = [_add(model, p + ".axes", np.array([-1], np.int64))] if blocked else []
+    prefix += [
+        helper.make_node(
+            "ReduceMax",
+            [shifted, *axes],
+            [p + ".max"],
+            name=p + ".max",
+            keepdims=1,
+            **({} if blocked else {"axes": [-1]}),
+        ),
+        helper.make_node(
+            "Max", [p + ".max", _add(model, p + ".tiny", np.array(1e-8, np.float32))], [p + ".range"], name=p + ".range"
+        ),
+        helper.make_node(
+            "Div",
+            [p + ".range", _add(model, p + ".levels", np.array(float(levels), np.float32))],
+            [p + ".scale"],
+            name=p + ".scale",
+        ),
+    ]
+    zero = _add(model, p + ".zp", np.array(0, np.uint8))
+    if blocked:
+        whole_row = np.iinfo(np.int32).max
+        prefix.append(
+            helper.make_node(
+                "QuantizeLinear", [shifted, p + ".scale"], [p + ".q"], name=p + ".q", axis=-1, block_size=whole_row
+            )
+        )
+    else:
+        prefix += [
+            helper.make_node("Div", [shifted, p + ".scale"], [p + ".scaled"], name=p + ".scaled"),
+            helper.make_node(
+                "QuantizeLinear",
+                [p + ".scaled", _add(model, p + ".one", np.array(1.0, np.float32)), zero],
+                [p + ".q"],
+                name=p + ".q",
+            ),
+        ]
+    body = [
+        helper.make_node(
+            "MatMulIntegerToFloat",
+            [
+                p + ".q",
+                _add(model, name + ".q", w_q),
+                _add(model, p + ".unit", np.array(1.0, np.float32)),
+                w_scale,
+                zero,
+                *([w_zp] if w_zp else []),
+            ],
+            [y + ".w"],
+            name=y + ".w",
+            domain="com.microsoft",
+        ),
+        helper.make_node("Mul", [y + ".w", p + ".scale"], [y], name=y),
+    ]
+    if floor:
+        scales = numpy_helper.to_array(_initializers(model)[w_scale]).astype(np.float64)
+        rounded = (w_q.astype(np.float64) - (128 if w_zp else 0)) * scales / smooth[:, None]
+        body[-1].output[0] = y + ".shifted"
+        body.append(
+            helper.make_node(
+                "Add",
+                [y + ".shifted", _add(model, p + ".offset", (floor * rounded.sum(axis=0)).astype(np.float32))],
+                [y],
+                name=y + ".offset",
+            )
+        )
+    _replace(model, node, prefix + body)
+    if floor:
+        _fold_offset(model, y + ".offset")
+
+
+def _fold_offset(model: onnx.ModelProto, name: str) -> None:
+    """Merge the constant Add ``name`` into the constant-bias Add that alone follows it, where there is one."""
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    offset = next(n for n in model.graph.node if n.name == name)
+    users = [n for n in model.graph.node if offset.output[0] in n.input]
+    if len(users) != 1 or users[0].op_type != "Add" or users[0].domain not in ("", "ai.onnx"):
+        return
+    other = [i for i in users[0].input if i != offset.output[0]]
+    uses = Counter(i for n in model.graph.node for i in n.input)
+    if len(other) != 1 or other[0] not in inits or uses[other[0]] != 1:
+        return
+    bias = numpy_helper.to_array(inits[other[0]])
+    extra = numpy_helper.to_array(inits[offset.input[1]])
+    if bias.shape != extra.shape:
+        return
+    _replace_initializer(model, other[0], (bias.astype(np.float64) + extra).astype(np.float32))
+    users[0].input[list(users[0].input).index(offset.output[0])] = offset.input[0]
+    model.graph.initializer.remove(inits[offset.input[1]])
+    _replace(model, offset, [])
 
 
 # Ops whose outputs keep a steady range from token to token (normalized, or averages of values): the
@@ -487,28 +653,48 @@ def _quantize_static(
     levels: int,
     w_zp: str | None,
 ) -> None:
-    """Put ``QuantizeLinear(x / smooth, s, z) -> MatMulIntegerToFloat(+ bias)`` where projection ``node`` is."""
+    """Put ``QuantizeLinear((x - c) / smooth, s, z) -> MatMulIntegerToFloat(+ bias + c W)`` where ``node`` is.
+
+    ``c`` is each channel's mid-range on the calibration tokens: centred, every channel spans about
+    ``±half-width / smooth``, so the one scale is set by the widest half-width, not by the channel whose
+    values sit furthest from zero (LayerNorm's beta moves whole channels by up to 14 in all-MiniLM-L6-v2's
+    ffn_in, three times their half-width). ``(x - c) W = x W - c W``: the constant ``c W`` (of the rounded
+    weights) joins the bias in the kernel; ``(x - c) / smooth`` itself costs no pass of its own where ``x``
+    is a LayerNormalization's (a second one with its scale and bias so adjusted makes it) or an attention's
+    context (on the value bias), else one Mul and one Add.
+    """
     from onnx import helper, numpy_helper
 
     x, name, y = node.input[0], node.input[1], node.output[0]
-    # x / smooth spans [min(low / smooth), max(high / smooth)] on the calibration tokens (smooth > 0).
-    lowest = min(float((low / smooth).min()), 0.0)
-    highest = max(float((high / smooth).max()), 0.0)
+    center = (low + high) / 2
+    # (x - c) / smooth spans [min((low - c) / smooth), max((high - c) / smooth)] on the calibration tokens.
+    lowest = min(float(((low - center) / smooth).min()), 0.0)
+    highest = max(float(((high - center) / smooth).max()), 0.0)
     scale = max(highest - lowest, 1e-8) / levels
     zero = int(np.clip(np.rint(-lowest / scale), 0, levels))
     p = name + ".st"
     prefix: list[onnx.NodeProto] = []
-    if not _fold_into_values(model, x, 1 / smooth, weight_scales):
-        prefix.append(
+    normalized = _renormalized(model, x, 1 / smooth, center, p + ".in")
+    if normalized is not None:
+        prefix.append(normalized)
+        x = p + ".in"
+    elif not _fold_into_values(model, x, 1 / smooth, weight_scales, shift=center):
+        prefix += [
             helper.make_node(
-                "Mul", [x, _add(model, p + ".smooth", (1 / smooth).astype(np.float32))], [p + ".in"], name=p + ".in"
-            )
-        )
+                "Mul", [x, _add(model, p + ".smooth", (1 / smooth).astype(np.float32))], [p + ".s"], name=p + ".s"
+            ),
+            helper.make_node(
+                "Add",
+                [p + ".s", _add(model, p + ".center", (-center / smooth).astype(np.float32))],
+                [p + ".in"],
+                name=p + ".in",
+            ),
+        ]
         x = p + ".in"
     a_scale = _add(model, p + ".scale", np.array(scale, np.float32))
     a_zero = _add(model, p + ".zp", np.array(zero, np.uint8))
     prefix.append(helper.make_node("QuantizeLinear", [x, a_scale, a_zero], [p + ".q"], name=p + ".q"))
-    inputs = [p + ".q", _add(model, name + ".q", w_q), a_scale, weight_scales[y], a_zero]
+    inputs = [p + ".q", _add(model, name + ".q", w_q), a_scale, weight_scales[y], a_zero, w_zp or ""]
     # The bias that follows folds into the kernel: an Add's (attn_out, ffn_out, an unfused BiasGelu's), or the
     # one a MultiHeadAttention adds to the packed q, k, v it gets through a Split (qkv): onnxruntime's CPU
     # attention with a bias input ran 5-8 % of the whole model slower at batch 1 than without one.
@@ -523,14 +709,16 @@ def _quantize_static(
         attention = _attention_of_split(model, users[0])
         if attention is not None:
             bias_name = attention.input[3]
+    bias = np.zeros(w_q.shape[1])
     if bias_name:
-        bias = numpy_helper.to_array(inits[bias_name])
-        if bias.shape != (w_q.shape[1],) or bias.dtype != np.float32:
-            out, bias_add, attention, bias_name = y, None, None, ""
-    if w_zp or bias_name:
-        inputs.append(w_zp or "")
-    if bias_name:
-        inputs.append(bias_name)
+        found = numpy_helper.to_array(inits[bias_name])
+        if found.shape != (w_q.shape[1],) or found.dtype != np.float32:
+            out, bias_add, attention = y, None, None
+        else:
+            bias = found.astype(np.float64)
+    w_scale = numpy_helper.to_array(inits[weight_scales[y]]).astype(np.float64)
+    rounded = (w_q.astype(np.float64) - (128 if w_zp else 0)) * w_scale / smooth[:, None]
+    inputs.append(_add(model, p + ".bias", (bias + center @ rounded).astype(np.float32)))
     kernel = helper.make_node("MatMulIntegerToFloat", inputs, [out], name=y + ".w", domain="com.microsoft")
     _replace(model, node, [*prefix, kernel])
     if bias_add is not None:
@@ -538,6 +726,46 @@ def _quantize_static(
     if attention is not None:  # found again: _replace rebuilt the node list
         context = attention.output[0]
         next(n for n in model.graph.node if n.output and n.output[0] == context).input[3] = ""
+    uses = Counter(i for n in model.graph.node for i in n.input)
+    if bias_name and not uses[bias_name]:
+        model.graph.initializer.remove(_initializers(model)[bias_name])
+
+
+def _renormalized(
+    model: onnx.ModelProto, x: str, factor: np.ndarray, center: np.ndarray, out: str
+) -> onnx.NodeProto | None:
+    """A LayerNormalization computing ``(x - center) * factor`` from the input of the one that makes ``x``.
+
+    ``LN(h; g, b) = n(h) g + b``, so ``(LN(h) - c) f = n(h) (g f) + (b - c) f``: one op instead of a Mul and
+    an Add after the original (which stays: the residual path needs it). None where ``x`` is not the output
+    of a LayerNormalization with constant scale and bias over the last axis.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = _initializers(model)
+    node = next((n for n in model.graph.node if n.output and n.output[0] == x), None)
+    if node is None or node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
+        return None
+    if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
+        return None
+    if any(a.name == "axis" and a.i != -1 for a in node.attribute):
+        return None
+    gamma = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    beta = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+    if gamma.shape != factor.shape or beta.shape != factor.shape:
+        return None
+    copy = helper.make_node(
+        "LayerNormalization",
+        [
+            node.input[0],
+            _add(model, out + ".scale", (gamma * factor).astype(np.float32)),
+            _add(model, out + ".bias", ((beta - center) * factor).astype(np.float32)),
+        ],
+        [out],
+        name=out,
+    )
+    copy.attribute.extend(node.attribute)
+    return copy
 
 
 def _attention_of_split(model: onnx.ModelProto, split: onnx.NodeProto) -> onnx.NodeProto | None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from quantfn.modelbuild.quantize import Ranges
 
 MAX_SEQUENCE_LENGTH = 256
+CALIBRATION = "the calibration corpus (quantfn.modelbuild.corpora; the manifest's corpora.calibration)"
 
 
 class Calibration:
@@ -131,7 +132,13 @@ def _int8_static(src: Path, dst: Path, calibration: Calibration) -> None:
         src,
         dst,
         lambda m: q.per_token_int8(
-            m, hessians=hessians, alpha=0.75, weight_max=63, static=q.normalized_projections(m), ranges=ranges
+            m,
+            hessians=hessians,
+            alpha=0.5,
+            static_alpha=0.75,
+            weight_max=63,
+            static=q.normalized_projections(m),
+            ranges=ranges,
         ),
         q.embedding_int8,
         lambda m: q.position_table_int8(m, max_positions(m)),
@@ -190,7 +197,7 @@ RECIPES: dict[str, Recipe] = {
             "weights": "int8 per-output-channel, GPTQ, input-channel equalisation",
             "activations": "fp32",
             "embeddings": "int8 per-row",
-            "calibration": "even-indexed half of fidelity_corpus.txt",
+            "calibration": CALIBRATION,
         },
         pre_optimize=False,
         # onnxruntime would otherwise fuse DequantizeLinear+MatMul into 8-bit MatMulNBits with int8
@@ -219,7 +226,7 @@ RECIPES: dict[str, Recipe] = {
     "fp16": Recipe(
         "fp16",
         "fp16 weights, fp32 inputs/outputs (for the GPU container; slow on CPU)",
-        Gate(0.999, 0.999, 0.998, None, 0.55),
+        Gate(0.999, 0.999, 0.998, None, 0.55, cosine_p1=0.998),
         _fp16,
         {"weights": "fp16"},
     ),
@@ -233,7 +240,7 @@ RECIPES: dict[str, Recipe] = {
             "weights": "int8 per-output-channel, SmoothQuant alpha 0.5, GPTQ",
             "activations": "int8 dynamic per token",
             "embeddings": "int8 per-row",
-            "calibration": "even-indexed half of fidelity_corpus.txt",
+            "calibration": CALIBRATION,
         },
     ),
     "int8-token7": Recipe(
@@ -248,22 +255,25 @@ RECIPES: dict[str, Recipe] = {
             "weights": "int7 in int8 storage, per-output-channel, SmoothQuant alpha 0.5, GPTQ",
             "activations": "int8 dynamic per token",
             "embeddings": "int8 per-row",
-            "calibration": "even-indexed half of fidelity_corpus.txt",
+            "calibration": CALIBRATION,
         },
     ),
     "int8-static": Recipe(
         "int8-static",
         "W7A8 with static activation scales where activations keep a steady range: the projections fed by a "
-        "LayerNormalization or an attention (qkv, attn_out, ffn_in) take one calibrated scale and zero point "
-        "each (the whole calibration range, no clipping) and their bias inside the kernel; the ones after GELU "
-        "(ffn_out) keep per-token dynamic scales. SmoothQuant alpha 0.75, GPTQ 7-bit weights; batch invariant",
+        "LayerNormalization or an attention (qkv, attn_out, ffn_in) take each channel centred on its calibration "
+        "mid-range (on a second LayerNormalization or the value bias) and smoothed by its half-width (alpha 0.75), "
+        "then one calibrated scale and zero point (the whole calibration range), their bias inside the kernel; the "
+        "ones after GELU (ffn_out) keep per-token scales over the input shifted by GELU's floor (uint8 0..255, "
+        "SmoothQuant alpha 0.5). GPTQ 7-bit weights; batch invariant",
         Gate(),
         _int8_static,
         {
-            "weights": "int7 in int8 storage, per-output-channel, SmoothQuant alpha 0.75, GPTQ",
-            "activations": "int8 static per tensor after LayerNorm and attention, dynamic per token after GELU",
+            "weights": "int7 in int8 storage, per-output-channel, SmoothQuant (alpha 0.75 static, 0.5 per token), GPTQ",
+            "activations": "uint8 static per tensor (channels centred) after LayerNorm and attention, "
+            "per token above GELU's floor after GELU",
             "embeddings": "int8 per-row",
-            "calibration": "even-indexed half of fidelity_corpus.txt",
+            "calibration": CALIBRATION,
         },
     ),
     "int8-mixed": Recipe(
@@ -278,7 +288,7 @@ RECIPES: dict[str, Recipe] = {
             "activations": "int8 dynamic per token in half the projections, fp32 in the half with the largest "
             "input outliers (peak over root-mean-square on the calibration texts)",
             "embeddings": "int8 per-row",
-            "calibration": "even-indexed half of fidelity_corpus.txt",
+            "calibration": CALIBRATION,
         },
         pre_optimize=False,
         session_config={"session.disable_quant_qdq": "1"},
@@ -288,7 +298,7 @@ RECIPES: dict[str, Recipe] = {
         "int8-dynamic",
         "onnxruntime quantize_dynamic: per-channel int8 weights, per-tensor dynamic activations; fastest, "
         "NOT batch invariant (measured cosine 0.9924, recall@5 0.863, batch invariance 0.981)",
-        Gate(0.99, 0.99, 0.97, None, 0.25),
+        Gate(0.99, 0.99, 0.97, None, 0.25, cosine_p1=0.97),
         _int8_dynamic,
         {
             "weights": "int8 per-output-channel",
@@ -301,13 +311,13 @@ RECIPES: dict[str, Recipe] = {
         "int4",
         "MatMulNBits 4-bit symmetric blocks of 32, GPTQ-rounded, accuracy_level 4 (int8 compute); int8 embeddings "
         "(smallest; measured cosine 0.986, recall@5 0.83)",
-        Gate(0.98, 0.98, 0.96, 0.9999, 0.21),
+        Gate(0.98, 0.98, 0.96, 0.9999, 0.21, cosine_p1=0.96),
         _int4,
         {
             "weights": "int4 block 32 symmetric (MatMulNBits), GPTQ",
             "accuracy_level": 4,
             "embeddings": "int8 per-row",
-            "calibration": "even-indexed half of fidelity_corpus.txt",
+            "calibration": CALIBRATION,
         },
     ),
 }
