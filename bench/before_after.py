@@ -4,7 +4,8 @@
 
 The earlier commit is checked out into build/bench-base (git worktree); both serve the same default model
 files (``--schema2``: for a base from before manifest schema 3, its folder gets them under a schema 2
-manifest). Used for the many-models change (base a61b563, --schema2) and the task/route reshape (base 46f2764).
+manifest), or the base serves its own build of the model (``--base-models``: code and model against code and
+model). Used for the many-models change (base a61b563, --schema2) and the task/route reshape (base 46f2764).
 Rounds alternate which version goes first; each round is one fresh process per version (cold start to the
 first answer, then warm batch-32 passes through the handler). Reported: medians of per-round ratios
 (this / base) of cold start and of warm throughput. Writes bench/before_after.json.
@@ -74,13 +75,16 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", default="46f2764")
     parser.add_argument("--schema2", action="store_true", help="the base reads manifest schema 2 only")
+    parser.add_argument(
+        "--base-models", type=Path, help="the base serves this models root (its own build); default: the same files"
+    )
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
     models = REPO / "build" / "models"
     base = base_checkout(args.base)
-    base_models = schema2_models(models) if args.schema2 else models
+    base_models = args.base_models or (schema2_models(models) if args.schema2 else models)
     cold, warm = [], []
     for round_ in range(args.rounds):
         runs = {}
@@ -100,6 +104,7 @@ def main() -> int:
         "base": args.base,
         "threads": args.threads,
         "rounds": args.rounds,
+        "models": "the base's own build" if args.base_models else "the same files",
         "cold_start_ratio_median": round(statistics.median(cold), 4),
         "warm_throughput_ratio_median": round(statistics.median(warm), 4),
         "cold_start_ratios": [round(r, 4) for r in cold],

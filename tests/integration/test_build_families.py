@@ -281,3 +281,23 @@ def test_given_a_sentence_transformers_folder_when_built_then_the_api_answers_as
     got = np.array([item["embedding"] for item in json.loads(reply["body"])["data"]])
     want = model.encode(TEXTS, prompt_name="query", convert_to_numpy=True)
     assert got.shape == (len(TEXTS), 16) and _cosine(got, want).min() >= 0.9999
+
+
+def test_given_each_family_and_head_when_inspected_then_it_says_what_the_build_would_make(
+    checkpoints, tokenizers: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from quantfn.cli import main
+
+    # Given every family x head folder, When inspected, Then the plan names the family, the task and its export
+    for (family, head), folder in checkpoints.items():
+        assert main(["inspect", str(folder)]) == 0, family
+        printed = capsys.readouterr().out
+        assert f"architecture  {family}" in printed and f"task          {head}" in printed, printed
+        assert "max length" in printed and "export:" in printed
+    # Given a head the build does not serve, When inspected, Then it refuses naming the head, and builds nothing
+    config = transformers.AutoConfig.for_model("bert", vocab_size=_vocab(tokenizers["bert"]), **SMALL, num_labels=3)
+    unsupported = tmp_path / "token-classifier"
+    transformers.BertForTokenClassification(config).save_pretrained(unsupported)
+    shutil.copy(tokenizers["bert"], unsupported / "tokenizer.json")
+    assert main(["inspect", str(unsupported)]) == 2
+    assert "BertForTokenClassification" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from typing import Any
 
 from quantfn.modelbuild.errors import BuildError
 from quantfn.modelbuild.source import ModelSource
+from quantfn.models.manifest import POOLINGS as RUNTIME_POOLINGS
 
 # model_type -> the number of positions its position ids skip (RoBERTa's count from padding_idx + 1).
 TORCH_FAMILIES = {
@@ -53,7 +54,8 @@ EXPORT_PATHS = {
     "bert": "torch-free graph writer (quantfn.modelbuild.export)",
     "onnx": "pass-through (one output kept, embedding table renamed)",
 }
-POOLINGS = ("mean", "cls", "max", "mean_sqrt_len_tokens", "lasttoken")
+#: The poolings a build may choose: the runtime's, less "none" (a graph's own pooled output, not a choice).
+POOLINGS = tuple(mode for mode in RUNTIME_POOLINGS if mode != "none")
 
 
 @dataclass(frozen=True)
