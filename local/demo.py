@@ -78,6 +78,11 @@ def run_demo(models_root: Path, repo: Path) -> int:
             summary = f"{payload['error']['code']}: {payload['error']['message'][:80]}"
         elif payload.get("object") == "list" and payload.get("data") and "embedding" in payload["data"][0]:
             summary = f"{len(payload['data'])} embeddings ({payload['usage']['prompt_tokens']} tokens)"
+        elif "embeddings" in payload:  # Cohere embed: each type's first values
+            by_type = payload["embeddings"]
+            by_type = by_type if isinstance(by_type, dict) else {"float": by_type}  # v1 without types: floats
+            firsts = [f"{kind} {_head(rows[0])}" for kind, rows in by_type.items()]
+            summary = f"{len(payload['texts'])} texts: " + "; ".join(firsts)
         elif "results" in payload:  # rerank: the best document and its score
             best = payload["results"][0]
             summary = (
@@ -122,3 +127,10 @@ def run_demo(models_root: Path, repo: Path) -> int:
         f"({32000 / statistics.median(warm32):.0f} inputs/s, {get_registry().settings.runtime.threads} threads)"
     )
     return 0
+
+
+def _head(row: list | str) -> str:
+    """The first values of one embedding (or the start of a base64 one), for a line of the demo."""
+    if isinstance(row, str):
+        return row[:12] + "..."
+    return "[" + ", ".join(f"{value:.3g}" for value in row[:3]) + ", ...]"
