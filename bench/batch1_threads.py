@@ -39,7 +39,8 @@ def plain(threads: int, **config: str) -> Any:
 
 def default(threads: int, **config: str) -> Any:
     manifest = Manifest.read(DEFAULT)
-    manifest = dataclasses.replace(manifest, session_config={**manifest.session_config, **config})
+    session = dataclasses.replace(manifest.session, config={**manifest.session_config, **config})
+    manifest = dataclasses.replace(manifest, session=session)
     return open_session(DEFAULT / "model.onnx", manifest, threads)
 
 

@@ -5,7 +5,8 @@
 A SYSTEM is a model folder (opened as the runtime opens it: ``quantfn.tasks.open_pipeline``, tokenization
 and pooling included), ``plain:FOLDER`` (plain onnxruntime, default SessionOptions, on that folder's
 ``model.onnx``, mean pooling in numpy: what an ONNX user runs), ``intra:FOLDER`` or ``data:FOLDER`` (the
-runtime with that ``parallelism``; a bare FOLDER gets the runtime's default, ``auto``) or ``st``
+runtime with that ``parallelism``; a bare FOLDER gets the runtime's default, ``auto``; a classifier's folder
+is timed classifying) or ``st``
 (sentence-transformers fp32 on the default model's weights, needs the reference extra). Five rounds,
 every system once per round; ratios are medians of per-round ratios against the first system (noise on a
 shared host hits all alike).
@@ -24,7 +25,7 @@ import numpy as np
 
 from bench.measure import Isolated, corpus_batches, paired_ratio, timed
 from quantfn.models.manifest import Manifest
-from quantfn.tasks import open_pipeline
+from quantfn.tasks import ClassifyPipeline, open_pipeline
 
 Embed = Callable[[list[str]], object]
 
@@ -70,7 +71,8 @@ def open_system(arg: str, threads: int) -> tuple[str, Embed]:
     parallelism, _, path = arg.partition(":") if arg.startswith(("intra:", "data:")) else ("auto", "", arg)
     folder = Path(path)
     name = str(folder) if parallelism == "auto" else arg
-    return name, open_pipeline(folder, Manifest.read(folder), threads, parallelism=parallelism).embed
+    pipeline = open_pipeline(folder, Manifest.read(folder), threads, parallelism=parallelism)
+    return name, pipeline.classify if isinstance(pipeline, ClassifyPipeline) else pipeline.embed
 
 
 class System:

@@ -123,9 +123,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from quantfn.modelbuild.standalone import write_standalone
+    from quantfn.models.manifest import Manifest
 
     path = write_standalone(Path(args.model_dir), Path(args.out))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): a standalone ONNX model for plain onnxruntime")
+    if (cascade := Manifest.read(Path(args.model_dir)).cascade) is not None:
+        print(
+            f"note: this model is a cascade; the file is its int8 graph alone. quantfn answers the inputs whose logits "
+            f"are within {cascade.margin:g} of another decision with {cascade.file}, which the file does not hold."
+        )
     return 0
 
 

@@ -45,9 +45,10 @@ def estimate_memory_bytes(manifest: Manifest, sessions: int = 1) -> int:
     if isinstance(measured, int) and measured > 0:
         return measured
     total = 0
-    weights = manifest.dequantize_at_load.file if manifest.dequantize_at_load else None
+    graphs = [manifest.session, *([manifest.cascade.session] if manifest.cascade else [])]
+    weights = {graph.dequantize_at_load.file for graph in graphs if graph.dequantize_at_load}
     for name, entry in manifest.files.items():
-        factor = 3 if name == "tokenizer.json" else (9 if name == weights else 2) * sessions
+        factor = 3 if name == "tokenizer.json" else (9 if name in weights else 2) * sessions
         total += entry.size * factor
     return total
 

@@ -8,6 +8,7 @@ and compared with torch on the same tokens. Seconds, not minutes: 2 layers of 32
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -160,6 +161,44 @@ def test_given_a_sequence_classifier_when_built_then_labels_and_logits_equal_tor
     want = _torch(transformers.BertForSequenceClassification, checkpoints["classifier"], ids).logits.numpy()
     assert logits.shape == (len(TEXTS), 3)
     np.testing.assert_allclose(logits, want, atol=1e-4)
+
+
+def test_given_the_cascade_recipe_when_a_classifier_is_built_then_its_near_ties_are_answered_by_the_second_graph(
+    checkpoints, tmp_path: Path
+) -> None:
+    from quantfn.models.session import open_session
+    from quantfn.tasks import open_pipeline
+    from quantfn.tasks.classify import near_ties
+
+    built, manifest = _build(tmp_path, checkpoints["classifier"], recipe="int8-cascade")
+    cascade, record = manifest.cascade, manifest.raw["cascade"]
+    assert manifest.schema == 4 and cascade is not None and cascade.file == "fallback.onnx"
+    assert {"fallback.onnx", "fallback.weights.bin"} <= set(manifest.files) and "weights.bin" not in manifest.files
+    assert record["recipe"] == "int8-weight" and cascade.session.dequantize_at_load is not None
+    assert cascade.margin > 0 and record["calibration"]["texts"] > 0
+    assert manifest.raw["fidelity"]["top1_agreement"] >= 0.99
+
+    texts = [f"{a} {b} {c}" for a in ("cold", "the fox", "tax") for b in ("starts", "is", "runs") for c in TEXTS]
+    first = open_session(built / "model.onnx", manifest, threads=1)
+    second = open_session(built / cascade.file, manifest, threads=1, session=cascade.session)
+
+    def alone(session, text: str) -> np.ndarray:  # one text, no padding: the graph's own answer
+        feed = {name: array for name, array in _run(built, manifest, [text])[1].items() if name in manifest.inputs}
+        return session.run([manifest.output], feed)[0][0]
+
+    main = np.stack([alone(first, text) for text in texts])
+    # A random tiny head barely depends on its input (every gap near the same value): serve it with its
+    # margin at the median gap, so that the runtime sends half of these texts to each graph.
+    top = np.sort(main, axis=1)
+    gaps = top[:, -1] - top[:, -2]
+    served = dataclasses.replace(manifest, cascade=dataclasses.replace(cascade, margin=float(np.median(gaps))))
+    tied = near_ties(main, "softmax", served.cascade.margin)
+    assert tied.any() and not tied.all()  # both graphs answer some of these
+    want = np.where(tied[:, None], np.stack([alone(second, text) for text in texts]), main)
+    assert np.abs(want - main).max() > 1e-4  # the two graphs' answers are told apart at the tolerance below
+    got = open_pipeline(built, served, threads=2).classify(texts, raw_scores=True)
+    clear = np.abs(gaps - served.cascade.margin) > 1e-5  # not on the margin's edge (float noise)
+    np.testing.assert_allclose(got[clear], want[clear], atol=1e-5)
 
 
 def test_given_a_one_logit_cross_encoder_when_built_then_pair_scores_equal_torch(checkpoints, out) -> None:

@@ -225,7 +225,7 @@ def test_given_each_family_and_head_when_built_with_the_default_ladder_then_it_p
     for head in HEADS:
         manifest = built[family, head, "default"]
         quantization = manifest.raw["quantization"]
-        assert quantization["recipe"] in ("int8-static", "int8-token7", "int8-weight", "fp32")
+        assert quantization["recipe"] in ("int8-static", "int8-token7", "int8-cascade", "int8-weight", "fp32")
         assert "chosen_by" in quantization and isinstance(quantization["rejected"], list)
         figures = {k: v for k, v in manifest.fidelity.items() if isinstance(v, float)}
         assert figures and all(np.isfinite(list(figures.values())))

@@ -62,7 +62,7 @@ def test_a_reranker_reads_pairs() -> None:
         ({"task": "embed", "output": "x", "dimensions": 8, "pooling": "weightedmean"}, "'pooling' must be one of"),
         ({"task": "classify", "output": "x", "labels": ["a"], "output_kind": "token_embeddings"}, "output_kind"),
         ({"task": "embed", "output": "x", "dimensions": 8, "files": {"model.onnx": FILES["model.onnx"]}}, "tokenizer"),
-        ({"task": "embed", "output": "x", "dimensions": 8, "schema": 4}, "newer"),
+        ({"task": "embed", "output": "x", "dimensions": 8, "schema": 5}, "newer"),
         ({"task": "embed", "output": "x", "dimensions": 8, "files": {**FILES, "w": HUGE}}, "infinity"),
     ],
 )

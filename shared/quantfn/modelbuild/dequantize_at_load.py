@@ -81,8 +81,8 @@ def optimize(path: Path, config: dict[str, str]) -> Path:
     return optimized_path
 
 
-def pre_optimize(path: Path, config: dict[str, str]) -> dict[str, Any]:
-    """Rewrite ``path`` optimized (``optimize``) and write ``weights.bin`` beside it.
+def pre_optimize(path: Path, config: dict[str, str], weights_file: str = WEIGHTS_FILE) -> dict[str, Any]:
+    """Rewrite ``path`` optimized (``optimize``) and write its int8 weights beside it (``weights_file``).
 
     Returns the manifest's ``session.dequantize_at_load`` object.
     """
@@ -130,15 +130,15 @@ def pre_optimize(path: Path, config: dict[str, str]) -> dict[str, Any]:
         init.ClearField("raw_data")
         init.data_location = onnx.TensorProto.EXTERNAL
         del init.external_data[:]
-        for key, value in (("location", WEIGHTS_FILE), ("offset", "0"), ("length", STUB_LENGTH)):
+        for key, value in (("location", weights_file), ("offset", "0"), ("length", STUB_LENGTH)):
             entry = init.external_data.add()
             entry.key, entry.value = key, value
-        init.doc_string = f"quantfn: int8 in {WEIGHTS_FILE}, dequantized at load (manifest session.dequantize_at_load)"
+        init.doc_string = f"quantfn: int8 in {weights_file}, dequantized at load (manifest session.dequantize_at_load)"
     if not tensors:
         raise BuildError("nothing to dequantize at load: the graph has no folded int8 weights")
-    (path.parent / WEIGHTS_FILE).write_bytes(b"".join(blobs))
+    (path.parent / weights_file).write_bytes(b"".join(blobs))
     onnx.save_model(optimized, str(path))
-    return {"file": WEIGHTS_FILE, "tensors": tensors}
+    return {"file": weights_file, "tensors": tensors}
 
 
 __all__ = ["WEIGHTS_FILE", "optimize", "pre_optimize"]

@@ -56,10 +56,11 @@ def answers(pipeline: Pipeline, items: list[Item]) -> np.ndarray:
 
 def _key(folder: Path, part: str, items: list[Item]) -> str:
     """A cache key for one model's answers on one part: the files' digests (as the manifest lists them), the
-    session, the items."""
+    session and cascade, the items."""
     manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
     files = sorted((name, entry["sha256"]) for name, entry in manifest["files"].items())
-    payload = json.dumps([PROTOCOL, files, manifest.get("session", {}), items], sort_keys=True)
+    how = [manifest.get("session", {})] + ([manifest["cascade"]] if "cascade" in manifest else [])
+    payload = json.dumps([PROTOCOL, files, *how, items], sort_keys=True)
     return f"{part}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
 
 

@@ -139,10 +139,10 @@ def pruned_graph(fp32_path: Path, keep: np.ndarray) -> Path:
 def describe(source: ModelSource, plan: BuildPlan, tokenizer: Path) -> dict[str, Any]:
     """The manifest fields a plan decides (what the model is and how to run it), before any file is written."""
     from quantfn.modelbuild.vocab import tokenizer_facts
-    from quantfn.models.manifest import SCHEMA_VERSION
+    from quantfn.models.manifest import BASE_SCHEMA
 
     manifest: dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
+        "schema": BASE_SCHEMA,
         "model_id": plan.model_id,
         "task": plan.task,
         "architecture": plan.architecture,
@@ -384,9 +384,10 @@ def _build_rung(
 ) -> dict[str, Any]:
     import onnx
 
-    from quantfn.modelbuild import dequantize_at_load, evaluate, quality
+    from quantfn.modelbuild import cascade, dequantize_at_load, evaluate, quality
+    from quantfn.modelbuild.dequantize_at_load import WEIGHTS_FILE
     from quantfn.modelbuild.vocab import prunable, write_tokenizer
-    from quantfn.models.manifest import FileEntry, describe_file, weights_size
+    from quantfn.models.manifest import CASCADE_SCHEMA, FileEntry, describe_file, weights_size
 
     gate = gate or chosen.gate
     started = time.perf_counter()
@@ -399,17 +400,41 @@ def _build_rung(
         keep = write_tokenizer(source.tokenizer, staging / "tokenizer.json", prune, plan.max_length)
         manifest = describe(source, plan, staging / "tokenizer.json")
         start_graph = graph if keep is None else pruned_graph(graph, keep)
-        say(f"applying recipe {chosen.name}: {chosen.description}")
+        if chosen.cascade and plan.task != "classify":
+            raise BuildError(f"{chosen.name} serves classifiers (a {plan.task} model has no decision to keep)")
         feeds = lambda: calibration_feeds(staging, manifest, texts.calibration)  # noqa: E731
-        chosen.apply(start_graph, model_path, Calibration(start_graph, feeds))
-        dequantize: dict[str, Any] | None = None
-        if chosen.dequantize_at_load:
-            say("saving the optimized graph with its weights int8 (dequantized at load)")
-            dequantize = dequantize_at_load.pre_optimize(model_path, chosen.session_config)
-            pre_optimized = True
-        else:
-            pre_optimized = chosen.pre_optimize and _pre_optimize(model_path, chosen.session_config)
-        names = ["model.onnx", "tokenizer.json"] + ([dequantize["file"]] if dequantize else [])
+        calibration = Calibration(start_graph, feeds)
+
+        def write_graph(recipe: Recipe, path: Path, weights_file: str = WEIGHTS_FILE) -> dict[str, Any]:
+            """``recipe`` applied to ``start_graph`` at ``path``, saved as the runtime loads it: its session record."""
+            say(f"applying recipe {recipe.name}: {recipe.description}")
+            recipe.apply(start_graph, path, calibration)
+            if recipe.dequantize_at_load:
+                say(f"saving the optimized graph with its weights int8 in {weights_file} (dequantized at load)")
+                dequantize = dequantize_at_load.pre_optimize(path, recipe.session_config, weights_file)
+                return {"pre_optimized": True, "config": dict(recipe.session_config), "dequantize_at_load": dequantize}
+            optimized = recipe.pre_optimize and _pre_optimize(path, recipe.session_config)
+            return {"pre_optimized": optimized, "config": dict(recipe.session_config)}
+
+        session = write_graph(chosen, model_path)
+        cascade_record = None
+        if chosen.cascade:
+            second = RECIPES[chosen.cascade]
+            say(f"cascade: {second.name} for the near ties; measuring the margin on the calibration texts")
+            cascade_record = cascade.build(
+                staging,
+                second.name,
+                lambda path, weights_file: write_graph(second, path, weights_file),
+                session,
+                start_graph,
+                calibration.feeds(),
+                manifest["output"],
+                manifest["scoring"],
+            )
+        graphs = [session] + ([cascade_record["session"]] if cascade_record else [])
+        names = ["model.onnx", "tokenizer.json"]
+        names += [cascade_record["file"]] if cascade_record else []
+        names += [graph["dequantize_at_load"]["file"] for graph in graphs if "dequantize_at_load" in graph]
         files = {name: describe_file(staging / name) for name in names}
         entries = {name: FileEntry(**entry) for name, entry in files.items()}
         # What ships, against the full fp32 export (pruned rows included); the tokenizer is not counted.
@@ -430,11 +455,8 @@ def _build_rung(
                 **_chosen_by(rejected),
             },
             opset=opset,
-            session={
-                "pre_optimized": pre_optimized,
-                "config": dict(chosen.session_config),
-                **({"dequantize_at_load": dequantize} if dequantize else {}),
-            },
+            session=session,
+            **({"cascade": cascade_record, "schema": CASCADE_SCHEMA} if cascade_record else {}),
             tools=_tool_versions(),
             size_ratio_vs_fp32=round(size_ratio, 4),
             deploy=deployment_fit(sum(entry["size"] for entry in files.values())),
@@ -451,7 +473,9 @@ def _build_rung(
             "sentences": len(items),
             "gate": gate.as_dict(),
         }
-        gate.check(model_id, plan.task, fidelity, size_ratio=size_ratio, size_floor=size_floor)
+        # a cascade ships two graphs of the model: its floor is twice one graph's
+        floor = size_floor * (2 if cascade_record else 1)
+        gate.check(model_id, plan.task, fidelity, size_ratio=size_ratio, size_floor=floor)
         # The suite has embedding and classification tasks (a cross-encoder is held to its score fidelity alone);
         # every build of one records it, and the gate holds it to the recipe's minimums where it has them.
         if plan.task in ("embed", "classify"):

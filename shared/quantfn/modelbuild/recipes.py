@@ -30,13 +30,20 @@ class Calibration:
     def __init__(self, fp32_path: Path, feeds: Callable[[], list[dict[str, np.ndarray]]]) -> None:
         self._fp32_path = fp32_path
         self._feeds = feeds
+        self._fed: list[dict[str, np.ndarray]] | None = None
         self._statistics: tuple[dict[str, np.ndarray], Ranges] | None = None
+
+    def feeds(self) -> list[dict[str, np.ndarray]]:
+        """The graph inputs of the calibration texts, as the runtime feeds them (made once)."""
+        if self._fed is None:
+            self._fed = self._feeds()
+        return self._fed
 
     def _collected(self) -> tuple[dict[str, np.ndarray], Ranges]:
         if self._statistics is None:
             from quantfn.modelbuild.quantize import collect_statistics
 
-            self._statistics = collect_statistics(str(self._fp32_path), self._feeds())
+            self._statistics = collect_statistics(str(self._fp32_path), self.feeds())
         return self._statistics
 
     def hessians(self) -> dict[str, np.ndarray]:
@@ -64,6 +71,8 @@ class Recipe:
     dequantize_at_load: bool = False
     # Drop unreachable vocabulary rows (renumbers tokenizer.json; see ``vocab``).
     prune_vocab: bool = True
+    # A classifier's second graph, this recipe's name, for the inputs near a tie (``modelbuild.cascade``).
+    cascade: str | None = None
 
 
 def max_positions(model: Any) -> int:
@@ -276,6 +285,23 @@ RECIPES: dict[str, Recipe] = {
             "calibration": CALIBRATION,
         },
     ),
+    "int8-cascade": Recipe(
+        "int8-cascade",
+        "classifiers: int8-static for every input, and int8-weight (fp32 compute) for the inputs whose int8 logits "
+        "are within a margin of another decision (top-1 minus top-2 logit; a sigmoid logit's distance from 0); "
+        "the margin is the 99.5th percentile, on the calibration texts, of what the int8 graph's logit moves took "
+        "from another label against the int8 winner",
+        # two graphs of the model ship: twice one int8 graph's size
+        Gate(max_size_ratio=0.5),
+        _int8_static,
+        {
+            "weights": "int7 in int8 storage (int8-static), and int8 per-output-channel (int8-weight) for near ties",
+            "activations": "as int8-static; fp32 for the near ties",
+            "embeddings": "int8 per-row",
+            "calibration": CALIBRATION,
+        },
+        cascade="int8-weight",
+    ),
     "int8-mixed": Recipe(
         "int8-mixed",
         "mixed: half the projections W8A8 (per-token dynamic int8 activations, SmoothQuant 0.5, GPTQ), the half "
@@ -325,11 +351,13 @@ RECIPES: dict[str, Recipe] = {
 # ``default`` is not one recipe but the first of these that passes the model's gate: W7A8 with static
 # scales where activations keep a steady range needs no per-token ops there (fewest kernels: the fastest
 # single text, bench/QUANTIZATION.md round 9); W7A8 with every scale per token is next; where int8
-# activations cost more than the gate allows (the intent classifier flips 2 % of near-tied decisions)
-# the model is published weight-only, fp32 compute, as fast as fp32 and closest to it. The last rung, fp32,
+# activations cost more than the gate allows (the intent classifier flips 2 % of near-tied decisions), a
+# classifier gets the cascade: int8-static for every input, weight-only for its near ties (an embedder cannot
+# apply it and moves on); then the model is published weight-only, fp32 compute, as fast as fp32 and closest
+# to it. The last rung, fp32,
 # always publishes: a valid model is never refused because no int8 rung passed (the manifest's ``rejected``
 # says what each missed, or why it could not apply).
-DEFAULT_LADDER = ("int8-static", "int8-token7", "int8-weight", "fp32")
+DEFAULT_LADDER = ("int8-static", "int8-token7", "int8-cascade", "int8-weight", "fp32")
 RECIPE_NAMES = ("default", *RECIPES)
 
 

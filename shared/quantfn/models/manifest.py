@@ -1,13 +1,14 @@
-"""The model manifest (schema 3): what a model folder is, how to run it, how to verify it.
+"""The model manifest (schema 4): what a model folder is, how to run it, how to verify it.
 
 A model folder is ``manifest.json`` and exactly the files it lists (``model.onnx``,
 ``tokenizer.json``, and ``weights.bin`` when the graph was saved pre-optimized
 with its big fp32 weights kept int8, ``session.dequantize_at_load``). The runtime
 dispatches on the manifest alone; nothing about one checkpoint is in code.
 
-Schema 3, the fields the runtime reads (everything else is kept in ``raw``)::
+Schema 4, the fields the runtime reads (everything else is kept in ``raw``)::
 
-    schema               3
+    schema               4 (3 without a cascade: a folder without one is written as schema 3, which older
+                         runtimes read)
     model_id             "all-minilm-l6-v2"            folder name; [A-Za-z0-9._-]
     task                 "embed" | "rerank" | "classify"
     architecture         "bert" | "mpnet" | "onnx" ...  what the build exported (informational)
@@ -35,6 +36,10 @@ Schema 3, the fields the runtime reads (everything else is kept in ``raw``)::
                           texts; int8/uint8 embeddings scale by them (absent: a model built before them, no int8)
     source               {"kind": "pypi" | "hf-folder" | "onnx", "upstream", "package", "version", ...}
     session              {"pre_optimized", "config", "dequantize_at_load"?}
+    cascade              classify, optional: {"file": "fallback.onnx", "margin", "recipe", "session": {...}}: inputs
+                         whose logits from model.onnx are within ``margin`` of a different decision (top-1 minus
+                         top-2 logit for softmax, the smallest |logit| for sigmoid) are run again by the graph
+                         ``file`` (its own ``session`` object, as above) and answered from it
     quantization, fidelity, quality, tools, deploy, size_ratio_vs_fp32   build records (reported, not used)
 
 Schema 1 and 2 folders (the embedder built before schema 3) still load: their
@@ -52,7 +57,9 @@ from typing import Any
 from quantfn.errors import IntegrityError, ModelUnavailable
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 3  # 2 added session.dequantize_at_load; 3 added tasks, pooling, labels, pairs, prompts
+SCHEMA_VERSION = 4  # 2 added session.dequantize_at_load; 3 added tasks, pooling, labels, pairs, prompts; 4 cascade
+CASCADE_SCHEMA = 4
+BASE_SCHEMA = 3  # what a build writes for a folder without a cascade (runtimes before schema 4 read it)
 TASKS = ("embed", "rerank", "classify")
 POOLINGS = ("mean", "cls", "max", "mean_sqrt_len_tokens", "lasttoken", "none")
 OUTPUT_KINDS = ("token_embeddings", "sentence_embedding", "logits")
@@ -131,6 +138,43 @@ class DequantizeAtLoad:
 
 
 @dataclass(frozen=True)
+class GraphSession:
+    """How one graph file of the folder is opened: ``session`` of the manifest (``model.onnx``) or of a cascade."""
+
+    pre_optimized: bool = False
+    config: dict[str, str] = field(default_factory=dict)
+    dequantize_at_load: DequantizeAtLoad | None = None
+
+    @classmethod
+    def from_dict(cls, session: dict[str, Any], files: dict[str, FileEntry]) -> GraphSession:
+        dequantize = session.get("dequantize_at_load")
+        return cls(
+            pre_optimized=bool(session.get("pre_optimized", False)),
+            config={str(k): str(v) for k, v in session.get("config", {}).items()},
+            dequantize_at_load=None if dequantize is None else DequantizeAtLoad.from_dict(dequantize, files),
+        )
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """``cascade``: a second graph that answers the inputs ``model.onnx`` leaves within ``margin`` of another
+    decision (a classifier's int8 graph, with its weight-only build for the near ties)."""
+
+    file: str
+    margin: float
+    session: GraphSession
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], files: dict[str, FileEntry]) -> Cascade:
+        name, margin = str(data["file"]), float(data["margin"])
+        if name not in files or name == "model.onnx" or not name.endswith(".onnx"):
+            raise ValueError(f"cascade 'file' must name another .onnx graph among the files, not {name!r}")
+        if not 0 <= margin < float("inf"):
+            raise ValueError(f"cascade 'margin' must be finite and not negative, got {margin!r}")
+        return cls(name, margin, GraphSession.from_dict(data.get("session", {}), files))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Parsed ``manifest.json``. ``raw`` keeps every field, known or not."""
 
@@ -156,14 +200,25 @@ class Manifest:
     embedding_ranges: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
     upstream: str = ""
     schema: int = SCHEMA_VERSION
-    pre_optimized: bool = False
-    session_config: dict[str, str] = field(default_factory=dict)
-    dequantize_at_load: DequantizeAtLoad | None = None
+    session: GraphSession = field(default_factory=GraphSession)
+    cascade: Cascade | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def total_size(self) -> int:
         return sum(entry.size for entry in self.files.values())
+
+    @property
+    def pre_optimized(self) -> bool:
+        return self.session.pre_optimized
+
+    @property
+    def session_config(self) -> dict[str, str]:
+        return self.session.config
+
+    @property
+    def dequantize_at_load(self) -> DequantizeAtLoad | None:
+        return self.session.dequantize_at_load
 
     @property
     def weights_size(self) -> int:
@@ -205,9 +260,10 @@ class Manifest:
             for needed in ("model.onnx", "tokenizer.json"):
                 if needed not in files:
                     raise ValueError(f"'files' must list {needed}")
-            session = data.get("session", {})
-            dequantize = session.get("dequantize_at_load")
             fields = _schema3_fields(data) if schema >= 3 else _schema2_fields(data)
+            cascade = data.get("cascade") if schema >= CASCADE_SCHEMA else None
+            if cascade is not None and fields["task"] != "classify":
+                raise ValueError("'cascade' is for classify models")
             return cls(
                 model_id=str(data["model_id"]),
                 files=files,
@@ -216,9 +272,8 @@ class Manifest:
                 output=str(data["output"]),
                 schema=schema,
                 upstream=str(data.get("source", {}).get("upstream", "")),
-                pre_optimized=bool(session.get("pre_optimized", False)),
-                session_config={str(k): str(v) for k, v in session.get("config", {}).items()},
-                dequantize_at_load=None if dequantize is None else DequantizeAtLoad.from_dict(dequantize, files),
+                session=GraphSession.from_dict(data.get("session", {}), files),
+                cascade=None if cascade is None else Cascade.from_dict(cascade, files),
                 raw=data,
                 **fields,
             )

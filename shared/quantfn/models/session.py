@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from quantfn.errors import IntegrityError
-from quantfn.models.manifest import DequantizeAtLoad, Manifest
+from quantfn.models.manifest import DequantizeAtLoad, GraphSession, Manifest
 from quantfn.tracing import subsegment
 
 
@@ -17,19 +17,25 @@ def cpu_only(providers: Sequence[str]) -> bool:
 
 
 def open_session(
-    model_file: Path, manifest: Manifest, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)
+    model_file: Path,
+    manifest: Manifest,
+    threads: int,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    session: GraphSession | None = None,
 ) -> Any:
-    """Create an InferenceSession for a model folder's ``model.onnx`` as its manifest says.
+    """Create an InferenceSession for a model folder's ``model.onnx`` as its manifest says (or for another graph
+    of the folder, ``model_file``, as ``session`` says: a cascade's).
 
     See ``create_session``; the build evaluates models through the same function.
     """
+    spec = session or manifest.session
     with subsegment("session_create", model=manifest.model_id):
         return create_session(
             model_file,
             threads=threads,
-            pre_optimized=manifest.pre_optimized,
-            config=manifest.session_config,
-            dequantize=manifest.dequantize_at_load,
+            pre_optimized=spec.pre_optimized,
+            config=spec.config,
+            dequantize=spec.dequantize_at_load,
             providers=providers,
         )
 

@@ -50,7 +50,9 @@ def open_pipeline(
     ``"intra"``: one session of ``threads`` intra-op threads, one piece of a batch at a time;
     ``"data"``: one session of one intra-op thread, ``threads`` pieces of a batch at once;
     ``"auto"``: ``"intra"``'s session for a request of one piece (one text is faster on every thread),
-    and a second session of one thread, made on the first request of more pieces, for those.
+    and a second session of one thread, made on the first request of more pieces, for those. A classifier's
+    ``cascade`` graph is opened on its first near tie: one session of one intra-op thread that ``threads`` pieces
+    of the near ties run on at once.
     """
     from quantfn.models.session import open_session
 
@@ -58,7 +60,7 @@ def open_pipeline(
     model_file = folder / "model.onnx"
     session = open_session(model_file, manifest, 1 if mode == "data" else threads, providers)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder / "tokenizer.json")
-    return PIPELINES[manifest.task](
+    pipeline = PIPELINES[manifest.task](
         session,
         tokenizer,
         manifest,
@@ -66,6 +68,19 @@ def open_pipeline(
         workers=1 if mode == "intra" else threads,
         open_piece_session=(lambda: open_session(model_file, manifest, 1, providers)) if mode == "auto" else None,
     )
+    if isinstance(pipeline, ClassifyPipeline) and (cascade := manifest.cascade) is not None:
+        # One intra-op thread, pieces of the near ties at once on ``threads`` workers: a second session with a
+        # thread pool of its own would contend with the first's spinning workers (2.3x slower for one text on
+        # two vCPUs, bench/QUANTIZATION.md round 13). Another provider runs the second graph as the first.
+        cpu = cpu_only(providers)
+        pipeline.open_cascade = lambda: ClassifyPipeline(
+            open_session(folder / cascade.file, manifest, 1 if cpu else threads, providers, cascade.session),
+            tokenizer,
+            manifest,
+            batch_size,
+            workers=threads if cpu else 1,
+        )
+    return pipeline
 
 
 __all__ = [

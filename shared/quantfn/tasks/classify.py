@@ -1,18 +1,21 @@
 """Classification: the graph's logits -> softmax (single-label) or sigmoid (multi-label) scores per label.
 
-``activate`` is the one place scores are made from logits (a cross-encoder's relevance too).
+``activate`` is the one place scores are made from logits (a cross-encoder's relevance too). A model with
+a ``cascade`` (manifest) runs its int8 graph on every input and its second graph on the few whose logits are
+within the cascade's margin of another decision (``near_ties``): int8 arithmetic where it cannot change the
+answer, the weight-only graph where it could.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from quantfn.errors import BadRequest, UpstreamFailed
-from quantfn.tasks.base import Pipeline
+from quantfn.tasks.base import Encoded, Pipeline
 from quantfn.tasks.task import Forward, Task, Tokens, reply_list, reply_score
 
 if TYPE_CHECKING:
@@ -47,6 +50,15 @@ def activate(logits: np.ndarray, scoring: str) -> np.ndarray:
     if scoring == "sigmoid":
         return sigmoid(logits)
     return logits
+
+
+def near_ties(logits: np.ndarray, scoring: str, margin: float) -> np.ndarray:
+    """Rows [n] bool whose decision ``margin`` could change: top-1 minus top-2 logit below it (softmax), any
+    logit within it of 0, the 0.5 probability (sigmoid, or a single logit)."""
+    if scoring == "sigmoid" or logits.shape[1] == 1:
+        return np.abs(logits).min(axis=1) < margin
+    top = np.partition(logits, -2, axis=1)[:, -2:]  # the two largest, the largest last
+    return top[:, 1] - top[:, 0] < margin
 
 
 def label_scores(logits: np.ndarray, scoring: str, raw_scores: bool = False) -> np.ndarray:
@@ -108,6 +120,32 @@ class ClassifyTask(Task):
 
 class ClassifyPipeline(Pipeline):
     task = "classify"
+    #: Opens the cascade's second pipeline (``open_pipeline`` sets it for a manifest with a ``cascade``).
+    open_cascade: Callable[[], Pipeline] | None = None
+    _cascade: Pipeline | None = None
+
+    def forward(self, encoded: Encoded) -> np.ndarray:
+        logits = super().forward(encoded)
+        cascade = self.manifest.cascade
+        if cascade is None or self.open_cascade is None or not len(logits):
+            return logits
+        rows = np.flatnonzero(near_ties(logits, self.manifest.scoring, cascade.margin))
+        if rows.size:
+            logits[rows] = self._second().forward(encoded.subset(rows.tolist()))
+        return logits
+
+    def _second(self) -> Pipeline:
+        # Opened on the first near tie (a cold start that meets none never loads it).
+        with self._lock:
+            if self._cascade is None and self.open_cascade is not None:
+                self._cascade = self.open_cascade()
+        assert self._cascade is not None
+        return self._cascade
+
+    def open_sessions(self) -> None:
+        super().open_sessions()
+        if self.manifest.cascade is not None and self.open_cascade is not None:
+            self._second().open_sessions()
 
     @property
     def labels(self) -> tuple[str, ...]:
