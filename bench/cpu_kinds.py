@@ -26,10 +26,9 @@ import numpy as np
 
 from bench import cpu_mask, report, sections
 from bench.measure import REPO
-from bench.run import DEFAULT, FUNCTION_ENV, MODELS, base_env
+from bench.run import DEFAULT, FUNCTION_ENV, MODELS, base_env, ensure_model
 
 FP32 = MODELS / "all-minilm-l6-v2-fp32"
-FIDELITY = ("gate_cosine_mean", "gate_cosine_p1", "gate_cosine_min")
 
 
 def fidelity(folder: Path, fp32: Path) -> dict[str, float]:
@@ -92,6 +91,8 @@ def main() -> int:
     if args.child:
         Path(args.child).write_text(json.dumps({"machine": report.machine(), "figures": measure(args.repeats)}))
         return 0
+    ensure_model("default")
+    ensure_model("fp32")
     kinds = json.loads(report.CPU_KINDS.read_text(encoding="utf-8")) if report.CPU_KINDS.is_file() else {}
     for kind in args.kinds:
         print(f"{kind} ...", flush=True)
@@ -106,7 +107,7 @@ def main() -> int:
         }
         report.CPU_KINDS.write_text(json.dumps(kinds, indent=2) + "\n", encoding="utf-8")
     rows = [{"int8 kernel": kind, **figures} for kind, figures in kinds.items()]
-    print(report.table(rows, ["int8 kernel", "cpu", "date", *report.SPEED_FIGURES, *FIDELITY]))
+    print(report.table(rows, ["int8 kernel", "cpu", "date", *report.SPEED_FIGURES, *report.KIND_FIDELITY]))
     return 0
 
 

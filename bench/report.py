@@ -55,6 +55,11 @@ SPEED_FIGURES = (
 )
 
 
+# What bench/cpu_kinds.py adds to a kind's row: the default's cosine against fp32 on the gate texts, computed
+# with that kind's kernels.
+KIND_FIDELITY = ("gate_cosine_mean", "gate_cosine_p1", "gate_cosine_min")
+
+
 def by_cpu_kind(host: dict[str, Any], head: dict[str, Any], path: Path = CPU_KINDS) -> list[dict[str, Any]]:
     """Rows of ``path`` with this run's kind replaced by ``head``'s speed figures (written back to ``path``)."""
     kinds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -338,9 +343,11 @@ are noisy: read the ratios.
 ## Speed per CPU kind (`bench/cpu_kinds.json`)
 
 x ORT fp32 at batch 32 (1 thread, 2 threads) and batch-1 p50 / ORT fp32's (1 thread, 2 threads); this run
-replaced its own kind's row, the others are the last run on a host of that kind.
+replaced its own kind's row, the others are the last run on a host of that kind. Rows marked *emulated* come
+from `bench/cpu_kinds.py` on one host whose CPUID was masked to the kind (`bench/cpu_mask.py`: onnxruntime
+then loads that kind's kernels), with the default's cosine against fp32 on the gate texts computed there.
 
-{table(kinds, ["int8 kernel", "cpu", "date", "how", *SPEED_FIGURES])}
+{table(kinds, ["int8 kernel", "cpu", "date", "how", *SPEED_FIGURES, *KIND_FIDELITY])}
 
 ## Cold start: fresh process to the first answer
 

@@ -306,6 +306,20 @@ def test_given_the_weight_only_recipe_when_a_tiny_encoder_is_quantized_then_it_l
     assert _cosine_to_torch_bert(built, manifest, checkpoints["bert"]).min() > 0.99
 
 
+def test_given_an_onnx_file_whose_output_size_is_symbolic_when_planned_then_a_probe_finds_it(
+    checkpoints, out, tmp_path
+) -> None:
+    import onnx
+
+    built, _ = _build(out, checkpoints["bert"])
+    model = onnx.load(str(built / "model.onnx"))
+    model.graph.output[0].type.tensor_type.shape.dim[-1].dim_param = "hidden"  # as many exporters write it
+    onnx.save_model(model, str(tmp_path / "symbolic.onnx"))
+    plan = plan_build(read_onnx_file(tmp_path / "symbolic.onnx", checkpoints["bert"] / "tokenizer.json"))
+    # was 0: the embedding ranges of a 0-wide model then made the published manifest invalid (`make models`)
+    assert plan.dimensions == TINY["hidden_size"]
+
+
 def test_given_an_onnx_file_and_its_tokenizer_when_built_then_it_passes_through(checkpoints, out, tmp_path) -> None:
     built, _ = _build(out, checkpoints["bert"])
     user_onnx = tmp_path / "mine.onnx"

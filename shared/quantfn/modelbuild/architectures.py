@@ -228,6 +228,22 @@ def plan_build(
     )  # fmt: skip
 
 
+def _probed_width(model: Any, inputs: tuple[str, ...], output: str) -> int:
+    """The last dimension of ``output`` when the file leaves it symbolic: one two-token input run through it."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {
+        name: np.ones((1, 2), np.int64) if name != "token_type_ids" else np.zeros((1, 2), np.int64) for name in inputs
+    }
+    try:
+        (answer,) = session.run([output], feed)
+    except Exception as exc:  # onnxruntime raises its own types for a graph that cannot run these inputs
+        raise BuildError(f"output {output!r} has no fixed size and the graph would not run to show it: {exc}") from exc
+    return int(answer.shape[-1])
+
+
 def _plan_onnx(
     source: ModelSource,
     model_id: str,
@@ -242,7 +258,7 @@ def _plan_onnx(
     model, output, rank = load_conformed(source.weights, output, source.tokenizer)
     inputs = tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
     dims = model.graph.output[0].type.tensor_type.shape.dim
-    width = int(dims[-1].dim_value) if dims and dims[-1].dim_value else 0
+    width = int(dims[-1].dim_value) if dims and dims[-1].dim_value else _probed_width(model, inputs, output)
     length = int(max_length or 256)
     task = task or "embed"
     if task == "embed":
