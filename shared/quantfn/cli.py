@@ -61,16 +61,25 @@ def _build_model(args: argparse.Namespace) -> int:
     except BuildError as exc:
         print(f"quantfn build-model: refused: {exc}", file=sys.stderr)
         return 2
-    shown = ", ".join(f"{k} {v}" for k, v in manifest["fidelity"].items() if isinstance(v, float))
-    recipe = manifest["quantization"]["recipe"]
-    print(
-        f"built {manifest['model_id']} ({recipe}): {manifest['deploy']['model_bytes'] / 2**20:.1f} MB, "
-        f"{manifest['size_ratio_vs_fp32']:.3f} of fp32, fits {manifest['deploy']['fits']}; {shown} "
-        f"-> {Path(args.out) / manifest['model_id']}"
-    )
-    for missed in manifest["quantization"].get("rejected", []):
-        print(f"  {missed['recipe']} missed the gate: {missed['metric']} {missed['value']}")
+    print("\n".join(built_summary(manifest, Path(args.out))))
     return 0
+
+
+def built_summary(manifest: dict, out: Path) -> list[str]:
+    """What ``build-model`` prints once a model is published: its rung and figures, then each rung the ladder
+    passed over (missed its gate, or could not apply to this model)."""
+    shown = ", ".join(f"{k} {v}" for k, v in manifest["fidelity"].items() if isinstance(v, float))
+    lines = [
+        f"built {manifest['model_id']} ({manifest['quantization']['recipe']}): "
+        f"{manifest['deploy']['model_bytes'] / 2**20:.1f} MB, {manifest['size_ratio_vs_fp32']:.3f} of fp32, "
+        f"fits {manifest['deploy']['fits']}; {shown} -> {out / manifest['model_id']}"
+    ]
+    for passed in manifest["quantization"].get("rejected", []):
+        if "cannot_apply" in passed:
+            lines.append(f"  {passed['recipe']} cannot apply: {passed['cannot_apply']}")
+        else:
+            lines.append(f"  {passed['recipe']} missed the gate: {passed['metric']} {passed['value']}")
+    return lines
 
 
 def _inspect(args: argparse.Namespace) -> int:

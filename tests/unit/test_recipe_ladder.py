@@ -58,3 +58,29 @@ def test_when_every_rung_misses_the_last_failure_is_raised() -> None:
         _first_passing("default", _builder(set(DEFAULT_LADDER), []), None)
     with pytest.raises(BuildGateError):
         _first_passing("int8-token7", _builder({"int8-token7"}, []), None)
+
+
+def test_given_a_ladder_that_passed_over_rungs_when_the_build_reports_then_each_says_why() -> None:
+    from pathlib import Path
+
+    from quantfn.cli import built_summary
+
+    manifest = {
+        "model_id": "m",
+        "quantization": {
+            "recipe": "int8-weight",
+            "rejected": [
+                {"recipe": "int8-static", "metric": "cosine_mean", "value": 0.9979},
+                {"recipe": "int8-cascade", "cannot_apply": "int8-cascade serves classifiers only"},
+            ],
+        },
+        "fidelity": {"cosine_mean": 0.9998, "reference": "fp32"},
+        "deploy": {"model_bytes": 2**20, "fits": "layer"},
+        "size_ratio_vs_fp32": 0.251,
+    }
+    lines = built_summary(manifest, Path("out"))
+    assert lines[0] == "built m (int8-weight): 1.0 MB, 0.251 of fp32, fits layer; cosine_mean 0.9998 -> out/m"
+    assert lines[1:] == [
+        "  int8-static missed the gate: cosine_mean 0.9979",
+        "  int8-cascade cannot apply: int8-cascade serves classifiers only",
+    ]
