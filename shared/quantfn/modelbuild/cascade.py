@@ -20,7 +20,7 @@ import numpy as np
 
 FILE = "fallback.onnx"
 WEIGHTS_FILE = "fallback.weights.bin"
-# The share of calibration texts whose largest logit move the margin covers (the rest are what the gate's
+# The share of calibration texts whose decision-changing move the margin covers (the rest are what the gate's
 # 1 % of allowed flips has to absorb, with the second graph's own).
 QUANTILE = 0.995
 
