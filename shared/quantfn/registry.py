@@ -38,18 +38,19 @@ def estimate_memory_bytes(manifest: Manifest, sessions: int = 1) -> int:
 
     int8 weights dequantized at load take four times their file size, and onnxruntime keeps a prepacked
     copy of the projections; the tokenizer's structures take a few times its JSON. ``sessions``: how many
-    sessions of the model the pipeline may open (2 under ``parallelism="auto"``; the default model's
-    second one measured 33 MB, a file's size and a half).
+    sessions of ``model.onnx`` the pipeline may open (2 under ``parallelism="auto"``; the default model's
+    second one measured 33 MB, a file's size and a half). A cascade's second graph has one session.
     """
     measured = manifest.raw.get("memory_bytes")
     if isinstance(measured, int) and measured > 0:
         return measured
-    total = 0
-    graphs = [manifest.session, *([manifest.cascade.session] if manifest.cascade else [])]
-    weights = {graph.dequantize_at_load.file for graph in graphs if graph.dequantize_at_load}
-    for name, entry in manifest.files.items():
-        factor = 3 if name == "tokenizer.json" else (9 if name in weights else 2) * sessions
-        total += entry.size * factor
+    graphs = [(manifest.session, "model.onnx", sessions)]
+    if manifest.cascade:
+        graphs.append((manifest.cascade.session, manifest.cascade.file, 1))
+    total = 3 * manifest.files["tokenizer.json"].size
+    for graph, file, opened in graphs:
+        weights = graph.dequantize_at_load.file if graph.dequantize_at_load else None
+        total += (2 * manifest.files[file].size + (9 * manifest.files[weights].size if weights else 0)) * opened
     return total
 
 

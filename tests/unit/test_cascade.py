@@ -153,3 +153,14 @@ def test_given_a_bad_cascade_when_the_manifest_is_read_then_it_is_refused_naming
 def test_given_a_schema_3_manifest_when_read_then_it_has_no_cascade(cascade_folder) -> None:
     folder, _, _ = cascade_folder
     assert Manifest.from_dict(_manifest(folder, {"file": "fallback.onnx", "margin": 0.3}, schema=3)).cascade is None
+
+
+def test_given_a_cascade_when_memory_is_estimated_then_only_model_onnx_counts_once_per_session(cascade_folder) -> None:
+    from quantfn.registry import estimate_memory_bytes
+
+    folder, _, _ = cascade_folder
+    manifest = Manifest.read(folder)
+    one, two = estimate_memory_bytes(manifest, sessions=1), estimate_memory_bytes(manifest, sessions=2)
+    # a second session of model.onnx under parallelism "auto"; the second graph keeps its single session
+    assert two - one == 2 * manifest.files["model.onnx"].size
+    assert one > 2 * (manifest.files["model.onnx"].size + manifest.files["fallback.onnx"].size)
