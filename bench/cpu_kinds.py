@@ -26,7 +26,7 @@ import numpy as np
 
 from bench import cpu_mask, report, sections
 from bench.measure import REPO
-from bench.run import DEFAULT, FUNCTION_ENV, MODELS, base_env, ensure_model
+from bench.run import DEFAULT, FUNCTION_ENV, MODELS, ensure_model, serve_in_process
 
 FP32 = MODELS / "all-minilm-l6-v2-fp32"
 
@@ -51,20 +51,11 @@ def measure(repeats: int) -> dict[str, Any]:
     """This process's kind: the speed figures of ``make bench``'s headline and the default's fidelity."""
     from quantfn.modelbuild.source import locate_source
 
-    os.environ.update(
-        {k: v for k, v in base_env().items() if k.startswith(("QUANTFN_", "POWERTOOLS_"))}
-        | {"QUANTFN_MODEL": "layer:all-minilm-l6-v2", "QUANTFN_MODELS_ROOT": str(MODELS)}
-    )
-    os.environ.pop("POWERTOOLS_METRICS_DISABLED", None)
+    serve_in_process()
     warm = {t: sections.warm_side_by_side(FP32, locate_source().folder, t, repeats, FUNCTION_ENV) for t in (1, 2)}
     ours = {t: warm[t]["quantfn"] for t in (1, 2)}
     return {
-        "throughput_ratio_vs_ort_fp32_1_thread": ours[1]["length_sorted"]["ratio_vs_ort_fp32"],
-        "throughput_ratio_vs_ort_fp32": ours[2]["length_sorted"]["ratio_vs_ort_fp32"],
-        "batch1_p50_ratio_vs_ort_fp32_1_thread": ours[1]["batch1"]["ratio_vs_ort_fp32"],
-        "batch1_p50_ratio_vs_ort_fp32": ours[2]["batch1"]["ratio_vs_ort_fp32"],
-        "throughput_ratio_vs_torch_1_thread": ours[1]["length_sorted"]["ratio_vs_torch"],
-        "throughput_ratio_vs_torch": ours[2]["length_sorted"]["ratio_vs_torch"],
+        **report.speed_figures(ours),
         "batch1_p50_ms_1_thread": ours[1]["batch1"]["p50_ms"],
         "batch1_p50_ms": ours[2]["batch1"]["p50_ms"],
         "texts_per_s_1_thread": ours[1]["length_sorted"]["inputs_per_s"],

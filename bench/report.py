@@ -171,16 +171,27 @@ def _speed(model: Any, batches: list[list[str]], repeats: int) -> tuple[float, d
     return seconds, percentiles([timed(lambda: model.forward(single)) * 1000 for _ in range(200)])
 
 
+def speed_figures(ours: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """quantfn's handler against each baseline at 2 threads and 1 (``ours``: ``sections.warm_side_by_side``'s
+    "quantfn" entry per thread count): medians of the per-round ratios of interleaved passes; batch 1 the median
+    of per-round ratios of round medians."""
+    return {
+        "throughput_ratio_vs_torch": ours[2]["length_sorted"]["ratio_vs_torch"],
+        "throughput_ratio_vs_ort_fp32": ours[2]["length_sorted"]["ratio_vs_ort_fp32"],
+        "throughput_ratio_vs_ort_fp32_1_thread": ours[1]["length_sorted"]["ratio_vs_ort_fp32"],
+        "throughput_ratio_vs_torch_1_thread": ours[1]["length_sorted"]["ratio_vs_torch"],
+        "batch1_p50_ratio_vs_ort_fp32": ours[2]["batch1"]["ratio_vs_ort_fp32"],
+        "batch1_p50_ratio_vs_ort_fp32_1_thread": ours[1]["batch1"]["ratio_vs_ort_fp32"],
+    }
+
+
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     warm, cold = results["warm"], results["cold_start"]
-    ours = warm["quantfn"][2]
     default = next(row for row in results["frontier"] if is_default(row))
     cheapest = min(results["cost"], key=lambda row: row["usd_per_million_embeddings"])
     return {
-        # medians of the per-round ratios of interleaved passes (sections.warm_side_by_side)
-        "throughput_ratio_vs_torch": ours["length_sorted"]["ratio_vs_torch"],
-        "throughput_ratio_vs_ort_fp32": ours["length_sorted"]["ratio_vs_ort_fp32"],
-        "handler_overhead": ours["length_sorted"]["handler_overhead"],
+        **speed_figures(warm["quantfn"]),
+        "handler_overhead": warm["quantfn"][2]["length_sorted"]["handler_overhead"],
         "cold_start_s": cold["quantfn handler (layer)"]["wall_s"],
         "cold_start_ratio_vs_torch": round(
             cold["sentence-transformers fp32"]["wall_s"] / cold["quantfn handler (layer)"]["wall_s"], 2
@@ -190,11 +201,6 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "usd_per_million_embeddings": cheapest["usd_per_million_embeddings"],
         # the default's worst task retention vs its fp32 build (quantfn eval)
         "quality_retention_min": next(r["retention_min"] for r in results["quality"] if is_default(r)),
-        "throughput_ratio_vs_ort_fp32_1_thread": warm["quantfn"][1]["length_sorted"]["ratio_vs_ort_fp32"],
-        "throughput_ratio_vs_torch_1_thread": warm["quantfn"][1]["length_sorted"]["ratio_vs_torch"],
-        # batch 1 at 2 threads (and 1): the median of per-round ratios of round medians, as for throughput
-        "batch1_p50_ratio_vs_ort_fp32": warm["quantfn"][2]["batch1"]["ratio_vs_ort_fp32"],
-        "batch1_p50_ratio_vs_ort_fp32_1_thread": warm["quantfn"][1]["batch1"]["ratio_vs_ort_fp32"],
     }
 
 

@@ -59,6 +59,18 @@ def start_moto_with_model() -> tuple[subprocess.Popen, str]:
 FUNCTION_ENV = {"OPENBLAS_NUM_THREADS": "1"}
 
 
+def layer_env() -> dict[str, str]:
+    """A function's environment serving the default model from the layer (``build/models``)."""
+    return base_env() | FUNCTION_ENV | {"QUANTFN_MODEL": "layer:all-minilm-l6-v2", "QUANTFN_MODELS_ROOT": str(MODELS)}
+
+
+def serve_in_process() -> None:
+    """This process's environment as ``layer_env``'s quantfn settings, for the handler measured in process (and
+    the children it spawns). Metrics stay on: flushing them is part of what the handler costs (to a null sink)."""
+    os.environ.update({k: v for k, v in layer_env().items() if k.startswith(("QUANTFN_", "POWERTOOLS_"))})
+    os.environ.pop("POWERTOOLS_METRICS_DISABLED", None)
+
+
 def base_env(threads: int = 2) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QUANTFN_", "AWS_", "OPENBLAS_"))}
     env |= {
@@ -91,8 +103,7 @@ def main() -> int:
 
     moto, moto_url = start_moto_with_model()
     try:
-        layer = base_env() | FUNCTION_ENV
-        layer |= {"QUANTFN_MODEL": "layer:all-minilm-l6-v2", "QUANTFN_MODELS_ROOT": str(MODELS)}
+        layer = layer_env()
         s3_env = (
             base_env()
             | FUNCTION_ENV
@@ -132,9 +143,7 @@ def main() -> int:
     finally:
         moto.terminate()
 
-    os.environ.update({k: v for k, v in layer.items() if k.startswith(("QUANTFN_", "POWERTOOLS_"))})
-    # In process, metrics stay on: flushing them is part of what the handler costs (they go to a null sink).
-    os.environ.pop("POWERTOOLS_METRICS_DISABLED", None)
+    serve_in_process()
     print("warm: handler, onnxruntime fp32, sentence-transformers ...", flush=True)
     by_threads = {t: sections.warm_side_by_side(fp32, source_dir, t, repeats, FUNCTION_ENV) for t in (1, 2)}
     results["warm"] = {name: {t: by_threads[t][name] for t in (1, 2)} for name in by_threads[1]}
