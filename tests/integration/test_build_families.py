@@ -28,6 +28,7 @@ from quantfn.modelbuild import Gate  # noqa: E402
 from quantfn.modelbuild.architectures import plan_build  # noqa: E402
 from quantfn.modelbuild.pipeline import build_model  # noqa: E402
 from quantfn.modelbuild.quality import fetch_wheel  # noqa: E402
+from quantfn.modelbuild.recipes import DEFAULT_LADDER  # noqa: E402
 from quantfn.modelbuild.source import locate_source, read_hf_folder  # noqa: E402
 from quantfn.models.manifest import Manifest  # noqa: E402
 
@@ -225,7 +226,7 @@ def test_given_each_family_and_head_when_built_with_the_default_ladder_then_it_p
     for head in HEADS:
         manifest = built[family, head, "default"]
         quantization = manifest.raw["quantization"]
-        assert quantization["recipe"] in ("int8-static", "int8-token7", "int8-cascade", "int8-weight", "fp32")
+        assert quantization["recipe"] in DEFAULT_LADDER
         assert "chosen_by" in quantization and isinstance(quantization["rejected"], list)
         figures = {k: v for k, v in manifest.fidelity.items() if isinstance(v, float)}
         assert figures and all(np.isfinite(list(figures.values())))

@@ -182,10 +182,23 @@ def test_a_failing_gate_raises_and_publishes_nothing(built) -> None:
     assert (out / MODEL_ID / "model.onnx").read_bytes() == before
 
 
-def test_mixed_recipe_meets_the_default_gate_and_loads_through_the_runtime(built) -> None:
-    """int8-mixed: W8A8 in twelve projections, weight-only in the rest; its int8 weights dequantized at load."""
+def _served(folder: Path, manifest: Manifest) -> tuple[float, float]:
+    """A built folder's session on 96 corpus texts: the lowest cosine of a text alone against inside a batch of
+    32, and the mean cosine against the fp32 reference."""
     from tokenizers import Tokenizer
 
+    session = _session(folder, manifest)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    texts, reference = load_corpus()[:96], load_reference()[:96]
+    together = _embed(session, tokenizer, texts[:32], manifest.inputs)
+    alone = np.concatenate([_embed(session, tokenizer, [t], manifest.inputs) for t in texts[:32]])
+    vectors = np.concatenate([_embed(session, tokenizer, texts[i : i + 32], manifest.inputs) for i in (0, 32, 64)])
+    return float((together * alone).sum(1).min()), cosine_stats(vectors, reference)[0]
+
+
+def test_mixed_recipe_meets_the_default_gate_and_loads_through_the_runtime(built) -> None:
+    """int8-mixed: W8A8 in twelve projections, weight-only in the rest; its int8 weights dequantized at load."""
     out, _ = built
     data = build_model(out, recipe="int8-mixed")  # raises BuildGateError below the default's gate
     folder = out / data["model_id"]
@@ -193,16 +206,27 @@ def test_mixed_recipe_meets_the_default_gate_and_loads_through_the_runtime(built
     verify_folder(folder, manifest)
     assert manifest.dequantize_at_load is not None and len(manifest.dequantize_at_load.tensors) == 13
     assert manifest.raw["fidelity"]["gate"] == Gate().as_dict()
-    session = _session(folder, manifest)
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-    texts, reference = load_corpus()[:96], load_reference()[:96]
-    together = _embed(session, tokenizer, texts[:32], manifest.inputs)
-    alone = np.concatenate([_embed(session, tokenizer, [t], manifest.inputs) for t in texts[:32]])
-    assert (together * alone).sum(1).min() >= 0.9999
-    vectors = np.concatenate([_embed(session, tokenizer, texts[i : i + 32], manifest.inputs) for i in (0, 32, 64)])
-    mean, _ = cosine_stats(vectors, reference)
-    assert mean >= 0.999
+    invariance, mean = _served(folder, manifest)
+    assert invariance >= 0.9999 and mean >= 0.999
+
+
+def test_steady_recipe_runs_int8_where_the_range_is_steady_and_weight_only_after_gelu(built) -> None:
+    """int8-steady: static W7A8 in qkv, attn_out and ffn_in (18 projections), weight-only ffn_out (6), no per-token
+    ops; held to the default's gate and batch invariant."""
+    import onnx
+
+    out, _ = built
+    data = build_model(out, recipe="int8-steady")  # raises BuildGateError below the default's gate
+    folder = out / data["model_id"]
+    manifest = Manifest.read(folder)
+    verify_folder(folder, manifest)
+    assert manifest.raw["fidelity"]["gate"] == Gate().as_dict()
+    ops = [node.op_type for node in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 18 and "ReduceMax" not in ops
+    spec = manifest.dequantize_at_load
+    assert spec is not None and len(spec.tensors) == 7  # six ffn_out weights + the position table
+    invariance, mean = _served(folder, manifest)
+    assert invariance >= 0.9999 and mean >= 0.998
 
 
 def test_weight_only_recipe_ships_int8_weights_rebuilt_to_fp32_at_load(built) -> None:

@@ -10,7 +10,7 @@ from quantfn.modelbuild.recipes import DEFAULT_LADDER, RECIPES, recipe_ladder
 
 
 def test_default_tries_w7a8_static_then_per_token_then_the_cascade_then_weight_only_and_a_name_tries_itself() -> None:
-    ladder = ("int8-static", "int8-token7", "int8-cascade", "int8-weight", "fp32")
+    ladder = ("int8-static", "int8-token7", "int8-cascade", "int8-steady", "int8-weight", "fp32")
     assert recipe_ladder("default") == DEFAULT_LADDER == ladder
     assert all(name in RECIPES for name in DEFAULT_LADDER) and "default" not in RECIPES
     assert recipe_ladder("int8-token") == ("int8-token",)
@@ -31,18 +31,21 @@ def _builder(fails: set[str], calls: list[tuple[str, object]]):
 def test_a_rung_that_misses_its_gate_is_recorded_and_the_next_one_is_built() -> None:
     calls: list[tuple[str, object]] = []
     said: list[str] = []
-    result = _first_passing("default", _builder({"int8-static", "int8-token7", "int8-cascade"}, calls), said.append)
+    misses = {"int8-static", "int8-token7", "int8-cascade", "int8-steady"}
+    result = _first_passing("default", _builder(misses, calls), said.append)
     assert result["recipe"] == "int8-weight"
     assert result["rejected"] == [
         {"recipe": "int8-static", "metric": "top1_agreement", "value": 0.983333},
         {"recipe": "int8-token7", "metric": "top1_agreement", "value": 0.983333},
         {"recipe": "int8-cascade", "metric": "top1_agreement", "value": 0.983333},
+        {"recipe": "int8-steady", "metric": "top1_agreement", "value": 0.983333},
     ]
-    assert [rung for rung, _ in calls] == ["int8-static", "int8-token7", "int8-cascade", "int8-weight"]
+    assert [rung for rung, _ in calls] == ["int8-static", "int8-token7", "int8-cascade", "int8-steady", "int8-weight"]
     assert said == [
         "int8-static missed the gate (top1_agreement 0.983333); trying int8-token7",
         "int8-token7 missed the gate (top1_agreement 0.983333); trying int8-cascade",
-        "int8-cascade missed the gate (top1_agreement 0.983333); trying int8-weight",
+        "int8-cascade missed the gate (top1_agreement 0.983333); trying int8-steady",
+        "int8-steady missed the gate (top1_agreement 0.983333); trying int8-weight",
     ]
 
 
