@@ -401,7 +401,7 @@ def _build_rung(
         manifest = describe(source, plan, staging / "tokenizer.json")
         start_graph = graph if keep is None else pruned_graph(graph, keep)
         if chosen.cascade and plan.task != "classify":
-            raise BuildError(f"{chosen.name} serves classifiers only (this is a {plan.task} model)")
+            raise BuildError(f"{chosen.name} serves classifiers only (this model's task is {plan.task})")
         feeds = lambda: calibration_feeds(staging, manifest, texts.calibration)  # noqa: E731
         calibration = Calibration(start_graph, feeds)
 
