@@ -217,6 +217,13 @@ def _int4(src: Path, dst: Path, calibration: Calibration) -> None:
     )
 
 
+def _weight_only_at_load() -> dict[str, Any]:
+    """The Recipe options of a graph with weight-only projections: saved optimized at build time with their int8
+    weights in weights.bin, rebuilt to fp32 at load. onnxruntime would otherwise fuse DequantizeLinear+MatMul into
+    8-bit MatMulNBits with int8 activations (4x the error); with QDQ fusion off it folds the weights once."""
+    return {"pre_optimize": False, "session_config": {"session.disable_quant_qdq": "1"}, "dequantize_at_load": True}
+
+
 RECIPES: dict[str, Recipe] = {
     "int8-weight": Recipe(
         "int8-weight",
@@ -231,11 +238,7 @@ RECIPES: dict[str, Recipe] = {
             "embeddings": "int8 per-row",
             "calibration": CALIBRATION,
         },
-        pre_optimize=False,
-        # onnxruntime would otherwise fuse DequantizeLinear+MatMul into 8-bit MatMulNBits with int8
-        # activations (4x the error); with QDQ fusion off it folds the weights to fp32 once at load.
-        session_config={"session.disable_quant_qdq": "1"},
-        dequantize_at_load=True,
+        **_weight_only_at_load(),
     ),
     "fp32": Recipe(
         "fp32",
@@ -338,9 +341,7 @@ RECIPES: dict[str, Recipe] = {
             "embeddings": "int8 per-row",
             "calibration": CALIBRATION,
         },
-        pre_optimize=False,
-        session_config={"session.disable_quant_qdq": "1"},
-        dequantize_at_load=True,
+        **_weight_only_at_load(),
     ),
     "int8-mixed": Recipe(
         "int8-mixed",
@@ -356,9 +357,7 @@ RECIPES: dict[str, Recipe] = {
             "embeddings": "int8 per-row",
             "calibration": CALIBRATION,
         },
-        pre_optimize=False,
-        session_config={"session.disable_quant_qdq": "1"},
-        dequantize_at_load=True,
+        **_weight_only_at_load(),
     ),
     "int8-dynamic": Recipe(
         "int8-dynamic",
