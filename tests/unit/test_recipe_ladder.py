@@ -9,7 +9,7 @@ from quantfn.modelbuild.pipeline import first_passing as _first_passing
 from quantfn.modelbuild.recipes import DEFAULT_LADDER, RECIPES, recipe_ladder
 
 
-def test_default_tries_w7a8_static_then_per_token_then_the_cascade_then_weight_only_and_a_name_tries_itself() -> None:
+def test_default_tries_w7a8_static_per_token_cascade_steady_then_weight_only_and_a_name_tries_itself() -> None:
     ladder = ("int8-static", "int8-token7", "int8-cascade", "int8-steady", "int8-weight", "fp32")
     assert recipe_ladder("default") == DEFAULT_LADDER == ladder
     assert all(name in RECIPES for name in DEFAULT_LADDER) and "default" not in RECIPES

@@ -330,14 +330,16 @@ RECIPES: dict[str, Recipe] = {
     ),
     "int8-steady": Recipe(
         "int8-steady",
-        "int8-static's static W7A8 in the projections whose input keeps a steady range (after a LayerNormalization "
-        "or an attention: qkv, attn_out, ffn_in), weight-only int8 with fp32 compute in the rest (after GELU: "
-        "ffn_out), no per-token scales; for models whose int8 error over many layers adds up past the gate",
+        "int8-static's static W7A8 in the projections whose input keeps a steady range (fed by a LayerNormalization "
+        "or a fused attention: BERT's qkv, attn_out, ffn_in), weight-only int8 with fp32 compute in the rest (after "
+        "GELU, or after an unfused attention's reshape), no per-token scales; for models whose int8 error over many "
+        "layers adds up past the gate",
         Gate(),
         _int8_steady,
         {
             "weights": "int7 in int8 storage (static projections), int8 per-output-channel GPTQ (the rest)",
-            "activations": "uint8 static per tensor (channels centred) after LayerNorm and attention; fp32 after GELU",
+            "activations": "uint8 static per tensor (channels centred) after LayerNorm and a fused attention; fp32 in "
+            "the rest",
             "embeddings": "int8 per-row",
             "calibration": CALIBRATION,
         },
