@@ -84,20 +84,19 @@ def main() -> int:
         return 0
     ensure_model("default")
     ensure_model("fp32")
-    kinds = json.loads(report.CPU_KINDS.read_text(encoding="utf-8")) if report.CPU_KINDS.is_file() else {}
+    rows: list[dict[str, Any]] = []
     for kind in args.kinds:
         print(f"{kind} ...", flush=True)
         got = child(kind, args.repeats)
         host = got["machine"]
         # an emulated kind keeps a row of its own beside a real host's of that kind
-        kinds[host["int8_kernel"] + ("" if kind == "native" else ", emulated: CPUID mask")] = {
+        row = {
             "cpu": host["cpu"] + ("" if kind == "native" else f", CPUID masked to {kind} (bench/cpu_mask.py)"),
             "date": host["date"][:10],
             "how": "bench/cpu_kinds.py (handler end to end, interleaved, medians of per-round ratios)",
             **got["figures"],
         }
-        report.CPU_KINDS.write_text(json.dumps(kinds, indent=2) + "\n", encoding="utf-8")
-    rows = [{"int8 kernel": kind, **figures} for kind, figures in kinds.items()]
+        rows = report.record_kind(host["int8_kernel"] + ("" if kind == "native" else ", emulated: CPUID mask"), row)
     print(report.table(rows, ["int8 kernel", "cpu", "date", *report.SPEED_FIGURES, *report.KIND_FIDELITY]))
     return 0
 

@@ -60,17 +60,23 @@ SPEED_FIGURES = (
 KIND_FIDELITY = ("gate_cosine_mean", "gate_cosine_p1", "gate_cosine_min")
 
 
+def record_kind(kind: str, row: dict[str, Any], path: Path = CPU_KINDS) -> list[dict[str, Any]]:
+    """The rows of ``path`` with ``kind``'s replaced by ``row`` (written back to ``path``), the others kept."""
+    kinds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    kinds[kind] = row
+    path.write_text(json.dumps(kinds, indent=2) + "\n", encoding="utf-8")
+    return [{"int8 kernel": name, **figures} for name, figures in kinds.items()]
+
+
 def by_cpu_kind(host: dict[str, Any], head: dict[str, Any], path: Path = CPU_KINDS) -> list[dict[str, Any]]:
     """Rows of ``path`` with this run's kind replaced by ``head``'s speed figures (written back to ``path``)."""
-    kinds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    kinds[host["int8_kernel"]] = {
+    row = {
         "cpu": host["cpu"],
         "date": host["date"][:10],
         "how": "make bench (handler end to end)",
         **{name: head[name] for name in SPEED_FIGURES if name in head},
     }
-    path.write_text(json.dumps(kinds, indent=2) + "\n", encoding="utf-8")
-    return [{"int8 kernel": kind, **figures} for kind, figures in kinds.items()]
+    return record_kind(host["int8_kernel"], row, path)
 
 
 def machine() -> dict[str, Any]:
@@ -86,10 +92,11 @@ def machine() -> dict[str, Any]:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    flags = masked_flags(flags)  # what a process under bench/cpu_mask.py sees
     return {
         "cpu": model,
-        "cpu_flags": [flag for flag in CPU_FLAGS if flag in masked_flags(flags)],
-        "int8_kernel": int8_kernel(masked_flags(flags)),
+        "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
+        "int8_kernel": int8_kernel(flags),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "cores": os.cpu_count(),
         "python": platform.python_version(),
