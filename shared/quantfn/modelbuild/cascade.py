@@ -70,17 +70,18 @@ def build(
     recipe: str,
     write_graph: Callable[[Path, str], dict[str, Any]],
     main_session: dict[str, Any],
-    fp32_graph: Path,
     feeds: list[dict[str, np.ndarray]],
+    fp32_logits: np.ndarray,
     output: str,
     scoring: str,
 ) -> dict[str, Any]:
     """Write the second graph (``recipe``, by ``write_graph(path, weights file)``, which returns its session
     record) beside ``staging/model.onnx`` (opened with ``main_session``) and return the manifest's
-    ``cascade``, its margin measured on ``feeds`` (the calibration texts)."""
+    ``cascade``, its margin measured on ``feeds`` (the calibration texts) against the fp32 graph's logits on
+    them (``fp32_logits``, from the calibration pass)."""
     session = write_graph(staging / FILE, WEIGHTS_FILE)
     int8 = logits(staging / "model.onnx", main_session, feeds, output)
-    found = margin(int8, logits(fp32_graph, {}, feeds, output), scoring)
+    found = margin(int8, fp32_logits, scoring)
     return {"file": FILE, "recipe": recipe, "session": session, **found}
 
 

@@ -403,7 +403,8 @@ def _build_rung(
         if chosen.cascade and plan.task != "classify":
             raise BuildError(f"{chosen.name} serves classifiers only (this model's task is {plan.task})")
         feeds = lambda: calibration_feeds(staging, manifest, texts.calibration)  # noqa: E731
-        calibration = Calibration(start_graph, feeds)
+        # a cascade's margin compares the int8 logits with the fp32 graph's, taken in the calibration pass
+        calibration = Calibration(start_graph, feeds, [manifest["output"]] if chosen.cascade else [])
 
         def write_graph(recipe: Recipe, path: Path, weights_file: str = WEIGHTS_FILE) -> dict[str, Any]:
             """``recipe`` applied to ``start_graph`` at ``path``, saved as the runtime loads it: its session record."""
@@ -426,8 +427,8 @@ def _build_rung(
                 second.name,
                 lambda path, weights_file: write_graph(second, path, weights_file),
                 session,
-                start_graph,
                 calibration.feeds(),
+                calibration.output(manifest["output"]),
                 manifest["output"],
                 manifest["scoring"],
             )

@@ -9,7 +9,7 @@ is a constant ``[K, N]`` weight; the word-embedding table is the ``Gather`` on
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -778,8 +778,11 @@ def _attention_of_split(model: onnx.ModelProto, split: onnx.NodeProto) -> onnx.N
     return None
 
 
-def collect_statistics(fp32_path: str, feeds: Iterable[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], Ranges]:
-    """Every projection input's ``X^T X`` (float64 [K, K]) and per-channel min and max ([K]), over real tokens.
+def collect_statistics(
+    fp32_path: str, feeds: Iterable[dict[str, np.ndarray]], outputs: Sequence[str] = ()
+) -> tuple[dict[str, np.ndarray], Ranges, dict[str, np.ndarray]]:
+    """Every projection input's ``X^T X`` (float64 [K, K]) and per-channel min and max ([K]), over real tokens;
+    and the graph's own ``outputs`` asked for, over every batch, from the same pass.
 
     ``feeds`` yields the graph's inputs per calibration batch (as the runtime feeds them, ``attention_mask``
     among them); padded positions are left out. The per-channel extremes give the exact range of ``x / s``
@@ -802,10 +805,13 @@ def collect_statistics(fp32_path: str, feeds: Iterable[dict[str, np.ndarray]]) -
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     hessians: dict[str, np.ndarray] = {}
     ranges: Ranges = {}
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
     for feed in feeds:
         mask = feed["attention_mask"]
-        outputs = session.run(names, feed)
-        for name, value in zip(names, outputs, strict=True):
+        values = session.run([*names, *outputs], feed)
+        for name, value in zip(outputs, values[len(names) :], strict=True):
+            kept[name].append(value)
+        for name, value in zip(names, values[: len(names)], strict=True):
             # Per-token activations keep real tokens only; any other input (a head's pooled [batch, hidden],
             # DeBERTa's relative-position table) keeps every row.
             per_token = value.ndim == 3 and value.shape[:2] == mask.shape
@@ -815,7 +821,7 @@ def collect_statistics(fp32_path: str, feeds: Iterable[dict[str, np.ndarray]]) -
             if name in ranges:
                 low, high = np.minimum(low, ranges[name][0]), np.maximum(high, ranges[name][1])
             ranges[name] = (low, high)
-    return hessians, ranges
+    return hessians, ranges, {name: np.concatenate(values) for name, values in kept.items()}
 
 
 def gptq_int8(

@@ -7,7 +7,7 @@ what ``build_model`` refuses to publish below; measured figures are in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,13 +25,17 @@ CALIBRATION = "the calibration corpus (quantfn.modelbuild.corpora; the manifest'
 
 
 class Calibration:
-    """Lazily computed activation statistics of the fp32 graph on the calibration texts (one pass for both)."""
+    """Lazily computed activation statistics of the fp32 graph on the calibration texts (one pass for both), and
+    the graph's own ``outputs`` asked for (a cascade's fp32 logits) from that pass."""
 
-    def __init__(self, fp32_path: Path, feeds: Callable[[], list[dict[str, np.ndarray]]]) -> None:
+    def __init__(
+        self, fp32_path: Path, feeds: Callable[[], list[dict[str, np.ndarray]]], outputs: Sequence[str] = ()
+    ) -> None:
         self._fp32_path = fp32_path
         self._feeds = feeds
+        self._outputs = tuple(outputs)
         self._fed: list[dict[str, np.ndarray]] | None = None
-        self._statistics: tuple[dict[str, np.ndarray], Ranges] | None = None
+        self._statistics: tuple[dict[str, np.ndarray], Ranges, dict[str, np.ndarray]] | None = None
 
     def feeds(self) -> list[dict[str, np.ndarray]]:
         """The graph inputs of the calibration texts, as the runtime feeds them (made once)."""
@@ -39,11 +43,11 @@ class Calibration:
             self._fed = self._feeds()
         return self._fed
 
-    def _collected(self) -> tuple[dict[str, np.ndarray], Ranges]:
+    def _collected(self) -> tuple[dict[str, np.ndarray], Ranges, dict[str, np.ndarray]]:
         if self._statistics is None:
             from quantfn.modelbuild.quantize import collect_statistics
 
-            self._statistics = collect_statistics(str(self._fp32_path), self.feeds())
+            self._statistics = collect_statistics(str(self._fp32_path), self.feeds(), self._outputs)
         return self._statistics
 
     def hessians(self) -> dict[str, np.ndarray]:
@@ -53,6 +57,10 @@ class Calibration:
     def ranges(self) -> Ranges:
         """Each projection input's per-channel (min, max)."""
         return self._collected()[1]
+
+    def output(self, name: str) -> np.ndarray:
+        """The fp32 graph's output ``name`` on every calibration text (asked for when made: ``outputs``)."""
+        return self._collected()[2][name]
 
 
 @dataclass(frozen=True)
