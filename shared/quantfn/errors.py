@@ -8,16 +8,26 @@ traces or input text. Handlers map these to responses in exactly one place.
 
 from __future__ import annotations
 
+import reprlib
+
 _ECHO = 64  # characters of a client's value repeated in an error message or a log line
 
 
 def echo(value: object) -> str:
-    """A client's value, quoted, cut to 64 characters and safe to print (lone surrogates escaped)."""
-    import reprlib
+    """A client's value, quoted, cut to 64 characters and safe to print (lone surrogates escaped).
 
-    text = value if isinstance(value, str) else reprlib.repr(value)
+    Only the start of a value is repeated, inside a list or an object too (``reprlib`` alone shortens a
+    long string to its head and its tail, and the tail of a text is text no log may hold)."""
+    text = value if isinstance(value, str) else _HeadRepr().repr(value)
     text = text[: _ECHO + 1].encode("utf-8", "backslashreplace").decode("utf-8")
     return repr(text[:_ECHO] + ("..." if len(text) > _ECHO else ""))
+
+
+class _HeadRepr(reprlib.Repr):
+    """``reprlib.Repr`` that shortens a string by cutting its end: what is shown comes from its start."""
+
+    def repr_str(self, x: str, level: int) -> str:
+        return repr(x[: self.maxstring]) + ("..." if len(x) > self.maxstring else "")
 
 
 _PLACES = None

@@ -58,3 +58,26 @@ def test_a_missing_model_is_a_503_logged_once_at_error_without_its_path(
     # And the registry's own record says why the manifest is missing, without the path either
     assert any("not in the model layer (looked in <path>)" in r.getMessage() for r in caplog.records)
     assert str(empty) not in printed.text + caplog.text
+
+
+def test_a_refused_value_holding_text_is_echoed_by_its_start_only(
+    lambda_context, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from functions.api import app
+
+    # Given a Cohere request whose input_type is a list holding a long text (a client's mistake)
+    event = load_event("api-embed-v2.json")
+    request = json.loads(event["body"])
+    request["input_type"] = ["the start of a text " * 10 + "and its private end"]
+    event["body"] = json.dumps(request)
+    with handler_output(app.logger.name, capsys) as output:
+        # When it comes
+        reply = app.lambda_handler(event, lambda_context)
+        printed = output.read()
+    # Then it is a 400 naming the field; the reply and the log repeat the value's start, never its end
+    assert reply["statusCode"] == 400
+    error = json.loads(reply["body"])["error"]
+    assert error["param"] == "input_type" and "'the start of a text" in error["message"]
+    (record,) = [r for r in printed.at("INFO") if r["message"] == "request refused"]
+    assert "'the start of a text" in record["detail"]
+    assert "private end" not in reply["body"] + printed.text
