@@ -204,7 +204,8 @@ def captured_output() -> Iterator[io.StringIO]:
     buffer = io.StringIO()
     root = logging.getLogger()
     handler = logging.StreamHandler(buffer)
-    previous = logger.registered_handler.setStream(buffer)
+    previous = logger.registered_handler.stream
+    logger.registered_handler.stream = buffer  # not setStream(): it flushes the old stream, maybe a closed capture
     levels = (root.level, logger.log_level)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
@@ -216,7 +217,7 @@ def captured_output() -> Iterator[io.StringIO]:
         root.removeHandler(handler)
         root.setLevel(levels[0])
         logger.setLevel(levels[1])
-        logger.registered_handler.setStream(previous)
+        logger.registered_handler.stream = previous
 
 
 def invoke(event: dict[str, Any], context: Any) -> str:
