@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from quantfn.metrics import function_metrics
 from quantfn.serialize import dumps, log_json
 from quantfn.tracing import capture_lambda_handler
 from quantfn.warmup import prepare_init
 from quantfn.wire import body, routes
 
 logger = Logger(service="quantfn-api", json_serializer=log_json)
-metrics = Metrics(namespace="quantfn", service="quantfn-api")
+metrics = function_metrics("quantfn-api")
 prepare_init()  # loads the default model now only with QUANTFN_PRELOAD or under SnapStart
 
 

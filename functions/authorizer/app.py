@@ -11,17 +11,18 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools import Logger
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from quantfn.auth.keys import check
 from quantfn.auth.store import KeyStore, KeyStoreUnavailable
 from quantfn.config import get_settings
+from quantfn.metrics import function_metrics
 from quantfn.serialize import log_json
 
 logger = Logger(service="quantfn-authorizer", json_serializer=log_json)
-metrics = Metrics(namespace="quantfn", service="quantfn-authorizer")
+metrics = function_metrics("quantfn-authorizer")
 
 
 @lru_cache(maxsize=1)

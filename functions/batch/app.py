@@ -5,20 +5,21 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools import Logger
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from quantfn.batch.runner import Delivery, JobRunner
+from quantfn.metrics import function_metrics
 from quantfn.registry import get_registry
 from quantfn.serialize import log_json
 from quantfn.tracing import capture_lambda_handler
 from quantfn.warmup import prepare_init
 
 logger = Logger(service="quantfn-batch", json_serializer=log_json)
-metrics = Metrics(namespace="quantfn", service="quantfn-batch")
+metrics = function_metrics("quantfn-batch")
 # A batch whose every record failed is still a partial-batch reply (batchItemFailures), not an exception:
 # with one message per invocation, raising would hide which message failed and skip the metrics.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
