@@ -74,11 +74,11 @@ def run(
     budget = budget or Budget()
     registry = registry or get_registry()
     started = time.monotonic()
-    if budget.remaining_ms is None:
-        return _run(request, budget, registry, forward or _forward, started)
-    # A model fetched on the way (S3 stalled or slow) must answer 503 while the caller still listens.
-    margin_ms = registry.settings.limits.route_margin_ms
-    with fetch_deadline(started + max(0.0, budget.remaining_ms - margin_ms) / 1000):
+    deadline_s = None
+    if budget.remaining_ms is not None:
+        # A model fetched on the way (S3 stalled or slow) must answer 503 while the caller still listens.
+        deadline_s = started + max(0.0, budget.remaining_ms - registry.settings.limits.route_margin_ms) / 1000
+    with fetch_deadline(deadline_s):  # and the model's manifest is read once in this request
         return _run(request, budget, registry, forward or _forward, started)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 
+from quantfn.models.store import fetch_deadline
 from quantfn.registry import get_registry
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ def prepare_init() -> bool:
             pass
     if not (snap_start or registry.settings.runtime.preload):
         return False
-    registry.pipeline(registry.default).open_sessions()  # the batch-piece session too, under "auto"
+    with fetch_deadline(None):  # one read of an S3 model's manifest for the tokenizer and the files
+        registry.pipeline(registry.default).open_sessions()  # the batch-piece session too, under "auto"
     how = "snap-start" if snap_start else "preload"
     logger.info("default model loaded during init (%s): %.0f ms", how, registry.load_ms(registry.default))
     return True

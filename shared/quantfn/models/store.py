@@ -52,20 +52,26 @@ _MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 _LOCK_POLL_S = 0.05
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # tmpfs and ext4 say ENOSPC for no free inodes as well
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("quantfn_fetch_deadline", default=None)
+_manifests: contextvars.ContextVar[dict[str, bytes] | None] = contextvars.ContextVar("quantfn_manifests", default=None)
 
 
 @contextlib.contextmanager
 def fetch_deadline(deadline_s: float | None) -> Iterator[None]:
-    """Fetches (and manifest reads) inside this block end by ``deadline_s`` on time.monotonic, unless given one.
+    """One request's use of the store: fetches (and manifest reads) inside this block end by ``deadline_s`` on
+    time.monotonic, unless given one, and an S3 model's manifest is read once in it.
 
     ``quantfn.inference.run`` sets it from the request's time left, so code between it and the store
-    (the registry) need not pass it along.
+    (the registry) need not pass it along. A cold S3 model's first request names the model by its manifest,
+    checks the tokenizer against it and fetches the files it lists: one GET of ``manifest.json``, not three,
+    and the three steps see the same version. The next request reads it afresh.
     """
-    token = _deadline.set(deadline_s)
+    token = _deadline.set(deadline_s if deadline_s is not None else _deadline.get())
+    seen = _manifests.set(_manifests.get() if _manifests.get() is not None else {})  # inside a block: the same
     try:
         yield
     finally:
         _deadline.reset(token)
+        _manifests.reset(seen)
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,7 @@ class ModelStore:
         if ref.kind == "layer":
             manifest = Manifest.read(self._layer_folder(ref))
         else:
-            data = self._read_object(ref, MANIFEST_NAME, self._deadline(deadline_s))
+            data = self._manifest_bytes(ref, self._deadline(deadline_s))
             try:
                 manifest = Manifest.from_dict(json.loads(data))
             except (ValueError, TypeError, RecursionError) as exc:
@@ -198,7 +204,7 @@ class ModelStore:
         return self._s3_client
 
     def _fetch_s3(self, ref: ModelRef, deadline_s: float) -> LocalModel:
-        manifest_bytes = self._read_object(ref, MANIFEST_NAME, deadline_s)
+        manifest_bytes = self._manifest_bytes(ref, deadline_s)
         try:
             data = json.loads(manifest_bytes)
         except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
@@ -253,6 +259,16 @@ class ModelStore:
             f"QUANTFN_CACHE_DIR cannot hold model {ref.model_id}: {exc.strerror or exc.__class__.__name__}; "
             "it must be a writable folder (Lambda: under /tmp)"
         )
+
+    def _manifest_bytes(self, ref: ModelRef, deadline_s: float) -> bytes:
+        """The S3 model's ``manifest.json``: read once inside a ``fetch_deadline`` block, else each time."""
+        seen, key = _manifests.get(), str(ref)
+        if seen is not None and key in seen:
+            return seen[key]
+        data = self._read_object(ref, MANIFEST_NAME, deadline_s)
+        if seen is not None:
+            seen[key] = data
+        return data
 
     def _read_object(self, ref: ModelRef, name: str, deadline_s: float) -> bytes:
         """A small object (the manifest) whole; ModelUnavailable if S3 fails or the deadline passes."""
