@@ -134,7 +134,7 @@ def test_the_s3_model_embeds_exactly_like_the_layer_model(s3, tmp_path: Path, mo
     np.testing.assert_array_equal(from_s3.output, from_layer.output)
 
 
-def test_a_cold_s3_model_reads_its_manifest_once_per_request(s3, tmp_path: Path) -> None:
+def test_a_cold_s3_model_reads_each_object_once_per_request(s3, tmp_path: Path) -> None:
     # Given a function serving an S3 model it has not loaded yet
     counter: Counter = Counter()
     settings = Settings(runtime=RuntimeSettings(models=(("m", REF),), cache_dir=tmp_path, threads=1))
@@ -142,9 +142,14 @@ def test_a_cold_s3_model_reads_its_manifest_once_per_request(s3, tmp_path: Path)
     request = EmbedRequest(["A cold start reads the manifest once."], "m")
     # When its first request comes (the model named, the tokenizer checked, the files fetched and verified)
     assert run(request, registry=registry).output.shape == (1, 384)
-    # Then manifest.json was read once, and the graph once
-    assert counter["manifest.json"] == 1
-    assert counter["model.onnx"] == 1
+    # Then every object was read once: the manifest (for the name, the tokenizer and the files) and the
+    # tokenizer (for the router, then into the cache folder)
+    assert counter == Counter({name: 1 for name in ("manifest.json", "model.onnx", "tokenizer.json")}), counter
+    assert sorted(path.name for path in registry.store.fetch(parse_model_ref(REF)).path.iterdir()) == [
+        "manifest.json",
+        "model.onnx",
+        "tokenizer.json",
+    ]
     # And a new registry's first request in the same process (a fresh environment, the cache warm) reads it once more
     counter.clear()
     again = Registry(settings, ModelStore(settings, s3_client=counted_client(counter)))

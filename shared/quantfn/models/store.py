@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,26 +52,29 @@ _MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 _LOCK_POLL_S = 0.05
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # tmpfs and ext4 say ENOSPC for no free inodes as well
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("quantfn_fetch_deadline", default=None)
-_manifests: contextvars.ContextVar[dict[str, bytes] | None] = contextvars.ContextVar("quantfn_manifests", default=None)
+# Objects read whole in a ``fetch_deadline`` block, by (reference, name, sha256 or "" for the manifest).
+_read_once: contextvars.ContextVar[dict[tuple[str, str, str], bytes] | None] = contextvars.ContextVar(
+    "quantfn_read_once", default=None
+)
 
 
 @contextlib.contextmanager
 def fetch_deadline(deadline_s: float | None) -> Iterator[None]:
     """One request's use of the store: fetches (and manifest reads) inside this block end by ``deadline_s`` on
-    time.monotonic, unless given one, and an S3 model's manifest is read once in it.
+    time.monotonic, unless given one, and an S3 model's manifest and tokenizer are each read once in it.
 
     ``quantfn.inference.run`` sets it from the request's time left, so code between it and the store
     (the registry) need not pass it along. A cold S3 model's first request names the model by its manifest,
     checks the tokenizer against it and fetches the files it lists: one GET of ``manifest.json``, not three,
-    and the three steps see the same version. The next request reads it afresh.
+    one of ``tokenizer.json``, not two, and every step sees the same version. The next request reads afresh.
     """
     token = _deadline.set(deadline_s if deadline_s is not None else _deadline.get())
-    seen = _manifests.set(_manifests.get() if _manifests.get() is not None else {})  # inside a block: the same
+    seen = _read_once.set(_read_once.get() if _read_once.get() is not None else {})  # inside a block: the same
     try:
         yield
     finally:
         _deadline.reset(token)
-        _manifests.reset(seen)
+        _read_once.reset(seen)
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,12 @@ class ModelStore:
             folder = self._layer_folder(ref)
             verify_file(folder, manifest, name)
             return manifest, (folder / name).read_bytes()
-        return manifest, b"".join(self._verified_chunks(ref, name, entry.size, entry.sha256, deadline_s))
+        return manifest, self._once(
+            ref,
+            name,
+            entry.sha256,
+            lambda: b"".join(self._verified_chunks(ref, name, entry.size, entry.sha256, deadline_s)),
+        )
 
     # -- layer ---------------------------------------------------------------
     def _layer_folder(self, ref: ModelRef) -> Path:
@@ -262,10 +270,15 @@ class ModelStore:
 
     def _manifest_bytes(self, ref: ModelRef, deadline_s: float) -> bytes:
         """The S3 model's ``manifest.json``: read once inside a ``fetch_deadline`` block, else each time."""
-        seen, key = _manifests.get(), str(ref)
+        return self._once(ref, MANIFEST_NAME, "", lambda: self._read_object(ref, MANIFEST_NAME, deadline_s))
+
+    @staticmethod
+    def _once(ref: ModelRef, name: str, sha256: str, read: Callable[[], bytes]) -> bytes:
+        """``read()``'s bytes, kept to the end of the enclosing ``fetch_deadline`` block (none: read each time)."""
+        seen, key = _read_once.get(), (str(ref), name, sha256)
         if seen is not None and key in seen:
             return seen[key]
-        data = self._read_object(ref, MANIFEST_NAME, deadline_s)
+        data = read()
         if seen is not None:
             seen[key] = data
         return data
@@ -300,7 +313,13 @@ class ModelStore:
     def _download_verified(
         self, ref: ModelRef, name: str, target: Path, size: int, sha256: str, deadline_s: float
     ) -> None:
-        """Stream one object to ``target`` while hashing it; raise IntegrityError on any mismatch."""
+        """Stream one object to ``target`` while hashing it; raise IntegrityError on any mismatch. One this
+        request already read whole and verified against the same size and sha256 (the tokenizer) is written."""
+        seen = _read_once.get()
+        data = seen.get((str(ref), name, sha256)) if seen is not None else None
+        if data is not None and len(data) == size:
+            target.write_bytes(data)
+            return
         with target.open("wb") as out:
             for chunk in self._verified_chunks(ref, name, size, sha256, deadline_s):
                 out.write(chunk)
