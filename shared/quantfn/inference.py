@@ -78,7 +78,7 @@ def run(
     if budget.remaining_ms is not None:
         # A model fetched on the way (S3 stalled or slow) must answer 503 while the caller still listens.
         deadline_s = started + max(0.0, budget.remaining_ms - registry.settings.limits.route_margin_ms) / 1000
-    with fetch_deadline(deadline_s):  # and the model's manifest is read once in this request
+    with fetch_deadline(deadline_s):  # and an S3 model's manifest and tokenizer are read once in this request
         return _run(request, budget, registry, forward or _forward, started)
 
 

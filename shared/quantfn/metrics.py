@@ -2,8 +2,8 @@
 
 A request adds six or seven metrics and flushes them as one EMF document. Powertools' provider validates
 each metric's name, unit and resolution on every call, formats a debug message for it, and writes the
-document with ``json.dumps``: together about a tenth of a short request's time outside onnxruntime (80 us
-of 500 on the API handler, one text). ``RequestMetricsProvider`` validates a (name, unit, resolution) the
+document with ``json.dumps``: about 75 us of the 510 the API handler spent outside onnxruntime on one text
+(bench/QUANTIZATION.md round 15). ``RequestMetricsProvider`` validates a (name, unit, resolution) the
 first time it is added and writes the document with orjson. The document is the one Powertools writes
 (``serialize_metric_set`` is Powertools' own); the decorator, the cold-start metric and the limits are
 Powertools'.
