@@ -8,7 +8,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from quantfn.metrics import function_metrics
+from quantfn.emf import function_metrics
 from quantfn.serialize import dumps, log_json
 from quantfn.tracing import capture_lambda_handler
 from quantfn.warmup import prepare_init

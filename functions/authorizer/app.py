@@ -18,7 +18,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from quantfn.auth.keys import check
 from quantfn.auth.store import KeyStore, KeyStoreUnavailable
 from quantfn.config import get_settings
-from quantfn.metrics import function_metrics
+from quantfn.emf import function_metrics
 from quantfn.serialize import log_json
 
 logger = Logger(service="quantfn-authorizer", json_serializer=log_json)

@@ -12,7 +12,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from quantfn.batch.runner import Delivery, JobRunner
-from quantfn.metrics import function_metrics
+from quantfn.emf import function_metrics
 from quantfn.registry import get_registry
 from quantfn.serialize import log_json
 from quantfn.tracing import capture_lambda_handler

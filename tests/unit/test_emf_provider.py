@@ -9,7 +9,7 @@ import pytest
 from aws_lambda_powertools.metrics import MetricUnitError, MetricValueError
 from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import AmazonCloudWatchEMFProvider
 
-from quantfn.metrics import RequestMetricsProvider
+from quantfn.emf import RequestMetricsProvider
 
 REQUEST = [  # (name, unit, value): what the API handler adds for one served request
     ("Requests", "Count", 1),
