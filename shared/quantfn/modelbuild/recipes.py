@@ -276,7 +276,9 @@ RECIPES: dict[str, Recipe] = {
     "int8-token": Recipe(
         "int8-token",
         "W8A8: SmoothQuant (alpha 0.5) + GPTQ per-channel int8 weights, per-token dynamic int8 activations "
-        "(MatMulInteger); batch invariant, lower recall (measured cosine 0.9989, recall@5 0.946)",
+        "(MatMulInteger); batch invariant, lower recall (measured cosine 0.9989, recall@5 0.946). Full-range int8 "
+        "weights: on a CPU without VNNI (AVX2, all that Lambda promises) onnxruntime's kernel saturates 16-bit pair "
+        "sums, so results there differ from a VNNI build host's; int8-token7 does not",
         Gate(),
         _per_token(127),
         {
@@ -357,7 +359,7 @@ RECIPES: dict[str, Recipe] = {
         "int8-mixed",
         "mixed: half the projections W8A8 (per-token dynamic int8 activations, SmoothQuant 0.5, GPTQ), the half "
         "whose inputs carry the largest outliers on the calibration texts weight-only int8 with fp32 compute; "
-        "batch invariant",
+        "batch invariant. Full-range int8 weights, which saturate on a CPU without VNNI as int8-token's do",
         Gate(),
         _int8_mixed,
         {
