@@ -100,6 +100,13 @@ def _rewrite(fp32_path: Path, out_path: Path, *steps: Callable[[Any], Any]) -> N
     onnx.save_model(model, str(out_path))
 
 
+def _tables_int8() -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """Every int8 recipe's last steps: the word-embedding table and the position table to int8 per row."""
+    from quantfn.modelbuild import quantize as q
+
+    return q.embedding_int8, lambda m: q.position_table_int8(m, max_positions(m))
+
+
 def _fp32(src: Path, dst: Path, _: Calibration) -> None:
     _rewrite(src, dst)
 
@@ -118,8 +125,7 @@ def _int8_gptq(src: Path, dst: Path, calibration: Calibration) -> None:
         src,
         dst,
         lambda m: q.weights_int8_gptq(m, hessians),
-        q.embedding_int8,
-        lambda m: q.position_table_int8(m, max_positions(m)),
+        *_tables_int8(),
     )
 
 
@@ -134,54 +140,52 @@ def _per_token(weight_max: int) -> Callable[[Path, Path, Calibration], None]:
             src,
             dst,
             lambda m: q.per_token_int8(m, hessians=hessians, alpha=0.5, weight_max=weight_max),
-            q.embedding_int8,
-            lambda m: q.position_table_int8(m, max_positions(m)),
+            *_tables_int8(),
         )
 
     return apply
 
 
-def _int8_static(src: Path, dst: Path, calibration: Calibration) -> None:
+def _static_w7a8(calibration: Calibration, steady_only: bool = False) -> Callable[[Any], None]:
+    """int8-static's step: static W7A8 in the projections whose input keeps a steady range
+    (``quantize.normalized_projections``), per-token W7A8 in the others, or (``steady_only``) the others left
+    fp32 for a later step."""
     from quantfn.modelbuild import quantize as q
 
     hessians, ranges = calibration.hessians(), calibration.ranges()
-    _rewrite(
-        src,
-        dst,
-        lambda m: q.per_token_int8(
+
+    def step(m: Any) -> None:
+        steady = q.normalized_projections(m)
+        others = [node.name for node in q.projection_nodes(m) if node.name not in steady] if steady_only else []
+        q.per_token_int8(
             m,
+            skip=others,
             hessians=hessians,
             alpha=0.5,
             static_alpha=0.75,
             weight_max=63,
-            static=q.normalized_projections(m),
+            static=steady,
             ranges=ranges,
-        ),
-        q.embedding_int8,
-        lambda m: q.position_table_int8(m, max_positions(m)),
-    )
+        )
+
+    return step
+
+
+def _int8_static(src: Path, dst: Path, calibration: Calibration) -> None:
+    _rewrite(src, dst, _static_w7a8(calibration), *_tables_int8())
 
 
 def _int8_steady(src: Path, dst: Path, calibration: Calibration) -> None:
     from quantfn.modelbuild import quantize as q
 
-    hessians, ranges = calibration.hessians(), calibration.ranges()
-
-    def static_where_steady(m: Any) -> None:
-        steady = q.normalized_projections(m)
-        unsteady = [node.name for node in q.projection_nodes(m) if node.name not in steady]
-        q.per_token_int8(
-            m, skip=unsteady, hessians=hessians, static_alpha=0.75, weight_max=63, static=steady, ranges=ranges
-        )
-
+    hessians = calibration.hessians()
+    # the projections left in fp32 (after GELU, after an unfused attention) become weight-only int8
     _rewrite(
         src,
         dst,
-        static_where_steady,
-        # the projections left in fp32 (those after GELU) become weight-only int8
+        _static_w7a8(calibration, steady_only=True),
         lambda m: q.weights_int8_gptq(m, hessians),
-        q.embedding_int8,
-        lambda m: q.position_table_int8(m, max_positions(m)),
+        *_tables_int8(),
     )
 
 
@@ -196,8 +200,7 @@ def _int8_mixed(src: Path, dst: Path, calibration: Calibration) -> None:
         lambda m: q.per_token_int8(m, skip=q.outlier_projections(m, hessians, ranges), hessians=hessians, alpha=0.5),
         # then every projection still in fp32 (the skipped ones) becomes weight-only int8
         lambda m: q.weights_int8_gptq(m, hessians),
-        q.embedding_int8,
-        lambda m: q.position_table_int8(m, max_positions(m)),
+        *_tables_int8(),
     )
 
 
@@ -208,7 +211,7 @@ def _int8_dynamic(src: Path, dst: Path, _: Calibration) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         mid = Path(tmp) / "embedding.onnx"
-        _rewrite(src, mid, q.embedding_int8, lambda m: q.position_table_int8(m, max_positions(m)))
+        _rewrite(src, mid, *_tables_int8())
         q.dynamic_int8(str(mid), str(dst))
 
 
@@ -220,8 +223,7 @@ def _int4(src: Path, dst: Path, calibration: Calibration) -> None:
         src,
         dst,
         lambda m: q.weights_int4(m, hessians=hessians),
-        q.embedding_int8,
-        lambda m: q.position_table_int8(m, max_positions(m)),
+        *_tables_int8(),
     )
 
 
