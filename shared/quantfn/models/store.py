@@ -69,12 +69,19 @@ def fetch_deadline(deadline_s: float | None) -> Iterator[None]:
     one of ``tokenizer.json``, not two, and every step sees the same version. The next request reads afresh.
     """
     token = _deadline.set(deadline_s if deadline_s is not None else _deadline.get())
-    seen = _read_once.set(_read_once.get() if _read_once.get() is not None else {})  # inside a block: the same
+    outer = _read_once.get()
+    seen = _read_once.set({} if outer is None else outer)  # a block inside another is the same request
     try:
         yield
     finally:
         _deadline.reset(token)
         _read_once.reset(seen)
+
+
+def _read_before(ref: ModelRef, name: str, sha256: str) -> bytes | None:
+    """The object's bytes if this request (``fetch_deadline``'s block) already read it whole, else None."""
+    seen = _read_once.get()
+    return None if seen is None else seen.get((str(ref), name, sha256))
 
 
 @dataclass(frozen=True)
@@ -275,12 +282,12 @@ class ModelStore:
     @staticmethod
     def _once(ref: ModelRef, name: str, sha256: str, read: Callable[[], bytes]) -> bytes:
         """``read()``'s bytes, kept to the end of the enclosing ``fetch_deadline`` block (none: read each time)."""
-        seen, key = _read_once.get(), (str(ref), name, sha256)
-        if seen is not None and key in seen:
-            return seen[key]
-        data = read()
-        if seen is not None:
-            seen[key] = data
+        data = _read_before(ref, name, sha256)
+        if data is None:
+            data = read()
+            seen = _read_once.get()
+            if seen is not None:
+                seen[(str(ref), name, sha256)] = data
         return data
 
     def _read_object(self, ref: ModelRef, name: str, deadline_s: float) -> bytes:
@@ -315,8 +322,7 @@ class ModelStore:
     ) -> None:
         """Stream one object to ``target`` while hashing it; raise IntegrityError on any mismatch. One this
         request already read whole and verified against the same size and sha256 (the tokenizer) is written."""
-        seen = _read_once.get()
-        data = seen.get((str(ref), name, sha256)) if seen is not None else None
+        data = _read_before(ref, name, sha256)
         if data is not None and len(data) == size:
             target.write_bytes(data)
             return
