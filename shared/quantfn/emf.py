@@ -67,5 +67,4 @@ class RequestMetricsProvider(AmazonCloudWatchEMFProvider):
 
 def function_metrics(service: str) -> Metrics:
     """The Metrics a function's handler decorates with and adds to (namespace ``quantfn``)."""
-    provider = RequestMetricsProvider(namespace=NAMESPACE, service=service)
-    return Metrics(namespace=NAMESPACE, service=service, provider=provider)
+    return Metrics(provider=RequestMetricsProvider(namespace=NAMESPACE, service=service))  # Metrics delegates all

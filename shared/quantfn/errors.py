@@ -18,7 +18,7 @@ def echo(value: object) -> str:
 
     Only the start of a value is repeated, inside a list or an object too (``reprlib`` alone shortens a
     long string to its head and its tail, and the tail of a text is text no log may hold)."""
-    text = value if isinstance(value, str) else _HeadRepr().repr(value)
+    text = value if isinstance(value, str) else _HEAD_REPR.repr(value)
     text = text[: _ECHO + 1].encode("utf-8", "backslashreplace").decode("utf-8")
     return repr(text[:_ECHO] + ("..." if len(text) > _ECHO else ""))
 
@@ -28,6 +28,9 @@ class _HeadRepr(reprlib.Repr):
 
     def repr_str(self, x: str, level: int) -> str:
         return repr(x[: self.maxstring]) + ("..." if len(x) > self.maxstring else "")
+
+
+_HEAD_REPR = _HeadRepr()
 
 
 _PLACES = None
